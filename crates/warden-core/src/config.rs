@@ -1,0 +1,597 @@
+//! Configuration: parsed from text into raw serde types, then validated in one step into
+//! [`Settings`]. Errors name the file, the field and the fix. Environment overrides come in
+//! through a lookup function so tests pass a map instead of touching the process
+//! environment.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::Deserialize;
+
+use crate::clock::{Nanos, NANOS_PER_MILLI, NANOS_PER_SEC};
+use crate::identity::{Agent, AgentStatus};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: {message}")]
+    Syntax { file: String, message: String },
+    #[error("{file}: field `{field}`: {message}")]
+    Field {
+        file: String,
+        field: String,
+        message: String,
+    },
+}
+
+/// Data classes, lowest first. The order is what makes tier boundaries work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Classification {
+    Public,
+    Internal,
+    Confidential,
+    Restricted,
+}
+
+impl Classification {
+    pub const ALL: [Classification; 4] = [
+        Classification::Public,
+        Classification::Internal,
+        Classification::Confidential,
+        Classification::Restricted,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Classification::Public => "public",
+            Classification::Internal => "internal",
+            Classification::Confidential => "confidential",
+            Classification::Restricted => "restricted",
+        }
+    }
+}
+
+impl FromStr for Classification {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Classification::ALL
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .ok_or_else(|| {
+                format!("unknown data class `{s}`; use one of public, internal, confidential, restricted")
+            })
+    }
+}
+
+impl fmt::Display for Classification {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Parses `500ms`, `30s`, `5m`, `2h`, `90d`.
+pub fn parse_duration(s: &str) -> Result<Nanos, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("`{s}` has no unit; write e.g. `30s`, `5m`, `2h` or `90d`"))?;
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` does not start with a whole number"))?;
+    let mult = match unit {
+        "ms" => NANOS_PER_MILLI,
+        "s" => NANOS_PER_SEC,
+        "m" => 60 * NANOS_PER_SEC,
+        "h" => 3600 * NANOS_PER_SEC,
+        "d" => 86_400 * NANOS_PER_SEC,
+        _ => {
+            return Err(format!(
+                "`{s}` has unknown unit `{unit}`; use ms, s, m, h or d"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .filter(|v| *v > 0)
+        .ok_or_else(|| format!("`{s}` must be greater than zero and less than 500 years"))
+}
+
+// ---------------------------------------------------------------- raw (serde) types
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    store: RawStore,
+    #[serde(default)]
+    identity: RawIdentity,
+    policy: RawPolicy,
+    #[serde(default)]
+    control: RawControl,
+    #[serde(default)]
+    audit: RawAudit,
+    #[serde(default)]
+    tiers: Vec<RawTier>,
+    #[serde(default)]
+    tools: Vec<RawTool>,
+    #[serde(default)]
+    agents: Vec<RawAgent>,
+    #[serde(default)]
+    limits: Vec<RawLimit>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<String>,
+    operator_token_file: Option<String>,
+    max_body_bytes: Option<usize>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    path: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawIdentity {
+    issuer: Option<String>,
+    key_file: Option<String>,
+    token_cache_entries: Option<usize>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    schema: Option<String>,
+    policies: Option<String>,
+    watch: Option<bool>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawControl {
+    refresh: Option<String>,
+    stale_after: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    max_batch: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTier {
+    tier: u8,
+    max_classification: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTool {
+    name: String,
+    scope: String,
+    #[serde(default)]
+    classification: Option<String>,
+    #[serde(default)]
+    description: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    id: String,
+    owner: String,
+    tier: u8,
+    scopes: Vec<String>,
+    #[serde(default)]
+    rotation: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimit {
+    id: String,
+    #[serde(default)]
+    tools: Vec<String>,
+    #[serde(default)]
+    agents: Vec<String>,
+    #[serde(default)]
+    per: Option<String>,
+    rate: u32,
+    window: String,
+    #[serde(default)]
+    burst: Option<u32>,
+}
+
+// ---------------------------------------------------------------- validated types
+
+#[derive(Clone, Debug)]
+pub struct Tool {
+    pub name: String,
+    pub scope: String,
+    pub classification: Classification,
+    pub description: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LimitKey {
+    /// One budget per agent.
+    Agent,
+    /// One budget shared by all agents of an owner (team).
+    Owner,
+}
+
+#[derive(Clone, Debug)]
+pub struct LimitSpec {
+    pub id: String,
+    /// Empty means every tool.
+    pub tools: BTreeSet<String>,
+    /// Empty means every agent.
+    pub agents: BTreeSet<String>,
+    pub per: LimitKey,
+    pub rate: u32,
+    pub window_ns: Nanos,
+    pub burst: u32,
+}
+
+impl LimitSpec {
+    pub fn applies_to(&self, agent: &str, tool: &str) -> bool {
+        (self.tools.is_empty() || self.tools.contains(tool))
+            && (self.agents.is_empty() || self.agents.contains(agent))
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// The directory of the config file; relative paths are resolved against it.
+    pub base_dir: PathBuf,
+    pub listen: String,
+    pub operator_token_file: PathBuf,
+    /// Set by `WARDEN_OPERATOR_TOKEN`; wins over the file.
+    pub operator_token_env: Option<String>,
+    pub max_body_bytes: usize,
+    pub store_path: PathBuf,
+    pub issuer: String,
+    pub key_file: PathBuf,
+    pub token_cache_entries: usize,
+    pub schema_file: PathBuf,
+    pub policies_path: PathBuf,
+    pub policy_watch: bool,
+    pub control_refresh_ns: Nanos,
+    pub control_stale_after_ns: Nanos,
+    pub audit_max_batch: usize,
+    /// Highest data class each trust tier may touch.
+    pub tiers: BTreeMap<u8, Classification>,
+    pub tools: BTreeMap<String, Tool>,
+    pub agents: Vec<Agent>,
+    pub limits: Vec<LimitSpec>,
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8480";
+pub const DEFAULT_MAX_BODY: usize = 64 * 1024;
+
+impl Settings {
+    /// Parses and validates a config file's text. `file` is the name used in errors and
+    /// `base_dir` the folder relative paths are resolved against; `env` looks up
+    /// environment overrides (`WARDEN_LISTEN`, `WARDEN_STORE`, `WARDEN_OPERATOR_TOKEN`).
+    pub fn from_toml(
+        text: &str,
+        file: &str,
+        base_dir: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Settings, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            file: file.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let field = |field: &str, message: String| ConfigError::Field {
+            file: file.to_owned(),
+            field: field.to_owned(),
+            message,
+        };
+        let path = |p: &str| base_dir.join(p);
+
+        let listen = env("WARDEN_LISTEN")
+            .or(raw.server.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+        let max_body_bytes = raw.server.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY);
+        if !(1024..=16 * 1024 * 1024).contains(&max_body_bytes) {
+            return Err(field(
+                "server.max_body_bytes",
+                format!("{max_body_bytes} is out of range; use 1024 to 16777216"),
+            ));
+        }
+        let store_path = env("WARDEN_STORE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| path(raw.store.path.as_deref().unwrap_or("warden.db")));
+
+        let issuer = raw.identity.issuer.unwrap_or_else(|| "warden".to_owned());
+        if issuer.is_empty() {
+            return Err(field("identity.issuer", "must not be empty".into()));
+        }
+        let schema_file = raw.policy.schema.ok_or_else(|| {
+            field(
+                "policy.schema",
+                "missing; name the Cedar schema file, e.g. `schema = \"policy/warden.cedarschema\"`".into(),
+            )
+        })?;
+        let policies_path = raw.policy.policies.ok_or_else(|| {
+            field(
+                "policy.policies",
+                "missing; name a .cedar file or a folder of them, e.g. `policies = \"policy\"`"
+                    .into(),
+            )
+        })?;
+
+        let dur = |name: &str, v: Option<String>, default: &str| -> Result<Nanos, ConfigError> {
+            parse_duration(v.as_deref().unwrap_or(default)).map_err(|m| field(name, m))
+        };
+        let control_refresh_ns = dur("control.refresh", raw.control.refresh, "250ms")?;
+        let control_stale_after_ns = dur("control.stale_after", raw.control.stale_after, "2s")?;
+        if control_stale_after_ns < 2 * control_refresh_ns {
+            return Err(field(
+                "control.stale_after",
+                "must be at least twice control.refresh, or every missed refresh would deny".into(),
+            ));
+        }
+
+        let mut tiers = BTreeMap::new();
+        for (i, t) in raw.tiers.into_iter().enumerate() {
+            let class: Classification = t
+                .max_classification
+                .parse()
+                .map_err(|m| field(&format!("tiers[{i}].max_classification"), m))?;
+            if tiers.insert(t.tier, class).is_some() {
+                return Err(field(
+                    &format!("tiers[{i}].tier"),
+                    format!("tier {} is declared twice", t.tier),
+                ));
+            }
+        }
+
+        let mut tools = BTreeMap::new();
+        for (i, t) in raw.tools.into_iter().enumerate() {
+            if t.name.is_empty() || t.name.contains('"') {
+                return Err(field(
+                    &format!("tools[{i}].name"),
+                    format!("`{}` is not a usable tool name", t.name),
+                ));
+            }
+            let classification = match t.classification {
+                Some(c) => c
+                    .parse()
+                    .map_err(|m| field(&format!("tools[{i}].classification"), m))?,
+                None => Classification::Internal,
+            };
+            let tool = Tool {
+                name: t.name.clone(),
+                scope: t.scope,
+                classification,
+                description: t.description,
+            };
+            if tools.insert(t.name.clone(), tool).is_some() {
+                return Err(field(
+                    &format!("tools[{i}].name"),
+                    format!("tool `{}` is declared twice", t.name),
+                ));
+            }
+        }
+
+        let mut agents = Vec::new();
+        let mut seen = BTreeSet::new();
+        for (i, a) in raw.agents.into_iter().enumerate() {
+            crate::identity::validate_agent_id(&a.id)
+                .map_err(|m| field(&format!("agents[{i}].id"), m))?;
+            if !seen.insert(a.id.clone()) {
+                return Err(field(
+                    &format!("agents[{i}].id"),
+                    format!("agent `{}` is declared twice", a.id),
+                ));
+            }
+            if !tiers.contains_key(&a.tier) {
+                return Err(field(
+                    &format!("agents[{i}].tier"),
+                    format!(
+                        "tier {} is not declared; add a [[tiers]] entry for it",
+                        a.tier
+                    ),
+                ));
+            }
+            let rotation_ns = dur(&format!("agents[{i}].rotation"), a.rotation, "90d")?;
+            agents.push(Agent {
+                id: a.id,
+                owner: a.owner,
+                tier: a.tier,
+                scopes: a.scopes.into_iter().collect(),
+                rotation_ns,
+                status: AgentStatus::Active,
+            });
+        }
+
+        let mut limits = Vec::new();
+        let mut limit_ids = BTreeSet::new();
+        for (i, l) in raw.limits.into_iter().enumerate() {
+            if !limit_ids.insert(l.id.clone()) {
+                return Err(field(
+                    &format!("limits[{i}].id"),
+                    format!("limit `{}` is declared twice", l.id),
+                ));
+            }
+            for t in &l.tools {
+                if !tools.contains_key(t) {
+                    return Err(field(
+                        &format!("limits[{i}].tools"),
+                        format!("`{t}` is not a declared tool; declare it under [[tools]] or fix the name"),
+                    ));
+                }
+            }
+            let per = match l.per.as_deref().unwrap_or("agent") {
+                "agent" => LimitKey::Agent,
+                "owner" => LimitKey::Owner,
+                other => {
+                    return Err(field(
+                        &format!("limits[{i}].per"),
+                        format!("`{other}` is not `agent` or `owner`"),
+                    ))
+                }
+            };
+            if l.rate == 0 {
+                return Err(field(
+                    &format!("limits[{i}].rate"),
+                    "must be at least 1".into(),
+                ));
+            }
+            let window_ns = dur(&format!("limits[{i}].window"), Some(l.window), "")?;
+            limits.push(LimitSpec {
+                id: l.id,
+                tools: l.tools.into_iter().collect(),
+                agents: l.agents.into_iter().collect(),
+                per,
+                rate: l.rate,
+                window_ns,
+                burst: l.burst.unwrap_or(l.rate).max(1),
+            });
+        }
+
+        Ok(Settings {
+            base_dir: base_dir.to_path_buf(),
+            listen,
+            operator_token_file: path(
+                raw.server
+                    .operator_token_file
+                    .as_deref()
+                    .unwrap_or("operator.token"),
+            ),
+            operator_token_env: env("WARDEN_OPERATOR_TOKEN"),
+            max_body_bytes,
+            store_path,
+            issuer,
+            key_file: path(raw.identity.key_file.as_deref().unwrap_or("warden.key")),
+            token_cache_entries: raw.identity.token_cache_entries.unwrap_or(100_000).max(16),
+            schema_file: path(&schema_file),
+            policies_path: path(&policies_path),
+            policy_watch: raw.policy.watch.unwrap_or(true),
+            control_refresh_ns,
+            control_stale_after_ns,
+            audit_max_batch: raw.audit.max_batch.unwrap_or(512).clamp(1, 10_000),
+            tiers,
+            tools,
+            agents,
+            limits,
+        })
+    }
+
+    /// The highest class an agent of this tier may touch; an undeclared tier may touch
+    /// only public data.
+    pub fn max_class_for_tier(&self, tier: u8) -> Classification {
+        self.tiers
+            .get(&tier)
+            .copied()
+            .unwrap_or(Classification::Public)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    const MINIMAL: &str = r#"
+[policy]
+schema = "s.cedarschema"
+policies = "p.cedar"
+[[tiers]]
+tier = 1
+max_classification = "internal"
+[[tools]]
+name = "get_claim"
+scope = "claims:read"
+classification = "confidential"
+[[agents]]
+id = "a1"
+owner = "team"
+tier = 1
+scopes = ["claims:read"]
+rotation = "1h"
+[[limits]]
+id = "l1"
+tools = ["get_claim"]
+rate = 2
+window = "1m"
+"#;
+
+    #[test]
+    fn parses_minimal_config_with_defaults() {
+        let s = Settings::from_toml(MINIMAL, "warden.toml", Path::new("/etc/w"), &no_env).unwrap();
+        assert_eq!(s.listen, DEFAULT_LISTEN);
+        assert_eq!(s.store_path, Path::new("/etc/w/warden.db"));
+        assert_eq!(s.agents[0].rotation_ns, 3600 * NANOS_PER_SEC);
+        assert_eq!(s.limits[0].burst, 2);
+        assert_eq!(
+            s.tools["get_claim"].classification,
+            Classification::Confidential
+        );
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let env = |k: &str| (k == "WARDEN_LISTEN").then(|| "127.0.0.1:1".to_owned());
+        let s = Settings::from_toml(MINIMAL, "warden.toml", Path::new("."), &env).unwrap();
+        assert_eq!(s.listen, "127.0.0.1:1");
+    }
+
+    #[test]
+    fn errors_name_file_field_and_fix() {
+        let bad = MINIMAL.replace(
+            "classification = \"confidential\"",
+            "classification = \"secret\"",
+        );
+        let err = Settings::from_toml(&bad, "conf/warden.toml", Path::new("."), &no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("conf/warden.toml"), "{err}");
+        assert!(err.contains("tools[0].classification"), "{err}");
+        assert!(err.contains("use one of public"), "{err}");
+
+        let bad = MINIMAL.replace("tier = 1\nscopes", "tier = 7\nscopes");
+        let err = Settings::from_toml(&bad, "w.toml", Path::new("."), &no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("agents[0].tier") && err.contains("[[tiers]]"),
+            "{err}"
+        );
+
+        let bad = MINIMAL.replace("[policy]", "[policy]\nbogus = 1");
+        let err = Settings::from_toml(&bad, "w.toml", Path::new("."), &no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("w.toml") && err.contains("bogus"), "{err}");
+
+        let bad = MINIMAL.replace("window = \"1m\"", "window = \"1 minute\"");
+        let err = Settings::from_toml(&bad, "w.toml", Path::new("."), &no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("limits[0].window"), "{err}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), 250 * NANOS_PER_MILLI);
+        assert_eq!(parse_duration("90d").unwrap(), 90 * 86_400 * NANOS_PER_SEC);
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("5y").is_err());
+        assert!(parse_duration("99999999999999d").is_err());
+    }
+}

@@ -1,0 +1,515 @@
+//! Agents as principals and their credentials.
+//!
+//! Every agent is its own principal (id, owner, trust tier, tool scopes, rotation policy,
+//! status) and authenticates with its own short-lived credential: a compact JWS signed
+//! with Ed25519 (`alg: EdDSA`), carrying the agent id, scopes, tier, expiry and a unique
+//! id (`jti`) so it can be revoked. Only EdDSA is accepted, whatever the header says, so
+//! `alg: none` and algorithm-confusion tokens are refused before any key is touched.
+//!
+//! Verifying a signature costs tens of microseconds; the [`Verifier`] caches tokens whose
+//! signature it has checked, keyed by the whole token text, so the check path pays a hash
+//! lookup. Expiry, revocation and the agent's status are checked on every call, cached
+//! or not.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, RwLock};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use base64::Engine as _;
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier as _, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::clock::{Nanos, NANOS_PER_SEC};
+use crate::decision::Reason;
+
+/// The audience every agent token carries; a token for another audience is refused.
+pub const AGENT_AUDIENCE: &str = "warden-agent";
+/// Tokens longer than this are refused unread.
+pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
+/// Clock skew tolerated on `iat`/`nbf`.
+const LEEWAY_SECS: u64 = 60;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AgentStatus {
+    Active,
+    /// Every credential of the agent is revoked; it cannot be issued new ones.
+    Revoked,
+}
+
+impl AgentStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentStatus::Active => "active",
+            AgentStatus::Revoked => "revoked",
+        }
+    }
+    pub fn parse(s: &str) -> Option<AgentStatus> {
+        match s {
+            "active" => Some(AgentStatus::Active),
+            "revoked" => Some(AgentStatus::Revoked),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Agent {
+    pub id: String,
+    pub owner: String,
+    pub tier: u8,
+    pub scopes: BTreeSet<String>,
+    /// Lifetime of each credential issued to this agent.
+    pub rotation_ns: Nanos,
+    pub status: AgentStatus,
+}
+
+/// Agent ids appear in Cedar entity ids, URLs and log lines: keep them plain.
+pub fn validate_agent_id(id: &str) -> Result<(), String> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'@'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{id}` is not a valid agent id; use 1 to 128 letters, digits and - _ . : @"
+        ))
+    }
+}
+
+/// The claims of an agent token.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    pub iss: String,
+    pub sub: String,
+    pub aud: String,
+    /// Seconds since the epoch, as JWT has it.
+    pub iat: u64,
+    pub exp: u64,
+    pub jti: String,
+    pub owner: String,
+    pub tier: u8,
+    pub scopes: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Header {
+    alg: String,
+    #[serde(default)]
+    kid: Option<String>,
+    #[serde(default)]
+    typ: Option<String>,
+}
+
+/// Why a credential was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct CredentialError {
+    pub reason: Reason,
+    pub message: String,
+}
+
+impl CredentialError {
+    fn new(reason: Reason, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("key file is not `ed25519:<64 hex digits>`")]
+    Format,
+}
+
+/// An Ed25519 signing key with its key id (a fingerprint of the public key).
+#[derive(Clone)]
+pub struct SigningKeyPair {
+    key: SigningKey,
+    kid: String,
+}
+
+impl std::fmt::Debug for SigningKeyPair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningKeyPair")
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SigningKeyPair {
+    pub fn from_seed(seed: [u8; 32]) -> Self {
+        let key = SigningKey::from_bytes(&seed);
+        let kid = key_id(&key.verifying_key());
+        Self { key, kid }
+    }
+
+    /// Parses the key file's text: `ed25519:<hex seed>`.
+    pub fn from_key_file(text: &str) -> Result<Self, KeyError> {
+        let hex_seed = text
+            .trim()
+            .strip_prefix("ed25519:")
+            .ok_or(KeyError::Format)?;
+        let bytes = hex::decode(hex_seed).map_err(|_| KeyError::Format)?;
+        let seed: [u8; 32] = bytes.try_into().map_err(|_| KeyError::Format)?;
+        Ok(Self::from_seed(seed))
+    }
+
+    pub fn to_key_file(&self) -> String {
+        format!("ed25519:{}\n", hex::encode(self.key.to_bytes()))
+    }
+
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    pub fn verifying_key(&self) -> VerifyingKey {
+        self.key.verifying_key()
+    }
+
+    /// Signs claims into a compact JWS.
+    pub fn sign(&self, claims: &Claims) -> String {
+        let header = Header {
+            alg: "EdDSA".into(),
+            kid: Some(self.kid.clone()),
+            typ: Some("JWT".into()),
+        };
+        // Serializing these plain structs cannot fail; an empty object would only make
+        // the token unverifiable, never more permissive.
+        let h = B64.encode(serde_json::to_vec(&header).unwrap_or_default());
+        let c = B64.encode(serde_json::to_vec(claims).unwrap_or_default());
+        let signing_input = format!("{h}.{c}");
+        let sig = self.key.sign(signing_input.as_bytes());
+        format!("{signing_input}.{}", B64.encode(sig.to_bytes()))
+    }
+}
+
+fn key_id(key: &VerifyingKey) -> String {
+    let digest = Sha256::digest(key.as_bytes());
+    hex::encode(&digest[..8])
+}
+
+/// Builds the claims for a new credential of `agent`, valid from `now` for the agent's
+/// rotation period.
+pub fn new_claims(issuer: &str, agent: &Agent, jti: String, now: Nanos) -> Claims {
+    let iat = now / NANOS_PER_SEC;
+    Claims {
+        iss: issuer.to_owned(),
+        sub: agent.id.clone(),
+        aud: AGENT_AUDIENCE.to_owned(),
+        iat,
+        exp: iat.saturating_add(agent.rotation_ns / NANOS_PER_SEC),
+        jti,
+        owner: agent.owner.clone(),
+        tier: agent.tier,
+        scopes: agent.scopes.iter().cloned().collect(),
+    }
+}
+
+/// Checks signatures and claims of agent tokens, with a cache of verified tokens.
+pub struct Verifier {
+    issuer: String,
+    keys: HashMap<String, VerifyingKey>,
+    cache: RwLock<HashMap<String, Arc<Claims>>>,
+    cache_cap: usize,
+}
+
+impl Verifier {
+    pub fn new(
+        issuer: impl Into<String>,
+        keys: impl IntoIterator<Item = VerifyingKey>,
+        cache_cap: usize,
+    ) -> Self {
+        Self {
+            issuer: issuer.into(),
+            keys: keys.into_iter().map(|k| (key_id(&k), k)).collect(),
+            cache: RwLock::new(HashMap::new()),
+            cache_cap,
+        }
+    }
+
+    /// Verifies a token's signature, issuer, audience and validity window at `now`.
+    /// Revocation and the agent's status are the caller's to check.
+    pub fn verify(&self, token: &str, now: Nanos) -> Result<Arc<Claims>, CredentialError> {
+        let cached = self.cache.read().ok().and_then(|c| c.get(token).cloned());
+        let claims = match cached {
+            Some(c) => c,
+            None => {
+                let claims = Arc::new(self.verify_uncached(token)?);
+                if let Ok(mut cache) = self.cache.write() {
+                    // A full cache is dropped whole: simpler than LRU bookkeeping on the
+                    // hot path, and only tokens with valid signatures ever get in.
+                    if cache.len() >= self.cache_cap {
+                        cache.clear();
+                    }
+                    cache.insert(token.to_owned(), claims.clone());
+                }
+                claims
+            }
+        };
+        check_window(&claims, now)?;
+        Ok(claims)
+    }
+
+    fn verify_uncached(&self, token: &str) -> Result<Claims, CredentialError> {
+        let malformed = |what: &str| {
+            CredentialError::new(
+                Reason::CredentialMalformed,
+                format!("credential is not a valid token: {what}"),
+            )
+        };
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(malformed("longer than 8 KiB"));
+        }
+        let mut parts = token.split('.');
+        let (Some(h), Some(c), Some(s), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(malformed("expected three dot-separated parts"));
+        };
+        let header_bytes = B64
+            .decode(h)
+            .map_err(|_| malformed("header is not base64url"))?;
+        let header: Header = serde_json::from_slice(&header_bytes)
+            .map_err(|_| malformed("header is not a JSON object"))?;
+        if header.alg != "EdDSA" {
+            return Err(CredentialError::new(
+                Reason::CredentialInvalid,
+                format!(
+                    "credential uses algorithm `{}`; only `EdDSA` is accepted",
+                    header.alg
+                ),
+            ));
+        }
+        let kid = header.kid.unwrap_or_default();
+        let key = self.keys.get(&kid).ok_or_else(|| {
+            CredentialError::new(
+                Reason::CredentialInvalid,
+                format!("credential was signed by a key this server does not know (kid `{kid}`); it may be for another server"),
+            )
+        })?;
+        let sig_bytes = B64
+            .decode(s)
+            .map_err(|_| malformed("signature is not base64url"))?;
+        let sig = Signature::from_slice(&sig_bytes)
+            .map_err(|_| malformed("signature has the wrong length"))?;
+        let signing_input = &token[..h.len() + 1 + c.len()];
+        key.verify(signing_input.as_bytes(), &sig).map_err(|_| {
+            CredentialError::new(
+                Reason::CredentialInvalid,
+                "credential signature does not verify: it was forged or altered",
+            )
+        })?;
+        // Only now, with the signature checked, are the claims worth reading.
+        let claims_bytes = B64
+            .decode(c)
+            .map_err(|_| malformed("claims are not base64url"))?;
+        let claims: Claims = serde_json::from_slice(&claims_bytes)
+            .map_err(|e| malformed(&format!("claims do not parse: {e}")))?;
+        if claims.iss != self.issuer {
+            return Err(CredentialError::new(
+                Reason::CredentialInvalid,
+                format!(
+                    "credential was issued by `{}`, not by this server (`{}`)",
+                    claims.iss, self.issuer
+                ),
+            ));
+        }
+        if claims.aud != AGENT_AUDIENCE {
+            return Err(CredentialError::new(
+                Reason::CredentialInvalid,
+                format!(
+                    "credential is for audience `{}`, not `{AGENT_AUDIENCE}`",
+                    claims.aud
+                ),
+            ));
+        }
+        Ok(claims)
+    }
+}
+
+/// Issues a new credential for a registered, active agent: records it in the store (so it
+/// can be listed and revoked) and returns the signed token.
+pub fn issue_credential(
+    store: &dyn crate::store::Store,
+    key: &SigningKeyPair,
+    issuer: &str,
+    agent: &Agent,
+    jti: String,
+    now: Nanos,
+) -> Result<(String, crate::store::Credential), crate::store::StoreError> {
+    if agent.status != AgentStatus::Active {
+        return Err(crate::store::StoreError::Conflict(format!(
+            "agent `{}` is {}; it cannot be issued credentials",
+            agent.id,
+            agent.status.as_str()
+        )));
+    }
+    let claims = new_claims(issuer, agent, jti, now);
+    let cred = crate::store::Credential {
+        jti: claims.jti.clone(),
+        agent_id: agent.id.clone(),
+        issued_at_ns: claims.iat * NANOS_PER_SEC,
+        expires_at_ns: claims.exp * NANOS_PER_SEC,
+        revoked_at_ns: None,
+    };
+    store.insert_credential(&cred)?;
+    Ok((key.sign(&claims), cred))
+}
+
+fn check_window(claims: &Claims, now: Nanos) -> Result<(), CredentialError> {
+    let now_s = now / NANOS_PER_SEC;
+    if now_s >= claims.exp {
+        return Err(CredentialError::new(
+            Reason::CredentialExpired,
+            format!(
+                "credential of agent `{}` expired {}s ago; issue a new one with `warden agent token {}`",
+                claims.sub,
+                now_s - claims.exp,
+                claims.sub
+            ),
+        ));
+    }
+    if claims.iat > now_s.saturating_add(LEEWAY_SECS) {
+        return Err(CredentialError::new(
+            Reason::CredentialExpired,
+            "credential is not valid yet (issued in the future); check the clocks",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent() -> Agent {
+        Agent {
+            id: "claims-processor-v3".into(),
+            owner: "claims-team".into(),
+            tier: 2,
+            scopes: ["claims:read".to_string()].into(),
+            rotation_ns: 3600 * NANOS_PER_SEC,
+            status: AgentStatus::Active,
+        }
+    }
+
+    const T0: Nanos = 1_700_000_000 * NANOS_PER_SEC;
+
+    #[test]
+    fn round_trip_and_cache() {
+        let k = SigningKeyPair::from_seed([7; 32]);
+        let v = Verifier::new("w", [k.verifying_key()], 16);
+        let tok = k.sign(&new_claims("w", &agent(), "j1".into(), T0));
+        let c = v.verify(&tok, T0).unwrap();
+        assert_eq!(c.sub, "claims-processor-v3");
+        // cached: still checks expiry
+        assert!(v.verify(&tok, T0 + 10).is_ok());
+        let e = v.verify(&tok, T0 + 3600 * NANOS_PER_SEC).unwrap_err();
+        assert_eq!(e.reason, Reason::CredentialExpired);
+    }
+
+    #[test]
+    fn expiry_on_fake_clock_boundaries() {
+        let k = SigningKeyPair::from_seed([7; 32]);
+        let v = Verifier::new("w", [k.verifying_key()], 16);
+        let tok = k.sign(&new_claims("w", &agent(), "j1".into(), T0));
+        assert!(v.verify(&tok, T0 + 3599 * NANOS_PER_SEC).is_ok());
+        assert_eq!(
+            v.verify(&tok, T0 + 3600 * NANOS_PER_SEC)
+                .unwrap_err()
+                .reason,
+            Reason::CredentialExpired
+        );
+        // issued far in the future
+        assert_eq!(
+            v.verify(&tok, T0 - 120 * NANOS_PER_SEC).unwrap_err().reason,
+            Reason::CredentialExpired
+        );
+    }
+
+    #[test]
+    fn refuses_forged_other_server_and_malformed() {
+        let k = SigningKeyPair::from_seed([7; 32]);
+        let other = SigningKeyPair::from_seed([8; 32]);
+        let v = Verifier::new("w", [k.verifying_key()], 16);
+        let claims = new_claims("w", &agent(), "j1".into(), T0);
+
+        let foreign = other.sign(&claims);
+        assert_eq!(
+            v.verify(&foreign, T0).unwrap_err().reason,
+            Reason::CredentialInvalid
+        );
+
+        let wrong_issuer = k.sign(&new_claims("elsewhere", &agent(), "j".into(), T0));
+        let e = v.verify(&wrong_issuer, T0).unwrap_err();
+        assert_eq!(e.reason, Reason::CredentialInvalid);
+        assert!(e.message.contains("elsewhere"));
+
+        // tamper with the claims (raise the tier), keep the signature
+        let tok = k.sign(&claims);
+        let mut parts: Vec<&str> = tok.split('.').collect();
+        let mut forged = claims.clone();
+        forged.tier = 4;
+        let forged_c = B64.encode(serde_json::to_vec(&forged).unwrap());
+        parts[1] = &forged_c;
+        assert_eq!(
+            v.verify(&parts.join("."), T0).unwrap_err().reason,
+            Reason::CredentialInvalid
+        );
+
+        // alg none
+        let none_h = B64.encode(br#"{"alg":"none"}"#);
+        let none = format!(
+            "{none_h}.{}.",
+            B64.encode(serde_json::to_vec(&claims).unwrap())
+        );
+        assert_eq!(
+            v.verify(&none, T0).unwrap_err().reason,
+            Reason::CredentialInvalid
+        );
+
+        for bad in [
+            "",
+            "abc",
+            "a.b",
+            "a.b.c.d",
+            "!!.??.**",
+            &"x".repeat(MAX_TOKEN_BYTES + 1),
+        ] {
+            assert_eq!(
+                v.verify(bad, T0).unwrap_err().reason,
+                Reason::CredentialMalformed,
+                "{bad}"
+            );
+        }
+        // truncated signature
+        let trunc = &tok[..tok.len() - 4];
+        assert_eq!(
+            v.verify(trunc, T0).unwrap_err().reason,
+            Reason::CredentialMalformed
+        );
+    }
+
+    #[test]
+    fn key_file_round_trip() {
+        let k = SigningKeyPair::from_seed([9; 32]);
+        let k2 = SigningKeyPair::from_key_file(&k.to_key_file()).unwrap();
+        assert_eq!(k.kid(), k2.kid());
+        assert!(SigningKeyPair::from_key_file("ed25519:zz").is_err());
+        assert!(SigningKeyPair::from_key_file("rsa:00").is_err());
+    }
+
+    #[test]
+    fn agent_ids() {
+        assert!(validate_agent_id("claims-processor-v3").is_ok());
+        assert!(validate_agent_id("").is_err());
+        assert!(validate_agent_id("a\"b").is_err());
+        assert!(validate_agent_id("a b").is_err());
+    }
+}

@@ -1,0 +1,443 @@
+//! The decision pipeline: control, identity, tool scope, data boundary, Cedar, limits,
+//! composed in that order, with an audit entry for every outcome.
+//!
+//! INVARIANT: the kill switch is checked before policy; a global kill is checked before
+//! the caller is even authenticated.
+//! INVARIANT: [`Pipeline::check`] never fails; every error becomes a deny with a reason.
+//! INVARIANT: rate-limit budget is spent only by calls every other layer permits.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use crate::audit::{hash_json, Entry, EntryKind};
+use crate::clock::{Clock, Nanos, NANOS_PER_MILLI, NANOS_PER_SEC};
+use crate::config::{Classification, Settings, Tool};
+use crate::control::KillSet;
+use crate::decision::{Decision, Reason};
+use crate::identity::{Agent, AgentStatus, Claims, Verifier};
+use crate::limits::Limiter;
+use crate::policy::{CallFacts, PolicyBundle, Verdict};
+use crate::store::StateSnapshot;
+
+/// Built-in rule ids, reported in decisions like Cedar policy ids.
+pub mod rules {
+    pub const CONTROL_STALE: &str = "warden.control.stale";
+    pub const KILL_SWITCH: &str = "warden.control.kill-switch";
+    pub const IDENTITY: &str = "warden.identity";
+    pub const TOOL_CATALOG: &str = "warden.tool-catalog";
+    pub const SCOPE: &str = "warden.scope";
+    pub const DATA_BOUNDARY: &str = "warden.data-boundary";
+    pub const POLICY_DEFAULT_DENY: &str = "warden.policy.default-deny";
+}
+
+/// What the caller says about the call beyond tool and arguments.
+#[derive(Clone, Debug, Default)]
+pub struct CallContext {
+    /// The highest data class among the call's inputs, as the caller labels them.
+    pub classification: Option<Classification>,
+    pub cost_estimate: Option<f64>,
+    /// The agent's stated reasoning for this call.
+    pub rationale: Option<String>,
+    pub delegation_id: Option<String>,
+    pub delegation_depth: u32,
+}
+
+/// One tool call to decide.
+#[derive(Clone, Copy, Debug)]
+pub struct CallRequest<'a> {
+    pub credential: Option<&'a str>,
+    pub tool: &'a str,
+    pub params: &'a serde_json::Value,
+    pub context: &'a CallContext,
+}
+
+/// Identifiers the transport assigns to the call.
+#[derive(Clone, Debug)]
+pub struct CallIds {
+    pub call_id: String,
+    pub trace_id: String,
+    pub span_id: String,
+}
+
+/// The pipeline's answer and the audit entry that must be durable before it is returned.
+#[derive(Clone, Debug)]
+pub struct Checked {
+    pub decision: Decision,
+    pub entry: Entry,
+}
+
+/// The in-memory view of agents, revocations and kill switches.
+#[derive(Debug, Default)]
+pub struct ControlState {
+    pub version: u64,
+    pub agents: HashMap<String, Agent>,
+    pub revoked_jtis: HashSet<String>,
+    pub kills: KillSet,
+}
+
+impl From<StateSnapshot> for ControlState {
+    fn from(s: StateSnapshot) -> Self {
+        ControlState {
+            version: s.version,
+            agents: s.agents.into_iter().map(|a| (a.id.clone(), a)).collect(),
+            revoked_jtis: s.revoked_jtis,
+            kills: KillSet::new(s.kills),
+        }
+    }
+}
+
+pub struct Pipeline {
+    clock: Arc<dyn Clock>,
+    tools: HashMap<String, Tool>,
+    tiers: BTreeMap<u8, Classification>,
+    stale_after_ns: Nanos,
+    verifier: Verifier,
+    limiter: Limiter,
+    policy: RwLock<Arc<PolicyBundle>>,
+    state: RwLock<Arc<ControlState>>,
+    /// When the control view was last confirmed against the store.
+    fresh_at: AtomicU64,
+}
+
+impl Pipeline {
+    pub fn new(
+        settings: &Settings,
+        policy: PolicyBundle,
+        verifier: Verifier,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Self {
+            tools: settings
+                .tools
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            tiers: settings.tiers.clone(),
+            stale_after_ns: settings.control_stale_after_ns,
+            verifier,
+            limiter: Limiter::new(settings.limits.clone()),
+            policy: RwLock::new(Arc::new(policy)),
+            state: RwLock::new(Arc::new(ControlState::default())),
+            fresh_at: AtomicU64::new(0),
+            clock,
+        }
+    }
+
+    pub fn clock(&self) -> &dyn Clock {
+        self.clock.as_ref()
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> Option<Arc<PolicyBundle>> {
+        self.policy.read().ok().map(|p| p.clone())
+    }
+
+    /// Swaps in a new, already validated policy; calls in flight finish on the old one.
+    pub fn install_policy(&self, bundle: PolicyBundle) {
+        if let Ok(mut p) = self.policy.write() {
+            *p = Arc::new(bundle);
+        }
+    }
+
+    pub fn state(&self) -> Option<Arc<ControlState>> {
+        self.state.read().ok().map(|s| s.clone())
+    }
+
+    /// Replaces the control view with a fresh snapshot from the store.
+    pub fn apply_snapshot(&self, snapshot: StateSnapshot) {
+        if let Ok(mut s) = self.state.write() {
+            *s = Arc::new(snapshot.into());
+        }
+        self.mark_fresh();
+    }
+
+    /// Records that the store confirmed the view is current.
+    pub fn mark_fresh(&self) {
+        self.fresh_at.store(self.clock.now_ns(), Ordering::Release);
+    }
+
+    /// How long ago the view was last confirmed, if ever.
+    pub fn staleness(&self) -> Option<Nanos> {
+        match self.fresh_at.load(Ordering::Acquire) {
+            0 => None,
+            t => Some(self.clock.now_ns().saturating_sub(t)),
+        }
+    }
+
+    pub fn is_fresh(&self) -> bool {
+        self.staleness().is_some_and(|s| s <= self.stale_after_ns)
+    }
+
+    /// Decides one call. Never fails: every problem is a deny with a reason code.
+    pub fn check(&self, req: &CallRequest<'_>, ids: CallIds) -> Checked {
+        let now = self.clock.now_ns();
+        let mut entry = Entry {
+            ts_ns: now,
+            kind: EntryKind::Decision,
+            call_id: ids.call_id,
+            trace_id: ids.trace_id,
+            span_id: ids.span_id,
+            agent_id: String::new(),
+            delegation_id: req.context.delegation_id.clone(),
+            action: req.tool.to_owned(),
+            input_hash: Some(hash_json(req.params)),
+            output_hash: None,
+            decision: String::new(),
+            reason: String::new(),
+            rules: Vec::new(),
+            cost: req.context.cost_estimate,
+            duration_ns: None,
+            rationale: req.context.rationale.clone(),
+        };
+        let decision = self.decide(req, now, &mut entry.agent_id);
+        entry.decision = decision.effect.as_str().to_owned();
+        entry.reason = decision.reason.code().to_owned();
+        entry.rules = decision.rules.clone();
+        Checked { decision, entry }
+    }
+
+    fn decide(&self, req: &CallRequest<'_>, now: Nanos, agent_out: &mut String) -> Decision {
+        // Control, part one: is our view of the kill switches trustworthy at all?
+        if !self.is_fresh() {
+            let age = self.staleness().map_or("never loaded".to_owned(), |s| {
+                format!("last confirmed {}ms ago", s / NANOS_PER_MILLI)
+            });
+            return Decision::deny_builtin(
+                Reason::Internal,
+                rules::CONTROL_STALE,
+                format!("kill-switch view is stale ({age}); failing closed until the store is reachable"),
+            );
+        }
+        let Some(state) = self.state() else {
+            return Decision::deny_builtin(
+                Reason::Internal,
+                rules::CONTROL_STALE,
+                "control state is unavailable",
+            );
+        };
+        if let Some(k) = state.kills.global() {
+            return killed(k);
+        }
+
+        let (claims, agent) = match self.authenticate_in(&state, req.credential, now) {
+            Ok(v) => v,
+            Err((d, sub)) => {
+                if let Some(sub) = sub {
+                    *agent_out = sub;
+                }
+                return d;
+            }
+        };
+        *agent_out = agent.id.clone();
+
+        // Control, part two: switches aimed at this agent or its owner.
+        if let Some(k) = state.kills.covering(&agent.id, &agent.owner) {
+            return killed(k);
+        }
+
+        // The token's scopes can only narrow what the agent holds now.
+        let scopes: HashSet<&str> = claims
+            .scopes
+            .iter()
+            .map(String::as_str)
+            .filter(|s| agent.scopes.contains(*s))
+            .collect();
+        self.authorize(agent, &scopes, req, now)
+    }
+
+    /// Authenticates an agent credential against the current control view: signature,
+    /// expiry, registration, agent status and revocation. Used by the outcome route so a
+    /// call's result can only be reported by the agent that made it.
+    pub fn authenticate(&self, credential: Option<&str>) -> Result<Agent, Decision> {
+        let Some(state) = self.state() else {
+            return Err(Decision::deny_builtin(
+                Reason::Internal,
+                rules::CONTROL_STALE,
+                "control state is unavailable",
+            ));
+        };
+        self.authenticate_in(&state, credential, self.clock.now_ns())
+            .map(|(_, a)| a.clone())
+            .map_err(|(d, _)| d)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn authenticate_in<'s>(
+        &self,
+        state: &'s ControlState,
+        credential: Option<&str>,
+        now: Nanos,
+    ) -> Result<(Arc<Claims>, &'s Agent), (Decision, Option<String>)> {
+        let Some(token) = credential else {
+            return Err((
+                Decision::deny_builtin(
+                    Reason::Unauthenticated,
+                    rules::IDENTITY,
+                    "no credential: send the agent token as `Authorization: Bearer <token>`",
+                ),
+                None,
+            ));
+        };
+        let claims = self.verifier.verify(token, now).map_err(|e| {
+            (
+                Decision::deny_builtin(e.reason, rules::IDENTITY, e.message),
+                None,
+            )
+        })?;
+        let fail = |reason: Reason, message: String| {
+            Err((
+                Decision::deny_builtin(reason, rules::IDENTITY, message),
+                Some(claims.sub.clone()),
+            ))
+        };
+        let Some(agent) = state.agents.get(&claims.sub) else {
+            return fail(
+                Reason::UnknownAgent,
+                format!("agent `{}` is not registered on this server", claims.sub),
+            );
+        };
+        if agent.status == AgentStatus::Revoked {
+            return fail(
+                Reason::CredentialRevoked,
+                format!(
+                    "agent `{}` is revoked; all its credentials are void",
+                    agent.id
+                ),
+            );
+        }
+        if state.revoked_jtis.contains(&claims.jti) {
+            return fail(
+                Reason::CredentialRevoked,
+                format!(
+                    "credential `{}` of agent `{}` was revoked; issue a new one",
+                    claims.jti, agent.id
+                ),
+            );
+        }
+        Ok((claims, agent))
+    }
+
+    /// Everything after authentication: catalog, scope, data boundary, Cedar, limits.
+    /// Public so that `warden policy test` runs the same rules as a live call.
+    pub fn authorize(
+        &self,
+        agent: &Agent,
+        scopes: &HashSet<&str>,
+        req: &CallRequest<'_>,
+        now: Nanos,
+    ) -> Decision {
+        let Some(tool) = self.tools.get(req.tool) else {
+            return Decision::deny_builtin(
+                Reason::ToolNotPermitted,
+                rules::TOOL_CATALOG,
+                format!("`{}` is not a tool this server governs", req.tool),
+            );
+        };
+        if !scopes.contains(tool.scope.as_str()) {
+            return Decision::deny_builtin(
+                Reason::ToolNotPermitted,
+                rules::SCOPE,
+                format!(
+                    "agent `{}` lacks scope `{}` needed for `{}`",
+                    agent.id, tool.scope, tool.name
+                ),
+            );
+        }
+        let class = req
+            .context
+            .classification
+            .map_or(tool.classification, |c| c.max(tool.classification));
+        // An undeclared tier may touch only public data.
+        let ceiling = self
+            .tiers
+            .get(&agent.tier)
+            .copied()
+            .unwrap_or(Classification::Public);
+        if class > ceiling {
+            return Decision::deny_builtin(
+                Reason::DataBoundaryViolation,
+                rules::DATA_BOUNDARY,
+                format!(
+                    "`{}` touches {class} data; agent `{}` (tier {}) may touch at most {ceiling}",
+                    tool.name, agent.id, agent.tier
+                ),
+            );
+        }
+
+        let Some(policy) = self.policy() else {
+            return Decision::deny_builtin(
+                Reason::Internal,
+                rules::POLICY_DEFAULT_DENY,
+                "policy is unavailable",
+            );
+        };
+        let secs = now / NANOS_PER_SEC;
+        let cost = req.context.cost_estimate.unwrap_or(0.0);
+        if !(0.0..=1e12).contains(&cost) {
+            return Decision::deny_builtin(
+                Reason::ConstraintViolation,
+                rules::POLICY_DEFAULT_DENY,
+                format!("cost estimate {cost} is out of range"),
+            );
+        }
+        let facts = CallFacts {
+            classification: class,
+            hour: ((secs / 3600) % 24) as u8,
+            // 1970-01-01 was a Thursday; 0 = Monday.
+            weekday: ((secs / 86_400 + 3) % 7) as u8,
+            delegation_depth: req.context.delegation_depth,
+            cost_estimate: cost,
+        };
+        let scoped;
+        let agent_for_policy = if scopes.len() == agent.scopes.len() {
+            agent
+        } else {
+            scoped = Agent {
+                scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+                ..agent.clone()
+            };
+            &scoped
+        };
+        let rules = match policy.evaluate(agent_for_policy, &tool.name, req.params, &facts) {
+            Verdict::Permit { rules } => rules,
+            Verdict::Deny {
+                reason,
+                rules,
+                message,
+            } => {
+                let rules = if rules.is_empty() {
+                    vec![rules::POLICY_DEFAULT_DENY.to_owned()]
+                } else {
+                    rules
+                };
+                return Decision::deny(reason, rules, message);
+            }
+        };
+
+        match self
+            .limiter
+            .acquire(&agent.id, &agent.owner, &tool.name, now)
+        {
+            Ok(_) => Decision::permit(
+                rules,
+                format!("`{}` permitted for agent `{}`", tool.name, agent.id),
+            ),
+            Err(e) => Decision {
+                retry_after_ms: Some(e.retry_after_ns.div_ceil(NANOS_PER_MILLI)),
+                ..Decision::deny(Reason::RateLimited, vec![e.limit_id], e.message)
+            },
+        }
+    }
+}
+
+fn killed(k: &crate::control::KillSwitch) -> Decision {
+    Decision::deny_builtin(
+        Reason::Killed,
+        rules::KILL_SWITCH,
+        format!(
+            "kill switch for {} is set (by `{}`: {})",
+            k.target, k.set_by, k.reason
+        ),
+    )
+}
