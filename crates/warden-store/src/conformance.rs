@@ -1,0 +1,620 @@
+//! What every [`Store`] must do, as plain functions over `&dyn Store`.
+//!
+//! The trait's documentation states the contract; these functions check it, so each
+//! backend (SQLite now, PostgreSQL later) runs the same suite from its own tests and
+//! cannot drift from the others. They panic on the first broken expectation, like
+//! `assert!`, and are meant to be called from `#[test]` functions only.
+//!
+//! Each function uses its own agent ids, credential ids and kill targets, and measures
+//! the audit chain relative to where it finds it, so they can run one after another on
+//! one store; [`run_all`] does exactly that.
+#![expect(
+    clippy::expect_used,
+    reason = "a test suite: failing loudly on a broken expectation is its job"
+)]
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use warden_core::audit::{ChainError, ChainVerifier, Entry, EntryKind, Record, GENESIS};
+use warden_core::clock::{Nanos, NANOS_PER_SEC};
+use warden_core::control::{KillSwitch, KillTarget};
+use warden_core::identity::{Agent, AgentStatus};
+use warden_core::store::{Credential, Store, StoreError};
+
+/// A plausible "now": 2023-11-14, in nanoseconds.
+pub const NOW: Nanos = 1_700_000_000 * NANOS_PER_SEC;
+
+/// Runs the whole suite. `open` must return handles on one store that starts empty;
+/// it is called more than once, to check that what was written survives a reopen.
+pub fn run_all(open: &dyn Fn() -> Box<dyn Store>) {
+    let store = open();
+    agents_round_trip(&*store);
+    status_and_credentials(&*store);
+    kill_switches(&*store);
+    version_bumps_on_every_mutation(&*store);
+    audit_append_and_read(&*store);
+    drop(store);
+    audit_chain_spans_batches_and_reopen(open);
+}
+
+/// An agent with the given id and some non-trivial fields.
+pub fn sample_agent(id: &str) -> Agent {
+    Agent {
+        id: id.to_owned(),
+        owner: "claims-team".to_owned(),
+        tier: 2,
+        scopes: ["claims:read".to_owned(), "claims:write".to_owned()].into(),
+        rotation_ns: 3600 * NANOS_PER_SEC,
+        status: AgentStatus::Active,
+    }
+}
+
+/// An entry whose fields all vary with `i`, options present or absent by turns.
+pub fn sample_entry(i: u64, call_id: &str) -> Entry {
+    Entry {
+        ts_ns: NOW + i,
+        kind: match i % 3 {
+            0 => EntryKind::Decision,
+            1 => EntryKind::Outcome,
+            _ => EntryKind::Control,
+        },
+        call_id: call_id.to_owned(),
+        trace_id: format!("trace-{i}"),
+        span_id: format!("span-{i}"),
+        agent_id: if i % 5 == 4 {
+            String::new()
+        } else {
+            format!("agent-{}", i % 4)
+        },
+        delegation_id: (i % 2 != 1).then(|| format!("deleg-{i}")),
+        action: "get_claim".to_owned(),
+        input_hash: (i % 3 != 2).then(|| format!("{i:064x}")),
+        output_hash: (i % 3 == 1).then(|| "ab".repeat(32)),
+        decision: if i % 7 == 6 { "deny" } else { "permit" }.to_owned(),
+        reason: "PERMITTED".to_owned(),
+        rules: (0..i % 4).map(|r| format!("rule-{r}")).collect(),
+        cost: (i % 2 == 1).then(|| i as f64 / 7.0),
+        duration_ns: (i % 3 == 1).then_some(i * 1_000),
+        rationale: matches!(i % 4, 1..=3).then(|| format!("because ✓ {i}")),
+    }
+}
+
+/// Reads the whole chain in pages of `page` and verifies it from the first record.
+/// Returns how many records verified.
+pub fn verify_chain(store: &dyn Store, page: usize) -> Result<u64, ChainError> {
+    let mut verifier = ChainVerifier::default();
+    let mut after = 0;
+    loop {
+        let records = store.read_audit(after, page).expect("read_audit");
+        let Some(last) = records.last() else {
+            return Ok(verifier.verified());
+        };
+        after = last.seq;
+        for r in &records {
+            verifier.push(r)?;
+        }
+    }
+}
+
+fn head(store: &dyn Store) -> (u64, [u8; 32]) {
+    let tail = store.tail_audit(1).expect("tail_audit");
+    tail.last().map_or((0, GENESIS), |r| (r.seq, r.hash))
+}
+
+fn is_conflict<T: std::fmt::Debug>(r: Result<T, StoreError>) -> bool {
+    matches!(r, Err(StoreError::Conflict(_)))
+}
+
+pub fn agents_round_trip(store: &dyn Store) {
+    let a = sample_agent("rt-a");
+    let b = Agent {
+        id: "rt-b".to_owned(),
+        owner: "ünïcode team".to_owned(),
+        tier: u8::MAX,
+        scopes: BTreeSet::new(),
+        rotation_ns: u64::MAX,
+        status: AgentStatus::Revoked,
+    };
+    store.upsert_agent(&a).expect("upsert a");
+    store.upsert_agent(&b).expect("upsert b");
+    assert_eq!(store.get_agent("rt-a").expect("get a"), Some(a.clone()));
+    assert_eq!(
+        store.get_agent("rt-b").expect("get b"),
+        Some(b.clone()),
+        "extreme values must round-trip"
+    );
+    assert_eq!(store.get_agent("rt-missing").expect("get missing"), None);
+
+    let listed: Vec<Agent> = store
+        .list_agents()
+        .expect("list")
+        .into_iter()
+        .filter(|x| x.id.starts_with("rt-"))
+        .collect();
+    assert_eq!(listed, vec![a.clone(), b.clone()]);
+
+    // An upsert replaces owner, tier, scopes and rotation, and leaves the status alone.
+    let changed = Agent {
+        owner: "other-team".to_owned(),
+        tier: 0,
+        scopes: ["x:y".to_owned()].into(),
+        rotation_ns: 60 * NANOS_PER_SEC,
+        status: AgentStatus::Revoked,
+        ..a.clone()
+    };
+    store.upsert_agent(&changed).expect("re-upsert a");
+    let got = store.get_agent("rt-a").expect("get a").expect("a exists");
+    assert_eq!(
+        got,
+        Agent {
+            status: AgentStatus::Active,
+            ..changed
+        }
+    );
+    let revived = Agent {
+        status: AgentStatus::Active,
+        ..b.clone()
+    };
+    store.upsert_agent(&revived).expect("re-upsert b");
+    assert_eq!(
+        store.get_agent("rt-b").expect("get b"),
+        Some(b),
+        "upsert must not revive a revoked agent"
+    );
+
+    let snap = store.snapshot(NOW).expect("snapshot");
+    assert!(snap
+        .agents
+        .iter()
+        .any(|x| x.id == "rt-a" && x.owner == "other-team"));
+}
+
+pub fn status_and_credentials(store: &dyn Store) {
+    let agent = sample_agent("sc-agent");
+    store.upsert_agent(&agent).expect("upsert");
+
+    assert!(store
+        .set_agent_status("sc-agent", AgentStatus::Revoked, NOW)
+        .expect("revoke agent"));
+    assert_eq!(
+        store.get_agent("sc-agent").expect("get").map(|a| a.status),
+        Some(AgentStatus::Revoked)
+    );
+    store.upsert_agent(&agent).expect("upsert again");
+    assert_eq!(
+        store.get_agent("sc-agent").expect("get").map(|a| a.status),
+        Some(AgentStatus::Revoked),
+        "upsert must keep the status"
+    );
+    assert!(store
+        .set_agent_status("sc-agent", AgentStatus::Active, NOW)
+        .expect("revive agent"));
+    assert_eq!(
+        store.get_agent("sc-agent").expect("get").map(|a| a.status),
+        Some(AgentStatus::Active)
+    );
+    assert!(!store
+        .set_agent_status("sc-missing", AgentStatus::Revoked, NOW)
+        .expect("status of missing agent"));
+    assert_eq!(
+        store.get_agent("sc-missing").expect("get missing"),
+        None,
+        "no agent may be created by a status change"
+    );
+
+    let hour = 3600 * NANOS_PER_SEC;
+    let cred = |jti: &str, expires_at_ns: Nanos| Credential {
+        jti: jti.to_owned(),
+        agent_id: "sc-agent".to_owned(),
+        issued_at_ns: NOW - hour,
+        expires_at_ns,
+        revoked_at_ns: None,
+    };
+    let live = cred("sc-live", NOW + hour);
+    let kept = cred("sc-kept", NOW + 2 * hour);
+    let expired = cred("sc-expired", NOW - 1);
+    let boundary = cred("sc-boundary", NOW);
+    let far = cred("sc-far", u64::MAX);
+    for c in [&live, &kept, &expired, &boundary, &far] {
+        store.insert_credential(c).expect("insert credential");
+    }
+    assert!(
+        is_conflict(store.insert_credential(&live)),
+        "a duplicate jti must be a conflict"
+    );
+    assert!(
+        is_conflict(store.insert_credential(&Credential {
+            agent_id: "sc-nobody".to_owned(),
+            ..cred("sc-orphan", NOW + hour)
+        })),
+        "a credential of an unknown agent must be a conflict"
+    );
+
+    let listed = store
+        .list_credentials("sc-agent")
+        .expect("list credentials");
+    let by_jti: BTreeMap<&str, &Credential> = listed.iter().map(|c| (c.jti.as_str(), c)).collect();
+    assert_eq!(listed.len(), 5);
+    assert_eq!(by_jti.get("sc-live"), Some(&&live));
+    assert_eq!(by_jti.get("sc-far"), Some(&&far));
+    assert!(store
+        .list_credentials("sc-missing")
+        .expect("list for missing")
+        .is_empty());
+
+    for c in [&live, &expired, &boundary, &far] {
+        assert!(
+            store.revoke_credential(&c.jti, NOW).expect("revoke"),
+            "first revoke of {}",
+            c.jti
+        );
+    }
+    assert!(
+        !store
+            .revoke_credential("sc-live", NOW + 1)
+            .expect("revoke twice"),
+        "second revoke must be false"
+    );
+    assert!(!store
+        .revoke_credential("sc-never", NOW)
+        .expect("revoke missing"));
+
+    let listed = store
+        .list_credentials("sc-agent")
+        .expect("list credentials");
+    let revoked_at = |jti: &str| {
+        listed
+            .iter()
+            .find(|c| c.jti == jti)
+            .and_then(|c| c.revoked_at_ns)
+    };
+    assert_eq!(
+        revoked_at("sc-live"),
+        Some(NOW),
+        "a second revoke must not move the revocation time"
+    );
+    assert_eq!(revoked_at("sc-kept"), None);
+
+    let snap = store.snapshot(NOW).expect("snapshot");
+    let mine: BTreeSet<&str> = snap
+        .revoked_jtis
+        .iter()
+        .map(String::as_str)
+        .filter(|j| j.starts_with("sc-"))
+        .collect();
+    assert_eq!(
+        mine,
+        ["sc-far", "sc-live"].into(),
+        "revoked and unexpired only: not the kept one, not those expired at or before now"
+    );
+    let earlier = store.snapshot(NOW - 1).expect("snapshot");
+    assert!(earlier.revoked_jtis.contains("sc-boundary"));
+    assert!(!earlier.revoked_jtis.contains("sc-expired"));
+}
+
+pub fn kill_switches(store: &dyn Store) {
+    let ks = |target: KillTarget, reason: &str| KillSwitch {
+        target,
+        reason: reason.to_owned(),
+        set_by: "operator@example.com".to_owned(),
+        set_at_ns: NOW,
+    };
+    let mine = |store: &dyn Store| -> Vec<KillSwitch> {
+        let mut kills: Vec<KillSwitch> = store
+            .snapshot(NOW)
+            .expect("snapshot")
+            .kills
+            .into_iter()
+            .filter(|k| match &k.target {
+                KillTarget::All => true,
+                KillTarget::Owner(n) | KillTarget::Agent(n) => n.starts_with("ks-"),
+            })
+            .collect();
+        kills.sort_by(|a, b| a.target.cmp(&b.target));
+        kills
+    };
+
+    let all = ks(KillTarget::All, "incident 42");
+    let owner = ks(KillTarget::Owner("ks-team".to_owned()), "runaway spend");
+    let agent = ks(KillTarget::Agent("ks-agent".to_owned()), "loop");
+    // An owner and an agent with the same name are different targets.
+    let same_name = ks(KillTarget::Agent("ks-team".to_owned()), "same name");
+    for k in [&agent, &owner, &all, &same_name] {
+        store.set_kill(k).expect("set kill");
+    }
+    assert_eq!(
+        mine(store),
+        vec![all.clone(), owner.clone(), agent.clone(), same_name.clone()]
+    );
+
+    let replaced = KillSwitch {
+        reason: "loop, again".to_owned(),
+        set_by: "someone-else".to_owned(),
+        set_at_ns: NOW + 5,
+        ..agent.clone()
+    };
+    store.set_kill(&replaced).expect("replace kill");
+    assert_eq!(
+        mine(store),
+        vec![
+            all.clone(),
+            owner.clone(),
+            replaced.clone(),
+            same_name.clone()
+        ]
+    );
+
+    assert!(store.clear_kill(&owner.target).expect("clear owner"));
+    assert!(!store.clear_kill(&owner.target).expect("clear owner twice"));
+    assert!(!store
+        .clear_kill(&KillTarget::Agent("ks-never".to_owned()))
+        .expect("clear unknown"));
+    assert_eq!(
+        mine(store),
+        vec![all.clone(), replaced.clone(), same_name.clone()]
+    );
+
+    assert!(store.clear_kill(&KillTarget::All).expect("clear all"));
+    assert!(store
+        .clear_kill(&same_name.target)
+        .expect("clear same name"));
+    assert!(store.clear_kill(&replaced.target).expect("clear agent"));
+    assert_eq!(mine(store), Vec::<KillSwitch>::new());
+}
+
+pub fn version_bumps_on_every_mutation(store: &dyn Store) {
+    let check = |what: &str, expect_bump: bool, op: &dyn Fn()| {
+        let before = store.state_version().expect("state_version");
+        op();
+        let after = store.state_version().expect("state_version");
+        if expect_bump {
+            assert!(
+                after > before,
+                "{what} must bump the version ({before} -> {after})"
+            );
+        } else {
+            assert_eq!(
+                after, before,
+                "{what} changed nothing and must not bump the version"
+            );
+        }
+        assert_eq!(
+            store.snapshot(NOW).expect("snapshot").version,
+            after,
+            "snapshot must carry the version"
+        );
+    };
+    let agent = sample_agent("vb-agent");
+    let cred = Credential {
+        jti: "vb-cred".to_owned(),
+        agent_id: "vb-agent".to_owned(),
+        issued_at_ns: NOW,
+        expires_at_ns: NOW + NANOS_PER_SEC,
+        revoked_at_ns: None,
+    };
+    let kill = KillSwitch {
+        target: KillTarget::Agent("vb-agent".to_owned()),
+        reason: "r".to_owned(),
+        set_by: "op".to_owned(),
+        set_at_ns: NOW,
+    };
+    check("inserting an agent", true, &|| {
+        store.upsert_agent(&agent).expect("upsert")
+    });
+    check("updating an agent", true, &|| {
+        store
+            .upsert_agent(&Agent {
+                tier: 3,
+                ..agent.clone()
+            })
+            .expect("upsert")
+    });
+    check("revoking an agent", true, &|| {
+        assert!(store
+            .set_agent_status("vb-agent", AgentStatus::Revoked, NOW)
+            .expect("status"));
+    });
+    check("reviving an agent", true, &|| {
+        assert!(store
+            .set_agent_status("vb-agent", AgentStatus::Active, NOW)
+            .expect("status"));
+    });
+    check("inserting a credential", true, &|| {
+        store.insert_credential(&cred).expect("insert")
+    });
+    check("revoking a credential", true, &|| {
+        assert!(store.revoke_credential("vb-cred", NOW).expect("revoke"));
+    });
+    check("setting a kill switch", true, &|| {
+        store.set_kill(&kill).expect("set kill")
+    });
+    check("replacing a kill switch", true, &|| {
+        store
+            .set_kill(&KillSwitch {
+                reason: "r2".to_owned(),
+                ..kill.clone()
+            })
+            .expect("set kill")
+    });
+    check("clearing a kill switch", true, &|| {
+        assert!(store.clear_kill(&kill.target).expect("clear"));
+    });
+
+    check("a status change of a missing agent", false, &|| {
+        assert!(!store
+            .set_agent_status("vb-missing", AgentStatus::Revoked, NOW)
+            .expect("status"));
+    });
+    check("revoking a revoked credential", false, &|| {
+        assert!(!store.revoke_credential("vb-cred", NOW).expect("revoke"));
+    });
+    check("clearing a kill switch that is not set", false, &|| {
+        assert!(!store.clear_kill(&kill.target).expect("clear"));
+    });
+    check("a refused credential", false, &|| {
+        assert!(store.insert_credential(&cred).is_err());
+    });
+    check("appending audit entries", false, &|| {
+        store
+            .append_audit(vec![sample_entry(1, "vb-call")])
+            .expect("append");
+    });
+}
+
+pub fn audit_append_and_read(store: &dyn Store) {
+    let (last_seq, last_hash) = head(store);
+    assert!(store
+        .append_audit(Vec::new())
+        .expect("append nothing")
+        .is_empty());
+    assert_eq!(
+        head(store),
+        (last_seq, last_hash),
+        "an empty append must write nothing"
+    );
+
+    let call = "aa-call-1";
+    let mut entries: Vec<Entry> = (0..6)
+        .map(|i| sample_entry(i, &format!("aa-call-{i}")))
+        .collect();
+    // A decision and its outcome share a call id.
+    entries[4].call_id = call.to_owned();
+    entries[4].kind = EntryKind::Outcome;
+    // Edge values that must survive storage bit for bit, as the hash covers them.
+    entries[5].ts_ns = u64::MAX;
+    entries[5].duration_ns = Some(u64::MAX);
+    entries[5].cost = Some(f64::MIN_POSITIVE);
+    entries[5].rules = vec![
+        String::new(),
+        "\"quoted\", [json]".to_owned(),
+        "nul\0byte".to_owned(),
+    ];
+    entries[5].rationale = Some(String::new());
+    entries[5].agent_id = "ag\u{e9}nt \u{1f916}".to_owned();
+
+    let records = store.append_audit(entries.clone()).expect("append");
+    assert_eq!(records.len(), entries.len());
+    for (i, (r, e)) in records.iter().zip(&entries).enumerate() {
+        assert_eq!(
+            r.seq,
+            last_seq + 1 + i as u64,
+            "sequence numbers must be contiguous"
+        );
+        assert_eq!(&r.entry, e);
+    }
+    assert_eq!(
+        records[0].prev_hash, last_hash,
+        "the batch must chain onto the previous head"
+    );
+    for w in records.windows(2) {
+        assert_eq!(w[1].prev_hash, w[0].hash);
+    }
+
+    assert_eq!(
+        store.read_audit(last_seq, 100).expect("read"),
+        records,
+        "read back must equal what was appended"
+    );
+    assert_eq!(
+        store.read_audit(last_seq, 2).expect("read"),
+        records[..2].to_vec()
+    );
+    assert_eq!(
+        store.read_audit(last_seq + 2, 2).expect("read"),
+        records[2..4].to_vec()
+    );
+    assert!(store.read_audit(last_seq + 6, 10).expect("read").is_empty());
+    assert!(store.read_audit(last_seq, 0).expect("read").is_empty());
+    assert_eq!(
+        store
+            .read_audit(last_seq, usize::MAX)
+            .expect("read unbounded"),
+        records,
+        "a limit beyond the backend's integers means no limit"
+    );
+    assert!(store
+        .read_audit(u64::MAX, 10)
+        .expect("read past the end")
+        .is_empty());
+
+    let calls = store.call_records(call).expect("call records");
+    assert_eq!(
+        calls,
+        vec![records[1].clone(), records[4].clone()],
+        "a call's records, in order"
+    );
+    assert!(store
+        .call_records("aa-no-such-call")
+        .expect("call records")
+        .is_empty());
+
+    assert_eq!(
+        store.tail_audit(3).expect("tail"),
+        records[3..].to_vec(),
+        "tail is oldest first"
+    );
+    assert!(store.tail_audit(0).expect("tail").is_empty());
+    let everything = store.tail_audit(usize::MAX).expect("tail everything");
+    assert_eq!(everything.len() as u64, last_seq + 6);
+    assert_eq!(everything.last(), records.last());
+
+    assert_eq!(verify_chain(store, 4), Ok(last_seq + 6));
+}
+
+pub fn audit_chain_spans_batches_and_reopen(open: &dyn Fn() -> Box<dyn Store>) {
+    let store = open();
+    let (start, _) = head(&*store);
+    let mut appended = Vec::new();
+    let mut i = 0;
+    for size in [1, 3, 7, 2] {
+        let batch: Vec<Entry> = (0..size)
+            .map(|_| {
+                i += 1;
+                sample_entry(i, &format!("sb-call-{i}"))
+            })
+            .collect();
+        appended.extend(store.append_audit(batch).expect("append batch"));
+    }
+    drop(store);
+
+    let store = open();
+    assert_eq!(
+        head(&*store).0,
+        start + 13,
+        "a reopened store must see every appended record"
+    );
+    let more = store
+        .append_audit(vec![
+            sample_entry(100, "sb-after"),
+            sample_entry(101, "sb-after"),
+        ])
+        .expect("append after reopen");
+    assert_eq!(
+        more[0].seq,
+        start + 14,
+        "sequence numbers continue across a reopen"
+    );
+    assert_eq!(
+        more[0].prev_hash,
+        appended.last().map(|r| r.hash).unwrap_or(GENESIS)
+    );
+    appended.extend(more);
+
+    assert_eq!(store.read_audit(start, 1000).expect("read"), appended);
+    let total = start + appended.len() as u64;
+    for page in [1, 5, 1000] {
+        assert_eq!(
+            verify_chain(&*store, page),
+            Ok(total),
+            "the chain must verify across batches (page {page})"
+        );
+    }
+}
+
+/// Checks `records` form a contiguous, correctly linked run (not necessarily from 1).
+pub fn assert_linked(records: &[Record]) {
+    for w in records.windows(2) {
+        assert_eq!(w[1].seq, w[0].seq + 1, "records must be contiguous");
+        assert_eq!(w[1].prev_hash, w[0].hash, "records must link");
+    }
+}

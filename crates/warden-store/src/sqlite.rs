@@ -1,0 +1,619 @@
+//! The embedded SQLite backend.
+//!
+//! One file in WAL mode holds everything. WAL lets readers proceed while a writer
+//! commits, and lets several processes (the server and an operator's CLI) share the file:
+//! SQLite's own file locks serialise their writes, and every write here starts with
+//! `BEGIN IMMEDIATE` so that the audit chain's head is read and extended under the same
+//! lock, whichever process holds it. `synchronous=FULL` makes every commit durable before
+//! it returns, which is what lets the server answer a permit only after its audit entry
+//! is on disk.
+//!
+//! Within one process there are two connections, each behind its own mutex: a writer and
+//! a reader. The server polls [`Store::state_version`] every 250 ms to learn whether to
+//! reload its view; on the reader that poll never queues behind an audit batch waiting
+//! for its fsync.
+
+mod codec;
+mod error;
+mod schema;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use rusqlite::{
+    params, CachedStatement, Connection, ErrorCode, OpenFlags, Params, Row, Transaction,
+    TransactionBehavior,
+};
+use warden_core::audit::{seal, Entry, Record, GENESIS};
+use warden_core::clock::{Clock, Nanos, SystemClock};
+use warden_core::control::{KillSwitch, KillTarget};
+use warden_core::identity::{Agent, AgentStatus};
+use warden_core::store::{Credential, StateSnapshot, Store, StoreError};
+
+use codec::{
+    agent_columns, audit_columns, credential_columns, kill_columns, u64_from_sql, u64_to_sql,
+};
+use error::At;
+
+/// How long a statement waits for another connection's lock before giving up with
+/// `Unavailable`. Long enough to ride out a CLI's write or a checkpoint, short enough
+/// that a wedged writer turns into denials rather than hung requests.
+const BUSY_TIMEOUT: Duration = Duration::from_millis(5000);
+
+/// The pause between attempts to switch a contended file to WAL.
+const WAL_RETRY: Duration = Duration::from_millis(5);
+
+/// The reader serves small, frequent queries; it does not need SQLite's default 2 MB
+/// page cache (negative values are KiB).
+const READER_CACHE_KIB: i64 = -512;
+
+/// A Warden store in one SQLite file.
+pub struct SqliteStore {
+    path: PathBuf,
+    writer: Mutex<Connection>,
+    reader: Mutex<Connection>,
+}
+
+impl fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens the store at `path`, creating the file and its schema if missing.
+    ///
+    /// A file that is not a SQLite database, belongs to another application, or was
+    /// written by a newer Warden is refused with `StoreError::Corrupt` naming the path.
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        let mut writer = connect(path)?;
+        schema::migrate(&mut writer, path)?;
+        let reader = connect(path)?;
+        // The reader never writes; saying so turns a bug that tried into an error.
+        reader.pragma_update(None, "query_only", true).at(path)?;
+        reader
+            .pragma_update(None, "cache_size", READER_CACHE_KIB)
+            .at(path)?;
+        Ok(SqliteStore {
+            path: path.to_owned(),
+            writer: Mutex::new(writer),
+            reader: Mutex::new(reader),
+        })
+    }
+
+    /// The file this store was opened on.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` in one `BEGIN IMMEDIATE` transaction on the writer and commits it.
+    ///
+    /// IMMEDIATE takes the write lock up front. A deferred transaction that reads and
+    /// then writes would have to upgrade its lock, and SQLite answers a contended upgrade
+    /// with an immediate `SQLITE_BUSY` that the busy timeout cannot retry.
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut conn = lock(&self.writer);
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .at(&self.path)?;
+        // On error `tx` is dropped, which rolls back.
+        let out = f(&tx)?;
+        tx.commit().at(&self.path)?;
+        Ok(out)
+    }
+
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        f(&lock(&self.reader))
+    }
+
+    fn corrupt(&self, what: impl fmt::Display) -> StoreError {
+        StoreError::Corrupt(format!("`{}`: {what}", self.path.display()))
+    }
+
+    fn collect<T>(
+        &self,
+        stmt: &mut CachedStatement<'_>,
+        params: impl Params,
+        decode: impl Fn(&Row<'_>) -> Result<T, StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
+        let mut rows = stmt.query(params).at(&self.path)?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().at(&self.path)? {
+            out.push(decode(row)?);
+        }
+        Ok(out)
+    }
+
+    fn decode_record(&self, row: &Row<'_>) -> Result<Record, StoreError> {
+        let seq = codec::seq(row).map_err(|e| self.corrupt(format_args!("audit row: {e}")))?;
+        codec::record(row, seq).map_err(|e| self.corrupt(format_args!("audit entry {seq}: {e}")))
+    }
+
+    fn decode_agent(&self, row: &Row<'_>) -> Result<Agent, StoreError> {
+        codec::agent(row).map_err(|e| self.corrupt(format_args!("agent `{}`: {e}", key(row))))
+    }
+
+    fn decode_credential(&self, row: &Row<'_>) -> Result<Credential, StoreError> {
+        codec::credential(row)
+            .map_err(|e| self.corrupt(format_args!("credential `{}`: {e}", key(row))))
+    }
+
+    fn decode_kill(&self, row: &Row<'_>) -> Result<KillSwitch, StoreError> {
+        codec::kill(row).map_err(|e| self.corrupt(format_args!("kill switch `{}`: {e}", key(row))))
+    }
+
+    fn version(&self, conn: &Connection) -> Result<u64, StoreError> {
+        let mut stmt = conn
+            .prepare_cached("SELECT v FROM state WHERE k = 'version'")
+            .at(&self.path)?;
+        let mut rows = stmt.query([]).at(&self.path)?;
+        let Some(row) = rows.next().at(&self.path)? else {
+            return Err(self.corrupt("the state table has no `version` row"));
+        };
+        let v: i64 = row.get(0).at(&self.path)?;
+        u64::try_from(v).map_err(|_| self.corrupt(format_args!("state version {v} is negative")))
+    }
+
+    /// Counts one change to agents, credentials or kill switches, in the caller's
+    /// transaction, so a reader never sees the change without the new version.
+    fn bump_version(&self, tx: &Transaction<'_>) -> Result<(), StoreError> {
+        let changed = tx
+            .prepare_cached("UPDATE state SET v = v + 1 WHERE k = 'version'")
+            .at(&self.path)?
+            .execute([])
+            .at(&self.path)?;
+        if changed == 1 {
+            Ok(())
+        } else {
+            Err(self.corrupt("the state table has no `version` row"))
+        }
+    }
+}
+
+/// The first column of a row as text, to name the row in an error about its other
+/// columns.
+fn key(row: &Row<'_>) -> String {
+    row.get::<_, String>(0).unwrap_or_else(|_| "?".to_owned())
+}
+
+fn connect(path: &Path) -> Result<Connection, StoreError> {
+    // NO_MUTEX: each connection lives behind our own mutex, so SQLite's per-connection
+    // lock would only be taken uncontended. No URI flag: the path is a path.
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags).at(path)?;
+    conn.busy_timeout(BUSY_TIMEOUT).at(path)?;
+    enable_wal(&conn, path)?;
+    conn.pragma_update(None, "synchronous", "FULL").at(path)?;
+    conn.pragma_update(None, "foreign_keys", true).at(path)?;
+    Ok(conn)
+}
+
+/// Switches the file to WAL (a no-op once it is, as the mode is stored in the file).
+///
+/// This is also the first statement that reads the file's header, so it is where a file
+/// that is not a database is found out. Changing the mode needs an exclusive lock, and
+/// SQLite reports a conflict over it at once instead of through the busy handler: two
+/// processes creating the same store at the same moment would see a spurious "database
+/// is locked". So busy is retried here, for as long as the busy timeout would have.
+fn enable_wal(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let deadline = Instant::now() + BUSY_TIMEOUT;
+    loop {
+        match conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0)) {
+            Ok(mode) if mode.eq_ignore_ascii_case("wal") => return Ok(()),
+            Ok(mode) => {
+                return Err(StoreError::Unavailable(format!(
+                    "`{}`: could not switch to WAL journal mode (it stays `{mode}`); \
+                     is the file on a network filesystem?",
+                    path.display()
+                )))
+            }
+            Err(rusqlite::Error::SqliteFailure(f, _))
+                if f.code == ErrorCode::DatabaseBusy && Instant::now() < deadline =>
+            {
+                std::thread::sleep(WAL_RETRY);
+            }
+            Err(e) => return Err(error::classify(path, &e)),
+        }
+    }
+}
+
+/// Locks a connection, recovering it if a thread panicked while holding it.
+///
+/// The connection itself stays sound: rusqlite's `Transaction` rolls back when dropped
+/// during unwinding. Should a transaction still be open anyway, it is rolled back here,
+/// so a single panic does not take the store down for the life of the process.
+fn lock(conn: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
+    let guard = conn.lock().unwrap_or_else(PoisonError::into_inner);
+    if !guard.is_autocommit() {
+        // If this fails, the next BEGIN fails too and reports it as `Unavailable`.
+        let _ = guard.execute_batch("ROLLBACK");
+    }
+    guard
+}
+
+/// Makes an entry's cost storable exactly as hashed.
+///
+/// SQLite turns a NaN into NULL and may keep -0.0 as the integer 0, so either would
+/// read back different from what was hashed, and an honest entry would later look
+/// edited. Normalising before sealing means the hash covers what is stored: -0.0 costs
+/// the same as 0.0, and NaN is no cost estimate at all.
+fn storable(mut e: Entry) -> Entry {
+    e.cost = match e.cost {
+        Some(c) if c.is_nan() => None,
+        // A float pattern compares with `==`, so this arm takes -0.0 too.
+        Some(0.0) => Some(0.0),
+        other => other,
+    };
+    e
+}
+
+/// `after`/`limit` arguments beyond what SQLite's integers hold mean "no bound".
+fn clamp(v: impl TryInto<i64>) -> i64 {
+    v.try_into().unwrap_or(i64::MAX)
+}
+
+impl Store for SqliteStore {
+    fn state_version(&self) -> Result<u64, StoreError> {
+        self.read(|conn| self.version(conn))
+    }
+
+    fn snapshot(&self, now: Nanos) -> Result<StateSnapshot, StoreError> {
+        let mut conn = lock(&self.reader);
+        // One read transaction, so the version describes exactly the rows returned.
+        let tx = conn.transaction().at(&self.path)?;
+        let version = self.version(&tx)?;
+        let agents = self.collect(
+            &mut tx
+                .prepare_cached(concat!(
+                    "SELECT ",
+                    agent_columns!(),
+                    " FROM agents ORDER BY id"
+                ))
+                .at(&self.path)?,
+            [],
+            |row| self.decode_agent(row),
+        )?;
+        // `expires_at_ns < 0` keeps expiries beyond i64::MAX (stored with the sign bit
+        // set) in the candidate set; the exact unsigned comparison is made below.
+        let revoked = self.collect(
+            &mut tx
+                .prepare_cached(
+                    "SELECT jti, expires_at_ns FROM credentials \
+                     WHERE revoked_at_ns IS NOT NULL AND (expires_at_ns > ?1 OR expires_at_ns < 0)",
+                )
+                .at(&self.path)?,
+            [u64_to_sql(now)],
+            |row| {
+                let jti: String = row.get(0).at(&self.path)?;
+                let expires: i64 = row.get(1).at(&self.path)?;
+                Ok((jti, u64_from_sql(expires)))
+            },
+        )?;
+        let kills = self.collect(
+            &mut tx
+                .prepare_cached(concat!(
+                    "SELECT ",
+                    kill_columns!(),
+                    " FROM kill_switches ORDER BY scope, target"
+                ))
+                .at(&self.path)?,
+            [],
+            |row| self.decode_kill(row),
+        )?;
+        tx.commit().at(&self.path)?;
+        Ok(StateSnapshot {
+            version,
+            agents,
+            revoked_jtis: revoked
+                .into_iter()
+                .filter(|(_, expires)| *expires > now)
+                .map(|(jti, _)| jti)
+                .collect(),
+            kills,
+        })
+    }
+
+    fn upsert_agent(&self, agent: &Agent) -> Result<(), StoreError> {
+        // The trait passes no clock here; `updated_at` is bookkeeping for operators,
+        // never read by a decision, so the wall clock is good enough.
+        let now = SystemClock.now_ns();
+        self.write(|tx| {
+            tx.prepare_cached(
+                "INSERT INTO agents (id, owner, tier, scopes, rotation_ns, status, updated_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+                 ON CONFLICT (id) DO UPDATE SET owner = excluded.owner, tier = excluded.tier, \
+                 scopes = excluded.scopes, rotation_ns = excluded.rotation_ns, updated_at = excluded.updated_at",
+            )
+            .at(&self.path)?
+            .execute(params![
+                agent.id,
+                agent.owner,
+                agent.tier,
+                codec::json_list(&agent.scopes),
+                u64_to_sql(agent.rotation_ns),
+                agent.status.as_str(),
+                u64_to_sql(now),
+            ])
+            .at(&self.path)?;
+            self.bump_version(tx)
+        })
+    }
+
+    fn get_agent(&self, id: &str) -> Result<Option<Agent>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn
+                .prepare_cached(concat!(
+                    "SELECT ",
+                    agent_columns!(),
+                    " FROM agents WHERE id = ?1"
+                ))
+                .at(&self.path)?;
+            let mut rows = stmt.query([id]).at(&self.path)?;
+            match rows.next().at(&self.path)? {
+                Some(row) => self.decode_agent(row).map(Some),
+                None => Ok(None),
+            }
+        })
+    }
+
+    fn list_agents(&self) -> Result<Vec<Agent>, StoreError> {
+        self.read(|conn| {
+            self.collect(
+                &mut conn
+                    .prepare_cached(concat!(
+                        "SELECT ",
+                        agent_columns!(),
+                        " FROM agents ORDER BY id"
+                    ))
+                    .at(&self.path)?,
+                [],
+                |row| self.decode_agent(row),
+            )
+        })
+    }
+
+    fn set_agent_status(
+        &self,
+        id: &str,
+        status: AgentStatus,
+        now: Nanos,
+    ) -> Result<bool, StoreError> {
+        self.write(|tx| {
+            let changed = tx
+                .prepare_cached("UPDATE agents SET status = ?2, updated_at = ?3 WHERE id = ?1")
+                .at(&self.path)?
+                .execute(params![id, status.as_str(), u64_to_sql(now)])
+                .at(&self.path)?;
+            if changed == 0 {
+                return Ok(false);
+            }
+            self.bump_version(tx)?;
+            Ok(true)
+        })
+    }
+
+    fn insert_credential(&self, c: &Credential) -> Result<(), StoreError> {
+        self.write(|tx| {
+            let inserted = tx
+                .prepare_cached(concat!(
+                    "INSERT INTO credentials (",
+                    credential_columns!(),
+                    ") VALUES (?1, ?2, ?3, ?4, ?5)"
+                ))
+                .at(&self.path)?
+                .execute(params![
+                    c.jti,
+                    c.agent_id,
+                    u64_to_sql(c.issued_at_ns),
+                    u64_to_sql(c.expires_at_ns),
+                    c.revoked_at_ns.map(u64_to_sql),
+                ]);
+            match inserted {
+                Ok(_) => self.bump_version(tx),
+                Err(rusqlite::Error::SqliteFailure(f, _))
+                    if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY =>
+                {
+                    Err(StoreError::Conflict(format!(
+                        "agent `{}` does not exist; register it before issuing it credentials",
+                        c.agent_id
+                    )))
+                }
+                Err(rusqlite::Error::SqliteFailure(f, _))
+                    if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY =>
+                {
+                    Err(StoreError::Conflict(format!(
+                        "credential `{}` already exists",
+                        c.jti
+                    )))
+                }
+                Err(e) => Err(error::classify(&self.path, &e)),
+            }
+        })
+    }
+
+    fn revoke_credential(&self, jti: &str, now: Nanos) -> Result<bool, StoreError> {
+        self.write(|tx| {
+            let changed = tx
+                .prepare_cached("UPDATE credentials SET revoked_at_ns = ?2 WHERE jti = ?1 AND revoked_at_ns IS NULL")
+                .at(&self.path)?
+                .execute(params![jti, u64_to_sql(now)])
+                .at(&self.path)?;
+            if changed == 0 {
+                return Ok(false);
+            }
+            self.bump_version(tx)?;
+            Ok(true)
+        })
+    }
+
+    fn list_credentials(&self, agent_id: &str) -> Result<Vec<Credential>, StoreError> {
+        self.read(|conn| {
+            self.collect(
+                &mut conn
+                    .prepare_cached(concat!(
+                        "SELECT ",
+                        credential_columns!(),
+                        " FROM credentials WHERE agent_id = ?1 ORDER BY issued_at_ns, jti"
+                    ))
+                    .at(&self.path)?,
+                [agent_id],
+                |row| self.decode_credential(row),
+            )
+        })
+    }
+
+    fn set_kill(&self, kill: &KillSwitch) -> Result<(), StoreError> {
+        let (scope, target) = kill.target.parts();
+        self.write(|tx| {
+            tx.prepare_cached(concat!(
+                "INSERT INTO kill_switches (",
+                kill_columns!(),
+                ") VALUES (?1, ?2, ?3, ?4, ?5) \
+                 ON CONFLICT (scope, target) DO UPDATE SET reason = excluded.reason, \
+                 set_by = excluded.set_by, set_at_ns = excluded.set_at_ns"
+            ))
+            .at(&self.path)?
+            .execute(params![
+                scope,
+                target,
+                kill.reason,
+                kill.set_by,
+                u64_to_sql(kill.set_at_ns)
+            ])
+            .at(&self.path)?;
+            self.bump_version(tx)
+        })
+    }
+
+    fn clear_kill(&self, target: &KillTarget) -> Result<bool, StoreError> {
+        let (scope, name) = target.parts();
+        self.write(|tx| {
+            let changed = tx
+                .prepare_cached("DELETE FROM kill_switches WHERE scope = ?1 AND target = ?2")
+                .at(&self.path)?
+                .execute([scope, name])
+                .at(&self.path)?;
+            if changed == 0 {
+                return Ok(false);
+            }
+            self.bump_version(tx)?;
+            Ok(true)
+        })
+    }
+
+    fn append_audit(&self, entries: Vec<Entry>) -> Result<Vec<Record>, StoreError> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.write(|tx| {
+            let (last_seq, last_hash) = {
+                let mut stmt = tx
+                    .prepare_cached("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+                    .at(&self.path)?;
+                let mut rows = stmt.query([]).at(&self.path)?;
+                match rows.next().at(&self.path)? {
+                    None => (0, GENESIS),
+                    Some(row) => codec::head(row).map_err(|e| self.corrupt(format_args!("last audit entry: {e}")))?,
+                }
+            };
+            let records = seal(last_seq, last_hash, entries.into_iter().map(storable));
+            let mut insert = tx
+                .prepare_cached(concat!(
+                    "INSERT INTO audit (",
+                    audit_columns!(),
+                    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"
+                ))
+                .at(&self.path)?;
+            for r in &records {
+                let e = &r.entry;
+                insert
+                    .execute(params![
+                        u64_to_sql(r.seq),
+                        u64_to_sql(e.ts_ns),
+                        e.kind.as_str(),
+                        e.call_id,
+                        e.trace_id,
+                        e.span_id,
+                        e.agent_id,
+                        e.delegation_id,
+                        e.action,
+                        e.input_hash,
+                        e.output_hash,
+                        e.decision,
+                        e.reason,
+                        codec::json_list(&e.rules),
+                        e.cost,
+                        e.duration_ns.map(u64_to_sql),
+                        e.rationale,
+                        &r.prev_hash[..],
+                        &r.hash[..],
+                    ])
+                    .at(&self.path)?;
+            }
+            Ok(records)
+        })
+    }
+
+    fn read_audit(&self, after: u64, limit: usize) -> Result<Vec<Record>, StoreError> {
+        self.read(|conn| {
+            self.collect(
+                &mut conn
+                    .prepare_cached(concat!(
+                        "SELECT ",
+                        audit_columns!(),
+                        " FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+                    ))
+                    .at(&self.path)?,
+                [clamp(after), clamp(limit)],
+                |row| self.decode_record(row),
+            )
+        })
+    }
+
+    fn call_records(&self, call_id: &str) -> Result<Vec<Record>, StoreError> {
+        self.read(|conn| {
+            self.collect(
+                &mut conn
+                    .prepare_cached(concat!(
+                        "SELECT ",
+                        audit_columns!(),
+                        " FROM audit WHERE call_id = ?1 ORDER BY seq"
+                    ))
+                    .at(&self.path)?,
+                [call_id],
+                |row| self.decode_record(row),
+            )
+        })
+    }
+
+    fn tail_audit(&self, n: usize) -> Result<Vec<Record>, StoreError> {
+        self.read(|conn| {
+            self.collect(
+                &mut conn
+                    .prepare_cached(concat!(
+                        "SELECT * FROM (SELECT ",
+                        audit_columns!(),
+                        " FROM audit ORDER BY seq DESC LIMIT ?1) ORDER BY seq"
+                    ))
+                    .at(&self.path)?,
+                [clamp(n)],
+                |row| self.decode_record(row),
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,532 @@
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use proptest::prelude::*;
+use tempfile::TempDir;
+use warden_core::audit::{ChainError, EntryKind};
+
+use super::*;
+use crate::conformance::{self, assert_linked, sample_agent, sample_entry, verify_chain, NOW};
+
+fn fresh() -> (TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("warden.db");
+    (dir, path)
+}
+
+/// A store at a fresh path holding `n` audit records (seq 1..=n).
+fn store_with(n: u64) -> (TempDir, PathBuf, SqliteStore) {
+    let (dir, path) = fresh();
+    let store = SqliteStore::open(&path).unwrap();
+    if n > 0 {
+        store
+            .append_audit(
+                (0..n)
+                    .map(|i| sample_entry(i, &format!("call-{i}")))
+                    .collect(),
+            )
+            .unwrap();
+    }
+    (dir, path, store)
+}
+
+/// A connection that goes around the store, as an attacker or a careless tool would.
+fn raw(path: &Path) -> Connection {
+    Connection::open(path).unwrap()
+}
+
+fn corrupt_message<T: fmt::Debug>(r: Result<T, StoreError>) -> String {
+    match r {
+        Err(StoreError::Corrupt(m)) => m,
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+}
+
+fn unavailable_message<T: fmt::Debug>(r: Result<T, StoreError>) -> String {
+    match r {
+        Err(StoreError::Unavailable(m)) => m,
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+}
+
+#[test]
+fn conformance_suite_passes_on_sqlite() {
+    let (_dir, path) = fresh();
+    conformance::run_all(&|| Box::new(SqliteStore::open(&path).unwrap()));
+}
+
+#[test]
+fn store_is_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<SqliteStore>();
+}
+
+#[test]
+fn connections_are_configured_for_durability_and_sharing() {
+    let (_dir, path, store) = store_with(0);
+    for conn in [&store.writer, &store.reader] {
+        let conn = lock(conn);
+        let mode: String = conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        let sync: i64 = conn
+            .pragma_query_value(None, "synchronous", |r| r.get(0))
+            .unwrap();
+        assert_eq!(sync, 2, "synchronous must be FULL");
+        let fk: i64 = conn
+            .pragma_query_value(None, "foreign_keys", |r| r.get(0))
+            .unwrap();
+        assert_eq!(fk, 1);
+        let busy: i64 = conn
+            .pragma_query_value(None, "busy_timeout", |r| r.get(0))
+            .unwrap();
+        assert_eq!(busy, 5000);
+    }
+    let query_only: i64 = lock(&store.reader)
+        .pragma_query_value(None, "query_only", |r| r.get(0))
+        .unwrap();
+    assert_eq!(query_only, 1);
+    let version: i64 = raw(&path)
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, schema::LATEST);
+}
+
+#[test]
+fn two_handles_on_one_file_extend_one_chain() {
+    let (_dir, path) = fresh();
+    let server = SqliteStore::open(&path).unwrap();
+    let cli = SqliteStore::open(&path).unwrap();
+
+    // Strictly alternating: each handle must pick up the other's head.
+    let mut expected_seq = 1;
+    for round in 0..8u64 {
+        let store = if round % 2 == 0 { &server } else { &cli };
+        let batch: Vec<Entry> = (0..round % 3 + 1)
+            .map(|i| sample_entry(round * 10 + i, &format!("alt-{round}")))
+            .collect();
+        let records = store.append_audit(batch).unwrap();
+        assert_eq!(records[0].seq, expected_seq);
+        assert_linked(&records);
+        expected_seq += records.len() as u64;
+    }
+
+    // Truly concurrent: both handles append at once from their own threads.
+    std::thread::scope(|s| {
+        for (name, store) in [("server", &server), ("cli", &cli)] {
+            s.spawn(move || {
+                for j in 0..20u64 {
+                    let batch: Vec<Entry> = (0..j % 5 + 1)
+                        .map(|i| sample_entry(j * 10 + i, &format!("{name}-{j}")))
+                        .collect();
+                    let records = store.append_audit(batch).unwrap();
+                    // A batch is one transaction: never split by the other writer.
+                    assert_linked(&records);
+                }
+            });
+        }
+    });
+
+    let total = expected_seq - 1 + 2 * (0..20u64).map(|j| j % 5 + 1).sum::<u64>();
+    assert_eq!(verify_chain(&server, 17), Ok(total));
+    assert_eq!(verify_chain(&cli, 1000), Ok(total));
+}
+
+#[test]
+fn concurrent_first_opens_create_the_schema_once() {
+    let (_dir, path) = fresh();
+    let stores: Vec<SqliteStore> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| SqliteStore::open(&path)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap().unwrap())
+            .collect()
+    });
+    stores[0].append_audit(vec![sample_entry(0, "c")]).unwrap();
+    assert_eq!(stores[3].tail_audit(5).unwrap().len(), 1);
+    assert_eq!(stores[2].state_version().unwrap(), 0);
+}
+
+#[test]
+fn reopening_keeps_state_and_version() {
+    let (_dir, path) = fresh();
+    let before = {
+        let store = SqliteStore::open(&path).unwrap();
+        store.upsert_agent(&sample_agent("keep")).unwrap();
+        store.state_version().unwrap()
+    };
+    let store = SqliteStore::open(&path).unwrap();
+    assert_eq!(store.state_version().unwrap(), before);
+    assert_eq!(store.get_agent("keep").unwrap(), Some(sample_agent("keep")));
+}
+
+#[test]
+fn an_edited_entry_is_reported_at_its_seq() {
+    // Each edit changes one byte (or one bit of a number) of record 3.
+    for edit in [
+        "UPDATE audit SET agent_id = 'agent-3' WHERE seq = 3",
+        "UPDATE audit SET ts_ns = ts_ns + 1 WHERE seq = 3",
+        "UPDATE audit SET decision = 'permiT' WHERE seq = 3",
+        "UPDATE audit SET rules = '[\"rule-0\",\"rule-2\"]' WHERE seq = 3",
+        "UPDATE audit SET delegation_id = NULL WHERE seq = 3",
+        "UPDATE audit SET kind = 'outcome' WHERE seq = 3",
+    ] {
+        let (_dir, path, store) = store_with(6);
+        assert_eq!(verify_chain(&store, 100), Ok(6));
+        assert_eq!(raw(&path).execute(edit, []).unwrap(), 1, "{edit}");
+        assert_eq!(
+            verify_chain(&store, 100),
+            Err(ChainError::BadHash { seq: 3 }),
+            "{edit}"
+        );
+    }
+}
+
+#[test]
+fn a_deleted_entry_is_reported_as_a_gap() {
+    let (_dir, path, store) = store_with(6);
+    raw(&path)
+        .execute("DELETE FROM audit WHERE seq = 3", [])
+        .unwrap();
+    assert_eq!(
+        verify_chain(&store, 100),
+        Err(ChainError::Gap { seq: 3, found: 4 })
+    );
+}
+
+#[test]
+fn undecodable_audit_rows_are_corrupt_naming_the_seq() {
+    for (edit, detail) in [
+        ("UPDATE audit SET kind = 'bogus' WHERE seq = 3", "bogus"),
+        ("UPDATE audit SET rules = 'not json' WHERE seq = 3", "rules"),
+        ("UPDATE audit SET hash = x'0011' WHERE seq = 3", "2 bytes"),
+    ] {
+        let (_dir, path, store) = store_with(5);
+        let conn = raw(&path);
+        // The schema's checks would refuse these edits; a tampered file need not have them.
+        conn.pragma_update(None, "ignore_check_constraints", true)
+            .unwrap();
+        conn.execute(edit, []).unwrap();
+        for m in [
+            corrupt_message(store.read_audit(0, 100)),
+            corrupt_message(store.call_records("call-2")),
+            corrupt_message(store.tail_audit(3)),
+        ] {
+            assert!(m.contains("audit entry 3"), "{edit}: {m}");
+            assert!(m.contains(detail), "{edit}: {m}");
+            assert!(m.contains(&path.display().to_string()), "{edit}: {m}");
+        }
+        // Rows before the damaged one still read.
+        assert_eq!(store.read_audit(0, 2).unwrap().len(), 2);
+    }
+}
+
+#[test]
+fn append_refuses_to_extend_an_unreadable_head() {
+    let (_dir, path, store) = store_with(3);
+    let conn = raw(&path);
+    conn.pragma_update(None, "ignore_check_constraints", true)
+        .unwrap();
+    conn.execute("UPDATE audit SET hash = x'00' WHERE seq = 3", [])
+        .unwrap();
+    let m = corrupt_message(store.append_audit(vec![sample_entry(9, "x")]));
+    assert!(m.contains("last audit entry"), "{m}");
+    assert!(
+        store.read_audit(3, 10).unwrap().is_empty(),
+        "nothing may be appended"
+    );
+}
+
+#[test]
+fn undecodable_state_rows_are_corrupt_naming_the_row() {
+    let (_dir, path, store) = store_with(0);
+    store.upsert_agent(&sample_agent("zed")).unwrap();
+    raw(&path)
+        .execute("UPDATE agents SET status = 'zombie' WHERE id = 'zed'", [])
+        .unwrap();
+    let m = corrupt_message(store.snapshot(NOW));
+    assert!(m.contains("agent `zed`") && m.contains("zombie"), "{m}");
+
+    let (_dir, path, store) = store_with(0);
+    raw(&path)
+        .execute(
+            "INSERT INTO kill_switches VALUES ('planet', 'earth', 'r', 'op', 0)",
+            [],
+        )
+        .unwrap();
+    let m = corrupt_message(store.snapshot(NOW));
+    assert!(m.contains("kill switch `planet`"), "{m}");
+}
+
+#[test]
+fn a_file_that_is_not_a_database_is_refused_untouched() {
+    let (_dir, path) = fresh();
+    let junk = "this is a policy file, not a database\n".repeat(200);
+    std::fs::write(&path, &junk).unwrap();
+    let m = corrupt_message(SqliteStore::open(&path));
+    assert!(m.contains(&format!("`{}`", path.display())), "{m}");
+    assert!(m.contains("not a SQLite database"), "{m}");
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        junk,
+        "the file must be left as it was"
+    );
+}
+
+#[test]
+fn a_newer_schema_is_refused() {
+    let (_dir, path) = fresh();
+    drop(SqliteStore::open(&path).unwrap());
+    raw(&path).pragma_update(None, "user_version", 7).unwrap();
+    let m = corrupt_message(SqliteStore::open(&path));
+    assert!(
+        m.contains(&path.display().to_string()) && m.contains("schema version 7"),
+        "{m}"
+    );
+}
+
+#[test]
+fn another_applications_database_is_refused() {
+    let (_dir, path) = fresh();
+    raw(&path)
+        .execute_batch("CREATE TABLE notes (body TEXT);")
+        .unwrap();
+    let m = corrupt_message(SqliteStore::open(&path));
+    assert!(m.contains("not a Warden store"), "{m}");
+
+    let (_dir, path) = fresh();
+    raw(&path)
+        .execute_batch("PRAGMA application_id = 42; PRAGMA user_version = 1;")
+        .unwrap();
+    let m = corrupt_message(SqliteStore::open(&path));
+    assert!(m.contains("another application"), "{m}");
+}
+
+#[test]
+fn a_missing_directory_is_unavailable_naming_the_path() {
+    let (_dir, path) = fresh();
+    let path = path.with_file_name("no-such-dir").join("warden.db");
+    let m = unavailable_message(SqliteStore::open(&path));
+    assert!(m.contains(&path.display().to_string()), "{m}");
+}
+
+#[test]
+fn a_read_only_file_makes_append_unavailable() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let (dir, path) = fresh();
+    {
+        let store = SqliteStore::open(&path).unwrap();
+        store.append_audit(vec![sample_entry(0, "before")]).unwrap();
+    }
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444)).unwrap();
+    if std::fs::OpenOptions::new().write(true).open(&path).is_ok() {
+        // Root (or CAP_DAC_OVERRIDE) writes through file permissions, so there is no
+        // read-only file to test against.
+        eprintln!("skipped a_read_only_file_makes_append_unavailable: this process may write to read-only files (running as root?)");
+        return;
+    }
+    let store = SqliteStore::open(&path).unwrap();
+    // Reading still works: `warden audit verify` on a read-only copy is legitimate.
+    assert_eq!(verify_chain(&store, 10), Ok(1));
+    let m = unavailable_message(store.append_audit(vec![sample_entry(1, "after")]));
+    assert!(m.contains(&path.display().to_string()), "{m}");
+    assert!(m.contains("readonly"), "{m}");
+    drop(store);
+    drop(dir);
+}
+
+#[test]
+fn a_held_write_lock_makes_append_unavailable_while_reads_proceed() {
+    let (_dir, path, store) = store_with(2);
+    let blocker = raw(&path);
+    blocker
+        .execute_batch("BEGIN IMMEDIATE; INSERT INTO state (k, v) VALUES ('held', 1);")
+        .unwrap();
+    std::thread::scope(|s| {
+        let append = s.spawn(|| {
+            let started = Instant::now();
+            (
+                store.append_audit(vec![sample_entry(7, "blocked")]),
+                started.elapsed(),
+            )
+        });
+        // Give the append time to take the writer and start waiting on the lock.
+        std::thread::sleep(Duration::from_millis(300));
+        let started = Instant::now();
+        let version = store.state_version().unwrap();
+        assert_eq!(store.read_audit(0, 10).unwrap().len(), 2);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "reads must not wait behind a blocked append ({:?})",
+            started.elapsed()
+        );
+        assert_eq!(version, 0);
+
+        let (result, waited) = append.join().unwrap();
+        assert!(
+            waited >= Duration::from_secs(4),
+            "the busy timeout must be honoured ({waited:?})"
+        );
+        let m = unavailable_message(result);
+        assert!(
+            m.contains(&path.display().to_string()) && m.contains("locked"),
+            "{m}"
+        );
+    });
+    blocker.execute_batch("ROLLBACK").unwrap();
+    assert_eq!(
+        store.append_audit(vec![sample_entry(8, "after")]).unwrap()[0].seq,
+        3
+    );
+}
+
+#[test]
+fn a_panic_mid_write_leaves_the_store_usable() {
+    let (_dir, _path, store) = store_with(0);
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        let _: Result<(), StoreError> = store.write(|tx| {
+            tx.execute(
+                "INSERT INTO kill_switches VALUES ('all', '', 'half-done', 'op', 0)",
+                [],
+            )
+            .unwrap();
+            panic!("writer crashed mid-transaction");
+        });
+    }));
+    assert!(result.is_err());
+    assert!(store.writer.is_poisoned());
+    assert!(
+        store.snapshot(NOW).unwrap().kills.is_empty(),
+        "the half-done write must be rolled back"
+    );
+    store.upsert_agent(&sample_agent("after-panic")).unwrap();
+    assert_eq!(store.state_version().unwrap(), 1);
+}
+
+#[test]
+fn costs_sqlite_cannot_hold_exactly_are_normalised_before_sealing() {
+    let (_dir, _path, store) = store_with(0);
+    let with_cost = |c: f64| Entry {
+        cost: Some(c),
+        ..sample_entry(0, "cost")
+    };
+    let records = store
+        .append_audit(vec![
+            with_cost(-0.0),
+            with_cost(f64::NAN),
+            with_cost(f64::INFINITY),
+            with_cost(f64::NEG_INFINITY),
+            with_cost(3.0),
+        ])
+        .unwrap();
+    let costs: Vec<Option<u64>> = records
+        .iter()
+        .map(|r| r.entry.cost.map(f64::to_bits))
+        .collect();
+    assert_eq!(
+        costs,
+        vec![
+            Some(0.0f64.to_bits()),
+            None,
+            Some(f64::INFINITY.to_bits()),
+            Some(f64::NEG_INFINITY.to_bits()),
+            Some(3.0f64.to_bits())
+        ]
+    );
+    assert_eq!(store.read_audit(0, 10).unwrap(), records);
+    assert_eq!(verify_chain(&store, 10), Ok(5));
+}
+
+fn arb_text() -> impl Strategy<Value = String> {
+    // Any characters, NUL and newlines included.
+    "(?s).{0,12}"
+}
+
+fn arb_entry() -> impl Strategy<Value = Entry> {
+    let kind = prop_oneof![
+        Just(EntryKind::Decision),
+        Just(EntryKind::Outcome),
+        Just(EntryKind::Control)
+    ];
+    let ids = (
+        arb_text(),
+        arb_text(),
+        arb_text(),
+        arb_text(),
+        proptest::option::of(arb_text()),
+    );
+    let what = (
+        arb_text(),
+        proptest::option::of(arb_text()),
+        proptest::option::of(arb_text()),
+        arb_text(),
+        arb_text(),
+        proptest::collection::vec(arb_text(), 0..4),
+    );
+    let numbers = (
+        any::<u64>(),
+        proptest::option::of(any::<f64>()),
+        proptest::option::of(any::<u64>()),
+        proptest::option::of(arb_text()),
+    );
+    (kind, ids, what, numbers).prop_map(
+        |(
+            kind,
+            (call_id, trace_id, span_id, agent_id, delegation_id),
+            (action, input_hash, output_hash, decision, reason, rules),
+            (ts_ns, cost, duration_ns, rationale),
+        )| Entry {
+            ts_ns,
+            kind,
+            call_id,
+            trace_id,
+            span_id,
+            agent_id,
+            delegation_id,
+            action,
+            input_hash,
+            output_hash,
+            decision,
+            reason,
+            rules,
+            cost,
+            duration_ns,
+            rationale,
+        },
+    )
+}
+
+proptest! {
+    // Each case creates a file and fsyncs every batch; a few dozen cases are plenty.
+    #![proptest_config(ProptestConfig::with_cases(40))]
+
+    /// Whatever is appended, in whatever batches, reads back exactly and verifies.
+    #[test]
+    fn random_batches_read_back_and_verify(
+        batches in proptest::collection::vec(proptest::collection::vec(arb_entry(), 0..6), 1..5)
+    ) {
+        let (_dir, _path, store) = store_with(0);
+        let mut appended = Vec::new();
+        for batch in &batches {
+            let records = store.append_audit(batch.clone()).unwrap();
+            prop_assert_eq!(records.len(), batch.len());
+            for (r, e) in records.iter().zip(batch) {
+                let same_cost = match (r.entry.cost, e.cost) {
+                    (Some(a), Some(0.0)) => a.to_bits() == 0,
+                    (None, Some(b)) => b.is_nan(),
+                    (a, b) => a.map(f64::to_bits) == b.map(f64::to_bits),
+                };
+                prop_assert!(same_cost, "cost {:?} stored as {:?}", e.cost, r.entry.cost);
+                prop_assert_eq!(&Entry { cost: r.entry.cost, ..e.clone() }, &r.entry);
+            }
+            appended.extend(records);
+        }
+        prop_assert_eq!(store.read_audit(0, usize::MAX).unwrap(), appended.clone());
+        prop_assert_eq!(verify_chain(&store, 3), Ok(appended.len() as u64));
+    }
+}
