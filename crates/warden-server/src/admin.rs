@@ -1,0 +1,433 @@
+//! The operator plane: agents, credentials, kill switches, policy reload, audit reads.
+//!
+//! Every route here takes only the operator token. An agent token, whatever it says, is
+//! refused with 403: kill switches do not work if the agent can reach them.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use warden_core::audit::{verify_store, Record};
+use warden_core::clock::NANOS_PER_SEC;
+use warden_core::config::parse_duration;
+use warden_core::control::{KillSwitch, KillTarget};
+use warden_core::identity::{issue_credential, validate_agent_id, Agent, AgentStatus};
+use warden_core::store::Credential;
+
+use crate::api::{bearer, json_body};
+use crate::error::ApiError;
+use crate::ids::random_hex;
+use crate::{blocking, App};
+
+/// Every admin route, as (method, path). The router below is built from the same paths;
+/// the privilege tests walk this list.
+pub const ROUTES: &[(Method, &str)] = &[
+    (Method::GET, "/admin/v1/agents"),
+    (Method::POST, "/admin/v1/agents"),
+    (Method::GET, "/admin/v1/agents/{id}"),
+    (Method::POST, "/admin/v1/agents/{id}/tokens"),
+    (Method::POST, "/admin/v1/agents/{id}/revoke"),
+    (Method::GET, "/admin/v1/kills"),
+    (Method::POST, "/admin/v1/kills"),
+    (Method::POST, "/admin/v1/revive"),
+    (Method::GET, "/admin/v1/policy"),
+    (Method::POST, "/admin/v1/policy/reload"),
+    (Method::GET, "/admin/v1/audit"),
+    (Method::GET, "/admin/v1/audit/verify"),
+];
+
+pub fn routes(app: Arc<App>) -> Router {
+    let limit = app.settings.max_body_bytes;
+    Router::new()
+        .route("/admin/v1/agents", get(list_agents).post(register_agent))
+        .route("/admin/v1/agents/{id}", get(show_agent))
+        .route("/admin/v1/agents/{id}/tokens", post(issue_token))
+        .route("/admin/v1/agents/{id}/revoke", post(revoke))
+        .route("/admin/v1/kills", get(list_kills).post(kill))
+        .route("/admin/v1/revive", post(revive))
+        .route("/admin/v1/policy", get(show_policy))
+        .route("/admin/v1/policy/reload", post(reload_policy))
+        .route("/admin/v1/audit", get(read_audit))
+        .route("/admin/v1/audit/verify", get(verify_audit))
+        .route_layer(middleware::from_fn_with_state(
+            app.clone(),
+            require_operator,
+        ))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(app)
+}
+
+/// Compares secrets in time independent of where they differ.
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_operator(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    match bearer(req.headers()) {
+        None => ApiError::Unauthorized(
+            "the admin API needs the operator token as `Authorization: Bearer <token>`".into(),
+        )
+        .into_response(),
+        Some(t) if ct_eq(t.as_bytes(), app.operator_token().as_bytes()) => next.run(req).await,
+        Some(_) => ApiError::Forbidden(
+            "this credential may not use the admin API; it needs the operator token".into(),
+        )
+        .into_response(),
+    }
+}
+
+/// After a change to agents, credentials or kill switches: reload the control view now,
+/// so the change holds from the very next call on this node.
+async fn refresh(app: &Arc<App>) -> Result<(), ApiError> {
+    let a = app.clone();
+    blocking(move || a.refresh_state())
+        .await
+        .map_err(ApiError::from)
+}
+
+fn agent_json(a: &Agent, killed: Option<&KillSwitch>) -> Value {
+    json!({
+        "id": a.id,
+        "owner": a.owner,
+        "tier": a.tier,
+        "scopes": a.scopes,
+        "rotation_secs": a.rotation_ns / NANOS_PER_SEC,
+        "status": a.status.as_str(),
+        "killed": killed.map(|k| json!({ "target": k.target.to_string(), "reason": k.reason, "set_by": k.set_by })),
+    })
+}
+
+fn credential_json(c: &Credential) -> Value {
+    json!({
+        "jti": c.jti,
+        "issued_at": c.issued_at_ns / NANOS_PER_SEC,
+        "expires_at": c.expires_at_ns / NANOS_PER_SEC,
+        "revoked": c.revoked_at_ns.is_some(),
+    })
+}
+
+async fn list_agents(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiError> {
+    let store = app.store.clone();
+    let agents = blocking(move || store.list_agents()).await?;
+    let state = app.pipeline.state();
+    let out: Vec<Value> = agents
+        .iter()
+        .map(|a| {
+            agent_json(
+                a,
+                state
+                    .as_ref()
+                    .and_then(|s| s.kills.covering(&a.id, &a.owner)),
+            )
+        })
+        .collect();
+    Ok(Json(json!({ "agents": out })))
+}
+
+async fn show_agent(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let store = app.store.clone();
+    let aid = id.clone();
+    let (agent, creds) =
+        blocking(move || Ok((store.get_agent(&aid)?, store.list_credentials(&aid)?))).await?;
+    let agent = agent.ok_or_else(|| ApiError::NotFound(format!("no agent `{id}`")))?;
+    let state = app.pipeline.state();
+    let mut v = agent_json(
+        &agent,
+        state
+            .as_ref()
+            .and_then(|s| s.kills.covering(&agent.id, &agent.owner)),
+    );
+    v["credentials"] = creds.iter().map(credential_json).collect();
+    Ok(Json(v))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegisterBody {
+    id: String,
+    owner: String,
+    tier: u8,
+    scopes: Vec<String>,
+    rotation: Option<String>,
+}
+
+async fn issue(app: &Arc<App>, agent: Agent) -> Result<Value, ApiError> {
+    let jti = random_hex(16).map_err(|e| ApiError::Unavailable(format!("no randomness: {e}")))?;
+    let store = app.store.clone();
+    let key = app.key.clone();
+    let issuer = app.settings.issuer.clone();
+    let now = app.pipeline.clock().now_ns();
+    let (token, cred) =
+        blocking(move || issue_credential(store.as_ref(), &key, &issuer, &agent, jti, now)).await?;
+    Ok(json!({ "token": token, "credential": credential_json(&cred) }))
+}
+
+async fn register_agent(
+    State(app): State<Arc<App>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let b: RegisterBody = json_body(body, app.settings.max_body_bytes)?;
+    validate_agent_id(&b.id).map_err(ApiError::BadRequest)?;
+    if !app.settings.tiers.contains_key(&b.tier) {
+        return Err(ApiError::BadRequest(format!(
+            "tier {} is not declared in the config",
+            b.tier
+        )));
+    }
+    let rotation_ns =
+        parse_duration(b.rotation.as_deref().unwrap_or("90d")).map_err(ApiError::BadRequest)?;
+    let agent = Agent {
+        id: b.id,
+        owner: b.owner,
+        tier: b.tier,
+        scopes: b.scopes.into_iter().collect(),
+        rotation_ns,
+        status: AgentStatus::Active,
+    };
+    let store = app.store.clone();
+    let a = agent.clone();
+    blocking(move || {
+        if store.get_agent(&a.id)?.is_some() {
+            return Err(warden_core::store::StoreError::Conflict(format!(
+                "agent `{}` is already registered",
+                a.id
+            )));
+        }
+        store.upsert_agent(&a)
+    })
+    .await?;
+    refresh(&app).await?;
+    app.audit_control(
+        "operator",
+        "agent-register",
+        format!("agent `{}`", agent.id),
+    )
+    .await;
+    let mut out = issue(&app, agent.clone()).await?;
+    out["agent"] = agent_json(&agent, None);
+    Ok((StatusCode::CREATED, Json(out)).into_response())
+}
+
+async fn issue_token(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let store = app.store.clone();
+    let aid = id.clone();
+    let agent = blocking(move || store.get_agent(&aid))
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no agent `{id}`")))?;
+    let out = issue(&app, agent).await?;
+    refresh(&app).await?;
+    Ok(Json(out))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RevokeBody {
+    /// One credential; without it, the agent and all its credentials.
+    jti: Option<String>,
+}
+
+async fn revoke(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let b: RevokeBody = match &body {
+        Ok(bytes) if bytes.is_empty() => RevokeBody::default(),
+        _ => json_body(body, app.settings.max_body_bytes)?,
+    };
+    let store = app.store.clone();
+    let now = app.pipeline.clock().now_ns();
+    let aid = id.clone();
+    let jti = b.jti.clone();
+    let done = blocking(move || match jti {
+        Some(j) => {
+            let owned = store.list_credentials(&aid)?.iter().any(|c| c.jti == j);
+            Ok(owned && store.revoke_credential(&j, now)?)
+        }
+        None => store.set_agent_status(&aid, AgentStatus::Revoked, now),
+    })
+    .await?;
+    if !done {
+        return Err(ApiError::NotFound(match &b.jti {
+            Some(j) => format!("agent `{id}` has no unrevoked credential `{j}`"),
+            None => format!("no agent `{id}`"),
+        }));
+    }
+    refresh(&app).await?;
+    let what = b.jti.as_ref().map_or(format!("agent `{id}`"), |j| {
+        format!("credential `{j}` of agent `{id}`")
+    });
+    app.audit_control("operator", "revoke", what.clone()).await;
+    Ok(Json(json!({ "revoked": what })))
+}
+
+async fn list_kills(State(app): State<Arc<App>>) -> Json<Value> {
+    let kills: Vec<Value> = app
+        .pipeline
+        .state()
+        .map(|s| {
+            s.kills
+                .iter()
+                .map(|k| json!({ "target": k.target.parts().0, "name": k.target.parts().1, "reason": k.reason, "set_by": k.set_by, "set_at": k.set_at_ns / NANOS_PER_SEC }))
+                .collect()
+        })
+        .unwrap_or_default();
+    Json(json!({ "kills": kills }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KillBody {
+    /// `all`, `owner:TEAM` or `agent:ID`.
+    target: String,
+    #[serde(default)]
+    reason: Option<String>,
+    #[serde(default)]
+    by: Option<String>,
+}
+
+async fn kill(
+    State(app): State<Arc<App>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let b: KillBody = json_body(body, app.settings.max_body_bytes)?;
+    let target: KillTarget = b.target.parse().map_err(ApiError::BadRequest)?;
+    let k = KillSwitch {
+        target: target.clone(),
+        reason: b.reason.unwrap_or_else(|| "no reason given".into()),
+        set_by: b.by.unwrap_or_else(|| "operator".into()),
+        set_at_ns: app.pipeline.clock().now_ns(),
+    };
+    let store = app.store.clone();
+    let k2 = k.clone();
+    blocking(move || store.set_kill(&k2)).await?;
+    refresh(&app).await?;
+    app.audit_control(&k.set_by, "kill", format!("{target}: {}", k.reason))
+        .await;
+    Ok(Json(json!({ "killed": target.to_string() })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReviveBody {
+    target: String,
+    #[serde(default)]
+    by: Option<String>,
+}
+
+async fn revive(
+    State(app): State<Arc<App>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let b: ReviveBody = json_body(body, app.settings.max_body_bytes)?;
+    let target: KillTarget = b.target.parse().map_err(ApiError::BadRequest)?;
+    let store = app.store.clone();
+    let t = target.clone();
+    let cleared = blocking(move || store.clear_kill(&t)).await?;
+    if !cleared {
+        return Err(ApiError::NotFound(format!(
+            "no kill switch is set for {target}"
+        )));
+    }
+    refresh(&app).await?;
+    app.audit_control(
+        b.by.as_deref().unwrap_or("operator"),
+        "revive",
+        target.to_string(),
+    )
+    .await;
+    Ok(Json(json!({ "revived": target.to_string() })))
+}
+
+async fn show_policy(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiError> {
+    let p = app
+        .pipeline
+        .policy()
+        .ok_or_else(|| ApiError::Unavailable("no policy loaded".into()))?;
+    Ok(Json(json!({ "digest": p.digest(), "rules": p.rule_ids() })))
+}
+
+async fn reload_policy(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiError> {
+    match app.reload_policy("admin-api").await {
+        Ok(digest) => Ok(Json(json!({ "reloaded": true, "digest": digest }))),
+        Err(e) => Err(ApiError::Unprocessable {
+            message: format!(
+                "new policy rejected; the policy in force ({}) stays",
+                app.pipeline
+                    .policy()
+                    .map(|p| p.digest().to_owned())
+                    .unwrap_or_default()
+            ),
+            problems: e.problems,
+        }),
+    }
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    after: Option<u64>,
+    limit: Option<usize>,
+}
+
+/// The wire form of an audit record (the core's types are not `Serialize`).
+pub fn record_json(r: &Record) -> Value {
+    let e = &r.entry;
+    json!({
+        "seq": r.seq,
+        "ts_ns": e.ts_ns,
+        "kind": e.kind.as_str(),
+        "call_id": e.call_id,
+        "trace_id": e.trace_id,
+        "span_id": e.span_id,
+        "agent_id": e.agent_id,
+        "delegation_id": e.delegation_id,
+        "action": e.action,
+        "input_hash": e.input_hash,
+        "output_hash": e.output_hash,
+        "decision": e.decision,
+        "reason": e.reason,
+        "rules": e.rules,
+        "cost": e.cost,
+        "duration_ns": e.duration_ns,
+        "rationale": e.rationale,
+        "prev_hash": hex::encode(r.prev_hash),
+        "hash": hex::encode(r.hash),
+    })
+}
+
+async fn read_audit(
+    State(app): State<Arc<App>>,
+    Query(q): Query<AuditQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let store = app.store.clone();
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let recs = blocking(move || store.read_audit(q.after.unwrap_or(0), limit)).await?;
+    Ok(Json(
+        json!({ "records": recs.iter().map(record_json).collect::<Vec<_>>() }),
+    ))
+}
+
+async fn verify_audit(State(app): State<Arc<App>>, _h: HeaderMap) -> Result<Json<Value>, ApiError> {
+    let store = app.store.clone();
+    let report = blocking(move || verify_store(store.as_ref())).await?;
+    Ok(Json(json!({
+        "ok": report.error.is_none(),
+        "verified": report.verified,
+        "head": report.head,
+        "first_error": report.error.as_ref().map(|e| json!({ "seq": e.seq(), "message": e.to_string() })),
+    })))
+}

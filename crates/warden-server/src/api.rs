@@ -1,0 +1,340 @@
+//! The agent plane: `POST /v1/check`, `POST /v1/calls/{id}/outcome`, health probes.
+//!
+//! A deny is a normal answer (200) unless the caller failed to authenticate (401) or
+//! Warden could not decide safely (503); the body has the same shape in every case, so
+//! a client that only reads `decision` still fails closed.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use warden_core::audit::{hash_json, Entry, EntryKind};
+use warden_core::clock::NANOS_PER_MILLI;
+use warden_core::config::Classification;
+use warden_core::pipeline::{CallContext, CallIds, CallRequest};
+use warden_core::{Decision, Reason};
+
+use crate::error::ApiError;
+use crate::ids::{parse_traceparent, random_hex};
+use crate::{blocking, App};
+
+pub fn routes(app: Arc<App>) -> Router {
+    let limit = app.settings.max_body_bytes;
+    Router::new()
+        .route("/v1/check", post(check))
+        .route("/v1/calls/{call_id}/outcome", post(outcome))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(app)
+}
+
+/// The bearer token of a request, if it sent one.
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Parses a JSON body with errors that say what is wrong and where.
+pub(crate) fn json_body<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+    limit: usize,
+) -> Result<T, ApiError> {
+    let bytes = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge(limit)
+        } else {
+            ApiError::BadRequest(format!("cannot read the request body: {r}"))
+        }
+    })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::BadRequest(format!("request body is not valid: {e}")))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckBody {
+    tool: String,
+    #[serde(default = "empty_object")]
+    params: Value,
+    #[serde(default)]
+    context: WireContext,
+}
+
+fn empty_object() -> Value {
+    json!({})
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct WireContext {
+    classification: Option<String>,
+    cost_estimate: Option<f64>,
+    rationale: Option<String>,
+    trace_id: Option<String>,
+}
+
+fn decision_body(d: &Decision, call_id: &str, trace_id: &str, span_id: &str) -> Value {
+    let mut body = json!({
+        "decision": d.effect.as_str(),
+        "reason": d.reason.code(),
+        "rules": d.rules,
+        "call_id": call_id,
+        "message": d.message,
+        "trace_id": trace_id,
+        "span_id": span_id,
+    });
+    if let Some(ms) = d.retry_after_ms {
+        body["retry_after_ms"] = json!(ms);
+    }
+    body
+}
+
+fn decision_status(d: &Decision) -> StatusCode {
+    if d.reason.is_authentication_failure() {
+        StatusCode::UNAUTHORIZED
+    } else if d.reason == Reason::Internal {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    }
+}
+
+async fn check(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body: CheckBody = json_body(body, app.settings.max_body_bytes)?;
+    if body.tool.is_empty() || body.tool.len() > 256 {
+        return Err(ApiError::BadRequest(
+            "`tool` must be 1 to 256 characters".into(),
+        ));
+    }
+    let classification = body
+        .context
+        .classification
+        .as_deref()
+        .map(str::parse::<Classification>)
+        .transpose()
+        .map_err(|m| ApiError::BadRequest(format!("context.classification: {m}")))?;
+    if let Some(c) = body.context.cost_estimate {
+        if !c.is_finite() || c < 0.0 {
+            return Err(ApiError::BadRequest(
+                "context.cost_estimate must be a non-negative number".into(),
+            ));
+        }
+    }
+    let ctx = CallContext {
+        classification,
+        cost_estimate: body.context.cost_estimate,
+        rationale: body.context.rationale,
+        delegation_id: None,
+        delegation_depth: 0,
+    };
+    let ids = match new_ids(&headers, body.context.trace_id.as_deref()) {
+        Ok(ids) => ids,
+        Err(e) => {
+            let d = Decision::deny_builtin(
+                Reason::Internal,
+                "warden.ids",
+                format!("cannot create call ids: {e}"),
+            );
+            return Ok((decision_status(&d), Json(decision_body(&d, "", "", ""))).into_response());
+        }
+    };
+    let req = CallRequest {
+        credential: bearer(&headers),
+        tool: &body.tool,
+        params: &body.params,
+        context: &ctx,
+    };
+    let checked = app.pipeline.check(&req, ids);
+    let entry = checked.entry;
+    let (call_id, trace_id, span_id) = (
+        entry.call_id.clone(),
+        entry.trace_id.clone(),
+        entry.span_id.clone(),
+    );
+    // No audit, no action: the answer waits for the entry to be durable.
+    let decision = match app.audit.append(entry).await {
+        Ok(_) => checked.decision,
+        Err(e) => Decision::deny_builtin(
+            Reason::Internal,
+            "warden.audit",
+            format!("the decision could not be recorded ({e}); no audit, no action"),
+        ),
+    };
+    let status = decision_status(&decision);
+    Ok((
+        status,
+        Json(decision_body(&decision, &call_id, &trace_id, &span_id)),
+    )
+        .into_response())
+}
+
+fn new_ids(headers: &HeaderMap, trace_hint: Option<&str>) -> Result<CallIds, getrandom::Error> {
+    let from_header = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_traceparent)
+        .map(|(t, _)| t);
+    let from_body = trace_hint
+        .filter(|t| t.len() == 32 && t.bytes().all(|b| b.is_ascii_hexdigit()))
+        .map(str::to_ascii_lowercase);
+    let trace_id = match from_header.or(from_body) {
+        Some(t) => t,
+        None => random_hex(16)?,
+    };
+    Ok(CallIds {
+        call_id: random_hex(16)?,
+        trace_id,
+        span_id: random_hex(8)?,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutcomeBody {
+    status: String,
+    output_hash: Option<String>,
+    output: Option<Value>,
+    cost: Option<f64>,
+    duration_ms: Option<f64>,
+}
+
+async fn outcome(
+    State(app): State<Arc<App>>,
+    Path(call_id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let agent = app
+        .pipeline
+        .authenticate(bearer(&headers))
+        .map_err(|d| ApiError::Unauthorized(format!("{}: {}", d.reason.code(), d.message)))?;
+    let body: OutcomeBody = json_body(body, app.settings.max_body_bytes)?;
+    if body.status != "ok" && body.status != "error" {
+        return Err(ApiError::BadRequest(format!(
+            "`status` is `{}`; use `ok` or `error`",
+            body.status
+        )));
+    }
+    let output_hash = match (body.output_hash, body.output) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::BadRequest(
+                "send `output_hash` or `output`, not both".into(),
+            ))
+        }
+        (Some(h), None) => {
+            if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(ApiError::BadRequest(
+                    "`output_hash` must be 64 hex digits (SHA-256)".into(),
+                ));
+            }
+            Some(h.to_ascii_lowercase())
+        }
+        // The output itself is hashed and dropped: no raw payloads in the audit.
+        (None, Some(v)) => Some(hash_json(&v)),
+        (None, None) => None,
+    };
+    if body.cost.is_some_and(|c| !c.is_finite() || c < 0.0) {
+        return Err(ApiError::BadRequest(
+            "`cost` must be a non-negative number".into(),
+        ));
+    }
+    let duration_ns = match body.duration_ms {
+        Some(ms) if ms.is_finite() && ms >= 0.0 => Some((ms * NANOS_PER_MILLI as f64) as u64),
+        Some(_) => {
+            return Err(ApiError::BadRequest(
+                "`duration_ms` must be a non-negative number".into(),
+            ))
+        }
+        None => None,
+    };
+    if call_id.len() > 64 {
+        return Err(ApiError::NotFound("no such call".into()));
+    }
+    let store = app.store.clone();
+    let cid = call_id.clone();
+    let records = blocking(move || store.call_records(&cid)).await?;
+    let decision = records
+        .iter()
+        .find(|r| r.entry.kind == EntryKind::Decision && r.entry.agent_id == agent.id)
+        .ok_or_else(|| {
+            ApiError::NotFound(format!("agent `{}` made no call `{call_id}`", agent.id))
+        })?;
+    if decision.entry.decision != "permit" {
+        return Err(ApiError::Conflict(format!(
+            "call `{call_id}` was denied; nothing ran, so there is no outcome"
+        )));
+    }
+    if records.iter().any(|r| r.entry.kind == EntryKind::Outcome) {
+        return Err(ApiError::Conflict(format!(
+            "call `{call_id}` already has an outcome"
+        )));
+    }
+    let entry = Entry {
+        ts_ns: app.pipeline.clock().now_ns(),
+        kind: EntryKind::Outcome,
+        call_id: call_id.clone(),
+        trace_id: decision.entry.trace_id.clone(),
+        span_id: decision.entry.span_id.clone(),
+        agent_id: agent.id.clone(),
+        delegation_id: decision.entry.delegation_id.clone(),
+        action: decision.entry.action.clone(),
+        input_hash: decision.entry.input_hash.clone(),
+        output_hash,
+        decision: body.status,
+        reason: String::new(),
+        rules: Vec::new(),
+        cost: body.cost,
+        duration_ns,
+        rationale: None,
+    };
+    let rec = app
+        .audit
+        .append(entry)
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("outcome could not be recorded: {e}")))?;
+    Ok((
+        StatusCode::OK,
+        Json(json!({ "recorded": true, "call_id": call_id, "seq": rec.seq })),
+    )
+        .into_response())
+}
+
+async fn healthz() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// Ready when the policy is loaded and the control view is fresh, i.e. when this node
+/// would decide calls rather than fail closed.
+async fn readyz(State(app): State<Arc<App>>) -> Response {
+    let fresh = app.pipeline.is_fresh();
+    let policy = app.pipeline.policy().map(|p| p.digest().to_owned());
+    let ready = fresh && policy.is_some();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "ready": ready,
+        "control_view_fresh": fresh,
+        "control_view_age_ms": app.pipeline.staleness().map(|s| s / NANOS_PER_MILLI),
+        "policy_digest": policy,
+    });
+    (status, Json(body)).into_response()
+}

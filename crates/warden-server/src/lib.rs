@@ -1,0 +1,346 @@
+//! Warden's HTTP edge: the agent-plane decision API, the operator-plane admin API and the
+//! health probes, plus the node's background work (group-committed audit, refreshing the
+//! control view, policy reloads).
+//!
+//! This is the only crate that knows HTTP. Requests are turned into the core's plain
+//! types, decided by [`warden_core::Pipeline`], recorded through the [`AuditWriter`], and
+//! answered; status codes are chosen only in [`error::ApiError`] and [`api`].
+//!
+//! INVARIANT: a permit is returned only after its audit entry is durable.
+//! INVARIANT: agent credentials never reach the admin plane; it takes only the operator
+//! token.
+
+pub mod admin;
+pub mod api;
+pub mod audit_writer;
+pub mod error;
+pub mod ids;
+pub mod policy_files;
+pub mod setup;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, Mutex};
+use warden_core::audit::Entry;
+use warden_core::clock::{Clock, SystemClock};
+use warden_core::config::Settings;
+use warden_core::identity::{SigningKeyPair, Verifier};
+use warden_core::policy::PolicyError;
+use warden_core::store::{Store, StoreError};
+use warden_core::Pipeline;
+use warden_store::SqliteStore;
+
+pub use audit_writer::AuditWriter;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Setup(#[from] setup::SetupError),
+    #[error("cannot open the store: {0}")]
+    Store(#[from] StoreError),
+    #[error("the policy does not load, so the server will not start:\n  {}", .0.problems.join("\n  "))]
+    Policy(PolicyError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Everything a request handler needs.
+pub struct App {
+    pub settings: Settings,
+    pub pipeline: Arc<Pipeline>,
+    pub store: Arc<dyn Store>,
+    pub audit: AuditWriter,
+    pub key: SigningKeyPair,
+    operator_token: String,
+    reload_lock: Mutex<()>,
+}
+
+impl App {
+    /// Builds a node from validated settings: opens the store, loads key, operator token
+    /// and policy, registers the declared agents and loads the control view.
+    pub fn build(settings: Settings, clock: Arc<dyn Clock>) -> Result<Arc<App>, ServeError> {
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&settings.store_path)?);
+        Self::build_with_store(settings, store, clock)
+    }
+
+    /// Like [`App::build`] with a store of the caller's (tests inject faults this way).
+    pub fn build_with_store(
+        settings: Settings,
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Arc<App>, ServeError> {
+        let key = setup::load_or_create_key(&settings.key_file)?;
+        let operator_token = setup::operator_token(&settings)?;
+        let bundle = policy_files::load(&settings).map_err(ServeError::Policy)?;
+        for agent in &settings.agents {
+            store.upsert_agent(agent)?;
+        }
+        let verifier = Verifier::new(
+            settings.issuer.clone(),
+            [key.verifying_key()],
+            settings.token_cache_entries,
+        );
+        let pipeline = Arc::new(Pipeline::new(&settings, bundle, verifier, clock));
+        let audit = AuditWriter::start(store.clone(), settings.audit_max_batch)?;
+        let app = Arc::new(App {
+            settings,
+            pipeline,
+            store,
+            audit,
+            key,
+            operator_token,
+            reload_lock: Mutex::new(()),
+        });
+        app.refresh_state()?;
+        Ok(app)
+    }
+
+    pub fn router(self: &Arc<Self>) -> Router {
+        api::routes(self.clone()).merge(admin::routes(self.clone()))
+    }
+
+    /// Re-reads agents, revocations and kill switches if the store changed, and marks the
+    /// view fresh. Blocking: call from a blocking context.
+    pub fn refresh_state(&self) -> Result<(), StoreError> {
+        let version = self.store.state_version()?;
+        let current = self.pipeline.state().map(|s| s.version);
+        if current != Some(version) || self.pipeline.staleness().is_none() {
+            let now = self.pipeline.clock().now_ns();
+            let snap = self.store.snapshot(now)?;
+            self.pipeline.apply_snapshot(snap);
+        } else {
+            self.pipeline.mark_fresh();
+        }
+        Ok(())
+    }
+
+    /// Reloads the policy from its files. An invalid policy is rejected and the one in
+    /// force stays; the outcome is logged and audited.
+    pub async fn reload_policy(self: &Arc<Self>, trigger: &str) -> Result<String, PolicyError> {
+        let _guard = self.reload_lock.lock().await;
+        let app = self.clone();
+        let loaded = tokio::task::spawn_blocking(move || policy_files::load(&app.settings))
+            .await
+            .unwrap_or_else(|e| {
+                Err(PolicyError {
+                    problems: vec![format!("policy loader crashed: {e}")],
+                })
+            });
+        let (action, detail, result) = match loaded {
+            Ok(bundle) => {
+                let digest = bundle.digest().to_owned();
+                self.pipeline.install_policy(bundle);
+                tracing::info!(%digest, trigger, "policy reloaded");
+                ("policy-reloaded", format!("digest {digest}"), Ok(digest))
+            }
+            Err(e) => {
+                let in_force = self
+                    .pipeline
+                    .policy()
+                    .map(|p| p.digest().to_owned())
+                    .unwrap_or_default();
+                tracing::warn!(trigger, error = %e, %in_force, "new policy rejected; previous policy stays in force");
+                ("policy-rejected", e.problems.join("; "), Err(e))
+            }
+        };
+        self.audit_control(trigger, action, detail).await;
+        result
+    }
+
+    /// Appends an operator action to the audit trail (best effort: the action already
+    /// happened in the store; a failure is logged loudly).
+    pub async fn audit_control(&self, who: &str, action: &str, detail: String) {
+        let id = ids::random_hex(16).unwrap_or_default();
+        let entry = Entry::control(self.pipeline.clock().now_ns(), id, action, who, detail);
+        if let Err(e) = self.audit.append(entry).await {
+            tracing::error!(error = %e, action, "could not audit an operator action");
+        }
+    }
+
+    pub(crate) fn operator_token(&self) -> &str {
+        &self.operator_token
+    }
+}
+
+/// Runs `f` on the blocking pool (store calls are synchronous).
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(StoreError::Unavailable(format!("store task failed: {e}"))))
+}
+
+/// A running server.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub app: Arc<App>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), std::io::Error>>,
+}
+
+impl Running {
+    /// Stops accepting, finishes requests in flight, and waits for the server to end.
+    pub async fn stop(mut self) -> Result<(), std::io::Error> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.task
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+    }
+}
+
+/// Starts a node on an already bound listener (tests bind 127.0.0.1:0).
+pub async fn start(settings: Settings, listener: TcpListener) -> Result<Running, ServeError> {
+    start_with_clock(settings, listener, Arc::new(SystemClock)).await
+}
+
+pub async fn start_with_clock(
+    settings: Settings,
+    listener: TcpListener,
+    clock: Arc<dyn Clock>,
+) -> Result<Running, ServeError> {
+    let app = tokio::task::spawn_blocking(move || App::build(settings, clock))
+        .await
+        .map_err(|e| ServeError::Io(std::io::Error::other(e)))??;
+    start_app(app, listener).await
+}
+
+/// Serves an already built node on a bound listener.
+pub async fn start_app(app: Arc<App>, listener: TcpListener) -> Result<Running, ServeError> {
+    let addr = listener.local_addr()?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    spawn_background(&app, stop_rx);
+    let (tx, rx) = oneshot::channel::<()>();
+    let router = app.router();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = rx.await;
+                let _ = stop_tx.send(true);
+            })
+            .await
+    });
+    tracing::info!(%addr, "warden is serving");
+    Ok(Running {
+        addr,
+        app,
+        shutdown: Some(tx),
+        task,
+    })
+}
+
+/// Binds the configured address and serves until Ctrl-C or SIGTERM.
+pub async fn serve(settings: Settings) -> Result<(), ServeError> {
+    let listener = TcpListener::bind(&settings.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: settings.listen.clone(),
+            source,
+        })?;
+    let running = start(settings, listener).await?;
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    running.stop().await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn spawn_background(app: &Arc<App>, stop: tokio::sync::watch::Receiver<bool>) {
+    // Control view refresh: the freshness bound in the pipeline turns a store that stops
+    // answering into denials, so this loop only has to keep trying.
+    let a = app.clone();
+    let mut stop_rx = stop.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_nanos(a.settings.control_refresh_ns));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop_rx.changed() => break,
+            }
+            let app = a.clone();
+            let res = tokio::task::spawn_blocking(move || app.refresh_state()).await;
+            match res {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot refresh the control view"),
+                Err(e) => tracing::warn!(error = %e, "control refresh task failed"),
+            }
+        }
+    });
+
+    if app.settings.policy_watch {
+        let a = app.clone();
+        let mut stop_rx = stop.clone();
+        tokio::spawn(async move {
+            let mut last = policy_files::stamp(&a.settings);
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop_rx.changed() => break,
+                }
+                let s = a.settings.clone();
+                let now = tokio::task::spawn_blocking(move || policy_files::stamp(&s))
+                    .await
+                    .unwrap_or_default();
+                if now != last {
+                    last = now;
+                    let _ = a.reload_policy("file-watch").await;
+                }
+                if Arc::strong_count(&a) == 1 {
+                    break;
+                }
+            }
+        });
+    }
+
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let a = app.clone();
+        let mut stop_rx = stop.clone();
+        if let Ok(mut hup) = signal(SignalKind::hangup()) {
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        got = hup.recv() => if got.is_none() { break },
+                        _ = stop_rx.changed() => break,
+                    }
+                    let _ = a.reload_policy("sighup").await;
+                }
+            });
+        }
+    }
+}

@@ -1,0 +1,843 @@
+//! The real server on an ephemeral port with a temporary SQLite file, driven over HTTP.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use warden_core::audit::{verify_store, Entry, Record};
+use warden_core::clock::{Clock, SystemClock, NANOS_PER_SEC};
+use warden_core::config::Settings;
+use warden_core::control::{KillSwitch, KillTarget};
+use warden_core::identity::{new_claims, Agent, AgentStatus, SigningKeyPair};
+use warden_core::store::{Credential, StateSnapshot, Store, StoreError};
+use warden_server::{App, Running};
+use warden_store::SqliteStore;
+
+const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/claims");
+
+struct Node {
+    dir: tempfile::TempDir,
+    running: Option<Running>,
+    base: String,
+    http: reqwest::Client,
+    operator: String,
+}
+
+fn copy_example(dir: &Path) {
+    std::fs::create_dir_all(dir.join("policy")).unwrap();
+    for f in [
+        "warden.toml",
+        "policy/warden.cedarschema",
+        "policy/claims.cedar",
+        "policy/database.cedar",
+    ] {
+        let text = std::fs::read_to_string(Path::new(EXAMPLE).join(f)).unwrap();
+        // Faster refresh so tests of propagation and staleness run quickly.
+        let text = text
+            .replace("refresh = \"250ms\"", "refresh = \"50ms\"")
+            .replace("stale_after = \"2s\"", "stale_after = \"600ms\"");
+        std::fs::write(dir.join(f), text).unwrap();
+    }
+    std::fs::write(
+        dir.join("operator.token"),
+        "wop_test_operator_token_0123456789\n",
+    )
+    .unwrap();
+}
+
+fn settings(dir: &Path) -> Settings {
+    let text = std::fs::read_to_string(dir.join("warden.toml")).unwrap();
+    Settings::from_toml(&text, "warden.toml", dir, &|_| None).unwrap()
+}
+
+impl Node {
+    async fn start() -> Node {
+        Self::start_with(|s| Arc::new(SqliteStore::open(&s.store_path).unwrap())).await
+    }
+
+    async fn start_with(make_store: impl FnOnce(&Settings) -> Arc<dyn Store>) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        copy_example(dir.path());
+        let s = settings(dir.path());
+        let store = make_store(&s);
+        let app = App::build_with_store(s, store, Arc::new(SystemClock)).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let running = warden_server::start_app(app, listener).await.unwrap();
+        let base = format!("http://{}", running.addr);
+        Node {
+            dir,
+            running: Some(running),
+            base,
+            http: reqwest::Client::new(),
+            operator: "wop_test_operator_token_0123456789".into(),
+        }
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+
+    fn app(&self) -> &Arc<App> {
+        &self.running.as_ref().unwrap().app
+    }
+
+    async fn admin(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.operator);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn token(&self, agent: &str) -> String {
+        let (st, v) = self
+            .admin(
+                reqwest::Method::POST,
+                &format!("/admin/v1/agents/{agent}/tokens"),
+                None,
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        v["token"].as_str().unwrap().to_owned()
+    }
+
+    async fn check(&self, token: Option<&str>, body: Value) -> (StatusCode, Value) {
+        let mut req = self
+            .http
+            .post(format!("{}/v1/check", self.base))
+            .json(&body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        (status, resp.json().await.unwrap())
+    }
+
+    async fn stop(mut self) -> tempfile::TempDir {
+        if let Some(r) = self.running.take() {
+            r.stop().await.unwrap();
+        }
+        self.dir
+    }
+}
+
+fn get_claim() -> Value {
+    json!({"tool": "get_claim", "params": {"claim_id": "CLM-1001"}, "context": {"rationale": "customer asked"}})
+}
+
+fn assert_decision(v: &Value, decision: &str, reason: &str) {
+    assert_eq!(v["decision"], decision, "{v}");
+    assert_eq!(v["reason"], reason, "{v}");
+    assert!(v["call_id"].as_str().is_some_and(|c| c.len() == 32), "{v}");
+}
+
+#[tokio::test]
+async fn permits_and_denies_with_every_policy_reason() {
+    let node = Node::start().await;
+    let t = node.token("claims-processor-v3").await;
+
+    let (st, v) = node.check(Some(&t), get_claim()).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_decision(&v, "permit", "PERMITTED");
+    assert_eq!(v["rules"], json!(["claims-read"]));
+
+    let (_, v) = node
+        .check(
+            Some(&t),
+            json!({"tool": "run_sql", "params": {"query": "SELECT 1"}}),
+        )
+        .await;
+    assert_decision(&v, "deny", "TOOL_NOT_PERMITTED");
+    assert_eq!(v["rules"], json!(["warden.scope"]));
+
+    let (_, v) = node
+        .check(Some(&t), json!({"tool": "nope", "params": {}}))
+        .await;
+    assert_decision(&v, "deny", "TOOL_NOT_PERMITTED");
+    assert_eq!(v["rules"], json!(["warden.tool-catalog"]));
+
+    let big = json!({"tool": "update_claim", "params": {"claim_id": "C", "status": "approved", "payout": 25000}});
+    let (st, v) = node.check(Some(&t), big).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_decision(&v, "deny", "CONSTRAINT_VIOLATION");
+    assert_eq!(v["rules"], json!(["large-payout-needs-human"]));
+    assert!(v["message"].as_str().unwrap().contains("human"), "{v}");
+
+    let wrong_type = json!({"tool": "get_claim", "params": {"claim_id": 7}});
+    let (_, v) = node.check(Some(&t), wrong_type).await;
+    assert_decision(&v, "deny", "CONSTRAINT_VIOLATION");
+
+    let restricted = json!({"tool": "get_claim", "params": {"claim_id": "C"}, "context": {"classification": "restricted"}});
+    let (_, v) = node.check(Some(&t), restricted).await;
+    assert_decision(&v, "deny", "DATA_BOUNDARY_VIOLATION");
+
+    let upd = json!({"tool": "update_claim", "params": {"claim_id": "C", "status": "open"}});
+    for _ in 0..5 {
+        let (_, v) = node.check(Some(&t), upd.clone()).await;
+        assert_decision(&v, "permit", "PERMITTED");
+    }
+    let (_, v) = node.check(Some(&t), upd.clone()).await;
+    assert_decision(&v, "deny", "RATE_LIMITED");
+    assert_eq!(v["rules"], json!(["update-claim-rate"]));
+    assert!(v["retry_after_ms"].as_u64().unwrap() > 1000, "{v}");
+    // another agent's budget is its own
+    let f = node.token("fraud-analyst").await;
+    let (_, v) = node
+        .check(
+            Some(&f),
+            json!({"tool": "run_sql", "params": {"query": "TRUNCATE claims"}}),
+        )
+        .await;
+    assert_decision(&v, "deny", "CONSTRAINT_VIOLATION");
+    assert_eq!(v["rules"], json!(["never-truncate"]));
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn refuses_bad_credentials_with_distinct_reasons() {
+    let node = Node::start().await;
+    let good = node.token("claims-processor-v3").await;
+
+    let (st, v) = node.check(None, get_claim()).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    assert_decision(&v, "deny", "UNAUTHENTICATED");
+
+    let (st, v) = node.check(Some("not-a-token"), get_claim()).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    assert_decision(&v, "deny", "CREDENTIAL_MALFORMED");
+
+    // signed by another server's key
+    let other = SigningKeyPair::from_seed([42; 32]);
+    let agent = Agent {
+        id: "claims-processor-v3".into(),
+        owner: "claims-team".into(),
+        tier: 2,
+        scopes: ["claims:read".to_string()].into(),
+        rotation_ns: 3600 * NANOS_PER_SEC,
+        status: AgentStatus::Active,
+    };
+    let now = SystemClock.now_ns();
+    let forged = other.sign(&new_claims(
+        "warden-claims-example",
+        &agent,
+        "x".into(),
+        now,
+    ));
+    let (_, v) = node.check(Some(&forged), get_claim()).await;
+    assert_decision(&v, "deny", "CREDENTIAL_INVALID");
+
+    // our key but another issuer (a token for another server)
+    let key = node.app().key.clone();
+    let elsewhere = key.sign(&new_claims("other-warden", &agent, "y".into(), now));
+    let (_, v) = node.check(Some(&elsewhere), get_claim()).await;
+    assert_decision(&v, "deny", "CREDENTIAL_INVALID");
+
+    // a valid signature for an agent nobody registered
+    let ghost = Agent {
+        id: "ghost".into(),
+        ..agent.clone()
+    };
+    let t = key.sign(&new_claims(
+        "warden-claims-example",
+        &ghost,
+        "z".into(),
+        now,
+    ));
+    let (_, v) = node.check(Some(&t), get_claim()).await;
+    assert_decision(&v, "deny", "UNKNOWN_AGENT");
+
+    // expired: an agent whose credentials live one second
+    let (st, v) = node
+        .admin(
+            reqwest::Method::POST,
+            "/admin/v1/agents",
+            Some(json!({"id": "shortlived", "owner": "claims-team", "tier": 2, "scopes": ["claims:read"], "rotation": "1s"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let short = v["token"].as_str().unwrap().to_owned();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let (st, v) = node.check(Some(&short), get_claim()).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    assert_decision(&v, "deny", "CREDENTIAL_EXPIRED");
+
+    // revoked: one credential, then the whole agent
+    let (_, v) = node.check(Some(&good), get_claim()).await;
+    assert_decision(&v, "permit", "PERMITTED");
+    let (_, shown) = node
+        .admin(
+            reqwest::Method::GET,
+            "/admin/v1/agents/claims-processor-v3",
+            None,
+        )
+        .await;
+    let jti = shown["credentials"][0]["jti"].as_str().unwrap().to_owned();
+    let second = node.token("claims-processor-v3").await;
+    let (st, _) = node
+        .admin(
+            reqwest::Method::POST,
+            "/admin/v1/agents/claims-processor-v3/revoke",
+            Some(json!({"jti": jti})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let (_, v) = node.check(Some(&good), get_claim()).await;
+    assert_decision(&v, "deny", "CREDENTIAL_REVOKED");
+    let (_, v) = node.check(Some(&second), get_claim()).await;
+    assert_decision(&v, "permit", "PERMITTED");
+    let (st, _) = node
+        .admin(
+            reqwest::Method::POST,
+            "/admin/v1/agents/claims-processor-v3/revoke",
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let (_, v) = node.check(Some(&second), get_claim()).await;
+    assert_decision(&v, "deny", "CREDENTIAL_REVOKED");
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn kill_switch_by_agent_owner_and_all_then_revive() {
+    let node = Node::start().await;
+    let t = node.token("claims-processor-v3").await;
+    let f = node.token("fraud-analyst").await;
+    let fraud_call = json!({"tool": "get_claim", "params": {"claim_id": "C"}});
+
+    for (target, claims_killed, fraud_killed) in [
+        ("agent:claims-processor-v3", true, false),
+        ("owner:risk-team", false, true),
+        ("all", true, true),
+    ] {
+        let (st, v) = node
+            .admin(
+                reqwest::Method::POST,
+                "/admin/v1/kills",
+                Some(json!({"target": target, "reason": "incident 42"})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        let (_, v) = node.check(Some(&t), get_claim()).await;
+        assert_eq!(v["reason"] == "KILLED", claims_killed, "{target}: {v}");
+        if claims_killed {
+            assert!(
+                v["message"].as_str().unwrap().contains("incident 42"),
+                "{v}"
+            );
+        }
+        let (_, v) = node.check(Some(&f), fraud_call.clone()).await;
+        assert_eq!(v["reason"] == "KILLED", fraud_killed, "{target}: {v}");
+        let (st, _) = node
+            .admin(
+                reqwest::Method::POST,
+                "/admin/v1/revive",
+                Some(json!({"target": target})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK);
+        let (_, v) = node.check(Some(&t), get_claim()).await;
+        assert_decision(&v, "permit", "PERMITTED");
+    }
+    // a global kill stops even unauthenticated probing before identity is checked
+    node.admin(
+        reqwest::Method::POST,
+        "/admin/v1/kills",
+        Some(json!({"target": "all"})),
+    )
+    .await;
+    let (_, v) = node.check(None, get_claim()).await;
+    assert_decision(&v, "deny", "KILLED");
+    let (st, _) = node
+        .admin(
+            reqwest::Method::POST,
+            "/admin/v1/revive",
+            Some(json!({"target": "all"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let (st, _) = node
+        .admin(
+            reqwest::Method::POST,
+            "/admin/v1/revive",
+            Some(json!({"target": "all"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+
+    // set by another process on the same store (as `warden kill` does): seen within the
+    // refresh interval, without any call to this node's admin API
+    let other = SqliteStore::open(&node.app().settings.store_path).unwrap();
+    other
+        .set_kill(&KillSwitch {
+            target: KillTarget::Agent("claims-processor-v3".into()),
+            reason: "from the cli".into(),
+            set_by: "cli:test".into(),
+            set_at_ns: SystemClock.now_ns(),
+        })
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, v) = node.check(Some(&t), get_claim()).await;
+        if v["reason"] == "KILLED" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "kill from another process never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn admin_routes_refuse_agent_tokens() {
+    let node = Node::start().await;
+    let agent_token = node.token("claims-processor-v3").await;
+    for (method, path) in warden_server::admin::ROUTES {
+        let url = format!(
+            "{}{}",
+            node.base,
+            path.replace("{id}", "claims-processor-v3")
+        );
+        let resp = node
+            .http
+            .request(method.clone(), &url)
+            .bearer_auth(&agent_token)
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            resp.status(),
+            StatusCode::FORBIDDEN,
+            "{method} {path} with an agent token"
+        );
+        let resp = node
+            .http
+            .request(method.clone(), &url)
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            resp.status(),
+            StatusCode::UNAUTHORIZED,
+            "{method} {path} without a token"
+        );
+    }
+    // and the agent's own kill switch cannot be cleared with its token
+    node.admin(
+        reqwest::Method::POST,
+        "/admin/v1/kills",
+        Some(json!({"target": "agent:claims-processor-v3"})),
+    )
+    .await;
+    let resp = node
+        .http
+        .post(format!("{}/admin/v1/revive", node.base))
+        .bearer_auth(&agent_token)
+        .json(&json!({"target": "agent:claims-processor-v3"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let (_, v) = node.check(Some(&agent_token), get_claim()).await;
+    assert_decision(&v, "deny", "KILLED");
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn broken_policy_is_rejected_and_the_old_one_stays() {
+    let node = Node::start().await;
+    let t = node.token("claims-processor-v3").await;
+    let (_, before) = node
+        .admin(reqwest::Method::GET, "/admin/v1/policy", None)
+        .await;
+    let claims = node.path().join("policy/claims.cedar");
+    let original = std::fs::read_to_string(&claims).unwrap();
+
+    // syntax error
+    std::fs::write(
+        &claims,
+        format!("{original}\npermit (principal, action, resource"),
+    )
+    .unwrap();
+    let (st, v) = node
+        .admin(reqwest::Method::POST, "/admin/v1/policy/reload", None)
+        .await;
+    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(
+        v["problems"][0].as_str().unwrap().contains("claims.cedar"),
+        "{v}"
+    );
+    let (_, v) = node.check(Some(&t), get_claim()).await;
+    assert_decision(&v, "permit", "PERMITTED");
+
+    // schema error: an attribute agents do not have
+    std::fs::write(&claims, format!("{original}\n@id(\"bad\") permit (principal, action, resource) when {{ principal.salary > 1 }};")).unwrap();
+    let (st, v) = node
+        .admin(reqwest::Method::POST, "/admin/v1/policy/reload", None)
+        .await;
+    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    // let the file watcher see the broken file too: it must not unload anything
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (_, after) = node
+        .admin(reqwest::Method::GET, "/admin/v1/policy", None)
+        .await;
+    assert_eq!(before["digest"], after["digest"]);
+    let (_, v) = node.check(Some(&t), get_claim()).await;
+    assert_decision(&v, "permit", "PERMITTED");
+
+    // a valid change takes effect
+    std::fs::write(
+        &claims,
+        format!("{original}\n@id(\"reads-frozen\") forbid (principal, action == Action::\"get_claim\", resource);"),
+    )
+    .unwrap();
+    let (st, v) = node
+        .admin(reqwest::Method::POST, "/admin/v1/policy/reload", None)
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let (_, v) = node.check(Some(&t), get_claim()).await;
+    assert_decision(&v, "deny", "CONSTRAINT_VIOLATION");
+    assert_eq!(v["rules"], json!(["reads-frozen"]));
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_clear_errors_and_the_server_keeps_serving() {
+    let node = Node::start().await;
+    let t = node.token("claims-processor-v3").await;
+    let post = |body: String| {
+        node.http
+            .post(format!("{}/v1/check", node.base))
+            .bearer_auth(&t)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    for (body, status) in [
+        ("{not json".to_string(), StatusCode::BAD_REQUEST),
+        ("{}".to_string(), StatusCode::BAD_REQUEST),
+        (r#"{"tool": 5}"#.to_string(), StatusCode::BAD_REQUEST),
+        (
+            r#"{"tool": "get_claim", "bogus": 1}"#.to_string(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            r#"{"tool": "get_claim", "context": {"classification": "secret"}}"#.to_string(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            r#"{"tool": "get_claim", "context": {"cost_estimate": -1}}"#.to_string(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            format!(
+                r#"{{"tool": "get_claim", "params": {{"claim_id": "{}"}}}}"#,
+                "x".repeat(100_000)
+            ),
+            StatusCode::PAYLOAD_TOO_LARGE,
+        ),
+    ] {
+        let resp = post(body.clone()).await.unwrap();
+        assert_eq!(resp.status(), status, "{}", &body[..body.len().min(80)]);
+        let v: Value = resp.json().await.unwrap();
+        assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    }
+    let (_, v) = node.check(Some(&t), get_claim()).await;
+    assert_decision(&v, "permit", "PERMITTED");
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn outcomes_attach_to_their_permitted_call_only() {
+    let node = Node::start().await;
+    let t = node.token("claims-processor-v3").await;
+    let f = node.token("fraud-analyst").await;
+    let (_, v) = node.check(Some(&t), get_claim()).await;
+    let call = v["call_id"].as_str().unwrap().to_owned();
+    let url = format!("{}/v1/calls/{call}/outcome", node.base);
+    let body = json!({"status": "ok", "output": {"claim": "CLM-1001", "amount": 10}, "cost": 0.002, "duration_ms": 12.5});
+
+    let resp = node
+        .http
+        .post(&url)
+        .bearer_auth(&f)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        StatusCode::NOT_FOUND,
+        "another agent cannot report it"
+    );
+    let resp = node.http.post(&url).json(&body).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let resp = node
+        .http
+        .post(&url)
+        .bearer_auth(&t)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let resp = node
+        .http
+        .post(&url)
+        .bearer_auth(&t)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CONFLICT, "one outcome per call");
+
+    let (_, v) = node
+        .check(
+            Some(&t),
+            json!({"tool": "run_sql", "params": {"query": "x"}}),
+        )
+        .await;
+    let denied = v["call_id"].as_str().unwrap();
+    let resp = node
+        .http
+        .post(format!("{}/v1/calls/{denied}/outcome", node.base))
+        .bearer_auth(&t)
+        .json(&json!({"status": "ok"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CONFLICT);
+
+    let records = node.app().store.call_records(&call).unwrap();
+    assert_eq!(records.len(), 2);
+    let outcome = &records[1].entry;
+    assert_eq!(outcome.decision, "ok");
+    assert_eq!(outcome.output_hash.as_deref().map(str::len), Some(64));
+    assert_eq!(outcome.duration_ns, Some(12_500_000));
+    assert_eq!(
+        records[0].entry.rationale.as_deref(),
+        Some("customer asked")
+    );
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn audit_has_one_entry_per_decision_and_detects_a_changed_byte() {
+    let node = Node::start().await;
+    let t = node.token("claims-processor-v3").await;
+    let checks = [
+        get_claim(),
+        json!({"tool": "run_sql", "params": {"query": "SELECT 1"}}),
+        json!({"tool": "update_claim", "params": {"claim_id": "C", "status": "approved", "payout": 99999}}),
+    ];
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    for c in &checks {
+        node.http
+            .post(format!("{}/v1/check", node.base))
+            .bearer_auth(&t)
+            .header("traceparent", traceparent)
+            .json(c)
+            .send()
+            .await
+            .unwrap();
+    }
+    node.check(None, get_claim()).await; // unauthenticated: audited too
+    let (st, v) = node
+        .admin(reqwest::Method::GET, "/admin/v1/audit/verify", None)
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(v["ok"], true, "{v}");
+    let (_, v) = node
+        .admin(reqwest::Method::GET, "/admin/v1/audit?limit=1000", None)
+        .await;
+    let decisions: Vec<&Value> = v["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["kind"] == "decision")
+        .collect();
+    assert_eq!(decisions.len(), 4);
+    assert_eq!(
+        decisions.iter().filter(|r| r["decision"] == "deny").count(),
+        3
+    );
+    assert_eq!(decisions[0]["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(decisions[0]["agent_id"], "claims-processor-v3");
+    assert!(decisions[0]["input_hash"].as_str().unwrap().len() == 64);
+    assert_eq!(decisions[2]["rules"], json!(["large-payout-needs-human"]));
+
+    let dir = node.stop().await;
+    let db = dir.path().join("warden.db");
+    let store = SqliteStore::open(&db).unwrap();
+    let report = verify_store(&store).unwrap();
+    assert!(report.error.is_none());
+    let target = decisions[1]["seq"].as_u64().unwrap();
+    drop(store);
+    // change one byte of one entry, as an attacker with the file would
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute(
+        "UPDATE audit SET reason = 'PERMITTED', decision = 'permit' WHERE seq = ?1",
+        [target as i64],
+    )
+    .unwrap();
+    drop(conn);
+    let store = SqliteStore::open(&db).unwrap();
+    let report = verify_store(&store).unwrap();
+    assert_eq!(report.error.map(|e| e.seq()), Some(target));
+}
+
+/// A store whose writes or reads can be made to fail, to prove the node fails closed.
+struct FaultyStore {
+    inner: SqliteStore,
+    fail_audit: AtomicBool,
+    fail_reads: AtomicBool,
+}
+
+impl FaultyStore {
+    fn down(&self, flag: &AtomicBool) -> Result<(), StoreError> {
+        if flag.load(Ordering::SeqCst) {
+            Err(StoreError::Unavailable(
+                "injected fault: database is locked".into(),
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Store for FaultyStore {
+    fn state_version(&self) -> Result<u64, StoreError> {
+        self.down(&self.fail_reads)?;
+        self.inner.state_version()
+    }
+    fn snapshot(&self, now: u64) -> Result<StateSnapshot, StoreError> {
+        self.down(&self.fail_reads)?;
+        self.inner.snapshot(now)
+    }
+    fn upsert_agent(&self, a: &Agent) -> Result<(), StoreError> {
+        self.inner.upsert_agent(a)
+    }
+    fn get_agent(&self, id: &str) -> Result<Option<Agent>, StoreError> {
+        self.inner.get_agent(id)
+    }
+    fn list_agents(&self) -> Result<Vec<Agent>, StoreError> {
+        self.inner.list_agents()
+    }
+    fn set_agent_status(&self, id: &str, s: AgentStatus, now: u64) -> Result<bool, StoreError> {
+        self.inner.set_agent_status(id, s, now)
+    }
+    fn insert_credential(&self, c: &Credential) -> Result<(), StoreError> {
+        self.inner.insert_credential(c)
+    }
+    fn revoke_credential(&self, jti: &str, now: u64) -> Result<bool, StoreError> {
+        self.inner.revoke_credential(jti, now)
+    }
+    fn list_credentials(&self, id: &str) -> Result<Vec<Credential>, StoreError> {
+        self.inner.list_credentials(id)
+    }
+    fn set_kill(&self, k: &KillSwitch) -> Result<(), StoreError> {
+        self.inner.set_kill(k)
+    }
+    fn clear_kill(&self, t: &KillTarget) -> Result<bool, StoreError> {
+        self.inner.clear_kill(t)
+    }
+    fn append_audit(&self, e: Vec<Entry>) -> Result<Vec<Record>, StoreError> {
+        self.down(&self.fail_audit)?;
+        self.inner.append_audit(e)
+    }
+    fn read_audit(&self, after: u64, limit: usize) -> Result<Vec<Record>, StoreError> {
+        self.inner.read_audit(after, limit)
+    }
+    fn call_records(&self, id: &str) -> Result<Vec<Record>, StoreError> {
+        self.inner.call_records(id)
+    }
+    fn tail_audit(&self, n: usize) -> Result<Vec<Record>, StoreError> {
+        self.inner.tail_audit(n)
+    }
+}
+
+#[tokio::test]
+async fn fails_closed_when_the_store_fails_and_recovers() {
+    let faulty: Arc<std::sync::OnceLock<Arc<FaultyStore>>> = Arc::new(std::sync::OnceLock::new());
+    let slot = faulty.clone();
+    let node = Node::start_with(move |s| {
+        let f = Arc::new(FaultyStore {
+            inner: SqliteStore::open(&s.store_path).unwrap(),
+            fail_audit: AtomicBool::new(false),
+            fail_reads: AtomicBool::new(false),
+        });
+        let _ = slot.set(f.clone());
+        f
+    })
+    .await;
+    let store = faulty.get().unwrap().clone();
+    let t = node.token("claims-processor-v3").await;
+
+    // audit write fails: no audit, no action
+    store.fail_audit.store(true, Ordering::SeqCst);
+    let (st, v) = node.check(Some(&t), get_claim()).await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
+    assert_decision(&v, "deny", "INTERNAL");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("no audit, no action"),
+        "{v}"
+    );
+    store.fail_audit.store(false, Ordering::SeqCst);
+    let (_, v) = node.check(Some(&t), get_claim()).await;
+    assert_decision(&v, "permit", "PERMITTED");
+
+    // the store stops answering: once the kill-switch view is older than its bound, deny
+    store.fail_reads.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let (st, v) = node.check(Some(&t), get_claim()).await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
+    assert_decision(&v, "deny", "INTERNAL");
+    assert!(v["message"].as_str().unwrap().contains("stale"), "{v}");
+    let ready = node
+        .http
+        .get(format!("{}/readyz", node.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    store.fail_reads.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, v) = node.check(Some(&t), get_claim()).await;
+    assert_decision(&v, "permit", "PERMITTED");
+    let ready = node
+        .http
+        .get(format!("{}/readyz", node.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+
+    // the denials were audited once the store came back; the chain holds
+    let report = verify_store(&store.inner).unwrap();
+    assert!(report.error.is_none(), "{report:?}");
+    node.stop().await;
+}
