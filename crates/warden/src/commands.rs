@@ -1,0 +1,671 @@
+//! Command-line arguments and what each command does.
+
+use std::collections::HashSet;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use warden_core::audit::{verify_store, Entry};
+use warden_core::clock::{Clock, SystemClock, NANOS_PER_SEC};
+use warden_core::config::{parse_duration, Classification, Settings};
+use warden_core::control::{KillSwitch, KillTarget};
+use warden_core::identity::{issue_credential, validate_agent_id, Agent, AgentStatus, Verifier};
+use warden_core::pipeline::{CallContext, CallRequest};
+use warden_core::store::Store;
+use warden_core::Pipeline;
+use warden_server::ids::random_hex;
+use warden_server::{policy_files, setup};
+use warden_store::SqliteStore;
+
+#[derive(Parser)]
+#[command(
+    name = "warden",
+    version,
+    about = "Runtime governance for AI agents: every tool call decided, recorded, stoppable"
+)]
+pub struct Cli {
+    /// The config file.
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "WARDEN_CONFIG",
+        default_value = "warden.toml"
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a complete example setup (claims processing) into DIR.
+    Init {
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// Overwrite an existing config and policies (keys and the database are kept).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run the decision and admin API.
+    Serve {
+        /// Listen address (overrides the config and WARDEN_LISTEN).
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Register agents and manage their credentials.
+    #[command(subcommand)]
+    Agent(AgentCmd),
+    /// Validate and test policies.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// Stop an agent, an owner's agents, or every agent.
+    Kill(KillArgs),
+    /// Clear a kill switch.
+    Revive(TargetArgs),
+    /// Verify, read and export the audit trail.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+}
+
+#[derive(Subcommand)]
+enum AgentCmd {
+    /// Register a new agent and print its first credential.
+    Register {
+        id: String,
+        #[arg(long)]
+        owner: String,
+        #[arg(long)]
+        tier: u8,
+        /// A tool scope; repeat for several.
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+        /// Credential lifetime, e.g. 90d.
+        #[arg(long, default_value = "90d")]
+        rotation: String,
+    },
+    /// Issue a new credential for an agent and print it.
+    Token { id: String },
+    /// List agents.
+    List,
+    /// Show an agent and its credentials.
+    Show { id: String },
+    /// Revoke an agent (all its credentials), or one credential with --jti.
+    Revoke {
+        id: String,
+        #[arg(long)]
+        jti: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Parse and validate the schema and policies named in the config.
+    Validate,
+    /// Run a table of example calls and report expected against actual.
+    Test { file: PathBuf },
+}
+
+#[derive(Args)]
+struct TargetArgs {
+    /// The agent id.
+    agent: Option<String>,
+    /// Every agent of this owner (team).
+    #[arg(long, conflicts_with_all = ["agent", "all"])]
+    owner: Option<String>,
+    /// Every agent.
+    #[arg(long, conflicts_with_all = ["agent", "owner"])]
+    all: bool,
+}
+
+impl TargetArgs {
+    fn target(&self) -> Result<KillTarget> {
+        match (&self.agent, &self.owner, self.all) {
+            (Some(a), None, false) => Ok(KillTarget::Agent(a.clone())),
+            (None, Some(o), false) => Ok(KillTarget::Owner(o.clone())),
+            (None, None, true) => Ok(KillTarget::All),
+            _ => bail!("name an agent, or use --owner TEAM or --all"),
+        }
+    }
+}
+
+#[derive(Args)]
+struct KillArgs {
+    #[command(flatten)]
+    target: TargetArgs,
+    #[arg(long, default_value = "stopped by an operator")]
+    reason: String,
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Recompute the hash chain and report the first broken or missing entry.
+    Verify,
+    /// Print the last entries; with --follow, keep printing new ones.
+    Tail {
+        #[arg(short = 'n', default_value_t = 20)]
+        lines: usize,
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Export entries.
+    Export {
+        #[arg(long, default_value = "jsonl")]
+        format: String,
+        /// Write to this file instead of standard output.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+}
+
+fn load_settings(path: &Path) -> Result<Settings> {
+    let text = fs::read_to_string(path).with_context(|| {
+        format!(
+            "cannot read config `{}` (run `warden init` to create one, or pass --config)",
+            path.display()
+        )
+    })?;
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let base = if base.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        base
+    };
+    let env = |k: &str| std::env::var(k).ok();
+    Ok(Settings::from_toml(
+        &text,
+        &path.display().to_string(),
+        &base,
+        &env,
+    )?)
+}
+
+/// Opens the store and makes sure the agents declared in the config are registered.
+fn open_store(settings: &Settings) -> Result<SqliteStore> {
+    let store = SqliteStore::open(&settings.store_path)?;
+    for a in &settings.agents {
+        let current = store.get_agent(&a.id)?;
+        let same = current.as_ref().is_some_and(|c| {
+            c.owner == a.owner
+                && c.tier == a.tier
+                && c.scopes == a.scopes
+                && c.rotation_ns == a.rotation_ns
+        });
+        if !same {
+            store.upsert_agent(a)?;
+        }
+    }
+    Ok(store)
+}
+
+fn audit_control(store: &dyn Store, action: &str, detail: String) -> Result<()> {
+    let who = std::env::var("USER").unwrap_or_else(|_| "cli".into());
+    let entry = Entry::control(
+        SystemClock.now_ns(),
+        random_hex(16)?,
+        action,
+        &format!("cli:{who}"),
+        detail,
+    );
+    store.append_audit(vec![entry])?;
+    Ok(())
+}
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Init { dir, force } => init(&dir, force),
+        Command::Serve { listen } => {
+            let mut settings = load_settings(&cli.config)?;
+            if let Some(l) = listen {
+                settings.listen = l;
+            }
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                )
+                .init();
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(warden_server::serve(settings))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Agent(cmd) => agent(&load_settings(&cli.config)?, cmd),
+        Command::Policy(PolicyCmd::Validate) => {
+            let settings = load_settings(&cli.config)?;
+            let bundle = policy_files::load(&settings)?;
+            println!(
+                "policy is valid: {} rules, digest {} ({} tools in the catalog)",
+                bundle.rule_ids().len(),
+                bundle.digest(),
+                settings.tools.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Policy(PolicyCmd::Test { file }) => {
+            policy_test(&load_settings(&cli.config)?, &file)
+        }
+        Command::Kill(k) => {
+            let settings = load_settings(&cli.config)?;
+            let store = open_store(&settings)?;
+            let target = k.target.target()?;
+            let who = std::env::var("USER").unwrap_or_else(|_| "cli".into());
+            store.set_kill(&KillSwitch {
+                target: target.clone(),
+                reason: k.reason.clone(),
+                set_by: format!("cli:{who}"),
+                set_at_ns: SystemClock.now_ns(),
+            })?;
+            audit_control(&store, "kill", format!("{target}: {}", k.reason))?;
+            println!(
+                "killed {target}; running nodes deny its calls within {}ms",
+                settings.control_refresh_ns / 1_000_000
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Revive(t) => {
+            let settings = load_settings(&cli.config)?;
+            let store = open_store(&settings)?;
+            let target = t.target()?;
+            if !store.clear_kill(&target)? {
+                bail!("no kill switch is set for {target}");
+            }
+            audit_control(&store, "revive", target.to_string())?;
+            println!("revived {target}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit(cmd) => audit(&load_settings(&cli.config)?, cmd),
+    }
+}
+
+const EXAMPLE_CONFIG: &str = include_str!("../../../examples/claims/warden.toml");
+const EXAMPLE_SCHEMA: &str = include_str!("../../../examples/claims/policy/warden.cedarschema");
+const EXAMPLE_CLAIMS: &str = include_str!("../../../examples/claims/policy/claims.cedar");
+const EXAMPLE_DATABASE: &str = include_str!("../../../examples/claims/policy/database.cedar");
+const EXAMPLE_TESTS: &str = include_str!("../../../examples/claims/policy-tests.toml");
+
+fn init(dir: &Path, force: bool) -> Result<ExitCode> {
+    let config = dir.join("warden.toml");
+    if config.exists() && !force {
+        println!(
+            "{} exists; leaving the setup as it is (use --force to rewrite it)",
+            config.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    fs::create_dir_all(dir.join("policy"))
+        .with_context(|| format!("cannot create `{}`", dir.display()))?;
+    for (name, text) in [
+        ("warden.toml", EXAMPLE_CONFIG),
+        ("policy/warden.cedarschema", EXAMPLE_SCHEMA),
+        ("policy/claims.cedar", EXAMPLE_CLAIMS),
+        ("policy/database.cedar", EXAMPLE_DATABASE),
+        ("policy-tests.toml", EXAMPLE_TESTS),
+    ] {
+        let p = dir.join(name);
+        fs::write(&p, text).with_context(|| format!("cannot write `{}`", p.display()))?;
+    }
+    let key = dir.join("warden.key");
+    if !key.exists() {
+        setup::write_secret(&key, &setup::generate_key()?.to_key_file())?;
+    }
+    let token = dir.join("operator.token");
+    if !token.exists() {
+        setup::write_secret(&token, &format!("{}\n", setup::new_operator_token()?))?;
+    }
+    let c = config.display();
+    println!("wrote the claims-processing example to {}", dir.display());
+    println!("  start it:        warden serve --config {c}");
+    println!("  an agent token:  warden agent token claims-processor-v3 --config {c}");
+    println!(
+        "  test policies:   warden policy test {} --config {c}",
+        dir.join("policy-tests.toml").display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn agent(settings: &Settings, cmd: AgentCmd) -> Result<ExitCode> {
+    let store = open_store(settings)?;
+    let key = setup::load_or_create_key(&settings.key_file)?;
+    let now = SystemClock.now_ns();
+    match cmd {
+        AgentCmd::Register {
+            id,
+            owner,
+            tier,
+            scopes,
+            rotation,
+        } => {
+            validate_agent_id(&id).map_err(|m| anyhow!(m))?;
+            if !settings.tiers.contains_key(&tier) {
+                bail!(
+                    "tier {tier} is not declared in {}; declare it under [[tiers]]",
+                    settings.base_dir.display()
+                );
+            }
+            if store.get_agent(&id)?.is_some() {
+                bail!("agent `{id}` is already registered; use `warden agent token {id}` for a new credential");
+            }
+            let agent = Agent {
+                id,
+                owner,
+                tier,
+                scopes: scopes.into_iter().collect(),
+                rotation_ns: parse_duration(&rotation).map_err(|m| anyhow!("--rotation: {m}"))?,
+                status: AgentStatus::Active,
+            };
+            store.upsert_agent(&agent)?;
+            audit_control(&store, "agent-register", format!("agent `{}`", agent.id))?;
+            let (token, _) =
+                issue_credential(&store, &key, &settings.issuer, &agent, random_hex(16)?, now)?;
+            println!("{token}");
+        }
+        AgentCmd::Token { id } => {
+            let agent = store
+                .get_agent(&id)?
+                .ok_or_else(|| anyhow!("no agent `{id}`"))?;
+            let (token, _) =
+                issue_credential(&store, &key, &settings.issuer, &agent, random_hex(16)?, now)?;
+            println!("{token}");
+        }
+        AgentCmd::List => {
+            println!(
+                "{:<28} {:<16} {:>4}  {:<8} scopes",
+                "agent", "owner", "tier", "status"
+            );
+            for a in store.list_agents()? {
+                let scopes: Vec<&str> = a.scopes.iter().map(String::as_str).collect();
+                println!(
+                    "{:<28} {:<16} {:>4}  {:<8} {}",
+                    a.id,
+                    a.owner,
+                    a.tier,
+                    a.status.as_str(),
+                    scopes.join(",")
+                );
+            }
+        }
+        AgentCmd::Show { id } => {
+            let a = store
+                .get_agent(&id)?
+                .ok_or_else(|| anyhow!("no agent `{id}`"))?;
+            println!(
+                "agent     {}\nowner     {}\ntier      {}\nstatus    {}",
+                a.id,
+                a.owner,
+                a.tier,
+                a.status.as_str()
+            );
+            println!(
+                "scopes    {}",
+                a.scopes.iter().cloned().collect::<Vec<_>>().join(", ")
+            );
+            println!("rotation  {}d", a.rotation_ns / NANOS_PER_SEC / 86_400);
+            for c in store.list_credentials(&id)? {
+                let state = if c.revoked_at_ns.is_some() {
+                    "revoked"
+                } else if c.expires_at_ns <= now {
+                    "expired"
+                } else {
+                    "valid"
+                };
+                println!(
+                    "credential {}  expires {}  {state}",
+                    c.jti,
+                    c.expires_at_ns / NANOS_PER_SEC
+                );
+            }
+        }
+        AgentCmd::Revoke { id, jti } => match jti {
+            Some(j) => {
+                let owned = store.list_credentials(&id)?.iter().any(|c| c.jti == j);
+                if !owned || !store.revoke_credential(&j, now)? {
+                    bail!("agent `{id}` has no unrevoked credential `{j}`");
+                }
+                audit_control(
+                    &store,
+                    "revoke",
+                    format!("credential `{j}` of agent `{id}`"),
+                )?;
+                println!("revoked credential {j} of agent {id}");
+            }
+            None => {
+                if !store.set_agent_status(&id, AgentStatus::Revoked, now)? {
+                    bail!("no agent `{id}`");
+                }
+                audit_control(&store, "revoke", format!("agent `{id}`"))?;
+                println!("revoked agent {id} and all its credentials");
+            }
+        },
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TestFile {
+    #[serde(rename = "case", default)]
+    cases: Vec<TestCase>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TestCase {
+    name: String,
+    agent: String,
+    tool: String,
+    #[serde(default)]
+    params: Option<toml::Value>,
+    classification: Option<String>,
+    cost_estimate: Option<f64>,
+    #[serde(default = "one")]
+    repeat: u32,
+    expect: String,
+    reason: Option<String>,
+    rule: Option<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn policy_test(settings: &Settings, file: &Path) -> Result<ExitCode> {
+    let text =
+        fs::read_to_string(file).with_context(|| format!("cannot read `{}`", file.display()))?;
+    let tests: TestFile = toml::from_str(&text)
+        .with_context(|| format!("`{}` is not a valid test table", file.display()))?;
+    let clock = Arc::new(SystemClock);
+    let now = clock.now_ns();
+    let (mut passed, mut failed) = (0, 0);
+    for (i, case) in tests.cases.iter().enumerate() {
+        // A fresh pipeline per case, so rate-limit state does not leak between cases.
+        let pipeline = Pipeline::new(
+            settings,
+            policy_files::load(settings)?,
+            Verifier::new("", [], 16),
+            clock.clone(),
+        );
+        let agent = settings
+            .agents
+            .iter()
+            .find(|a| a.id == case.agent)
+            .ok_or_else(|| {
+                anyhow!(
+                    "case {} (`{}`): agent `{}` is not declared in the config",
+                    i + 1,
+                    case.name,
+                    case.agent
+                )
+            })?;
+        let params: serde_json::Value = match &case.params {
+            Some(v) => serde_json::to_value(v)?,
+            None => serde_json::json!({}),
+        };
+        let classification = case
+            .classification
+            .as_deref()
+            .map(str::parse::<Classification>)
+            .transpose()
+            .map_err(|m| anyhow!("case `{}`: {m}", case.name))?;
+        let ctx = CallContext {
+            classification,
+            cost_estimate: case.cost_estimate,
+            ..Default::default()
+        };
+        let req = CallRequest {
+            credential: None,
+            tool: &case.tool,
+            params: &params,
+            context: &ctx,
+        };
+        let scopes: HashSet<&str> = agent.scopes.iter().map(String::as_str).collect();
+        let mut decision = None;
+        for _ in 0..case.repeat.max(1) {
+            decision = Some(pipeline.authorize(agent, &scopes, &req, now));
+        }
+        let Some(d) = decision else { continue };
+        let mut problems = Vec::new();
+        if d.effect.as_str() != case.expect {
+            problems.push(format!(
+                "expected {}, got {}",
+                case.expect,
+                d.effect.as_str()
+            ));
+        }
+        if let Some(r) = &case.reason {
+            if d.reason.code() != r {
+                problems.push(format!("expected reason {r}, got {}", d.reason.code()));
+            }
+        }
+        if let Some(rule) = &case.rule {
+            if !d.rules.contains(rule) {
+                problems.push(format!(
+                    "expected rule `{rule}`, got [{}]",
+                    d.rules.join(", ")
+                ));
+            }
+        }
+        if problems.is_empty() {
+            passed += 1;
+            println!(
+                "PASS  {}  ({} {} [{}])",
+                case.name,
+                d.effect.as_str(),
+                d.reason.code(),
+                d.rules.join(", ")
+            );
+        } else {
+            failed += 1;
+            println!(
+                "FAIL  {}: {}\n      message: {}",
+                case.name,
+                problems.join("; "),
+                d.message
+            );
+        }
+    }
+    println!("{passed} passed, {failed} failed");
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn audit(settings: &Settings, cmd: AuditCmd) -> Result<ExitCode> {
+    let store = SqliteStore::open(&settings.store_path)?;
+    match cmd {
+        AuditCmd::Verify => {
+            let report = verify_store(&store)?;
+            match report.error {
+                None => {
+                    println!(
+                        "audit verified: {} entries, chain head {}",
+                        report.verified, report.head
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Some(e) => {
+                    println!(
+                        "audit BROKEN: {e} ({} entries before it verified)",
+                        report.verified
+                    );
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
+        AuditCmd::Tail { lines, follow } => {
+            let mut last = 0;
+            for r in store.tail_audit(lines)? {
+                print_record(&r);
+                last = r.seq;
+            }
+            if follow {
+                loop {
+                    std::thread::sleep(Duration::from_millis(500));
+                    for r in store.read_audit(last, 1000)? {
+                        print_record(&r);
+                        last = r.seq;
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCmd::Export { format, output } => {
+            if format != "jsonl" {
+                bail!("unknown export format `{format}`; supported: jsonl");
+            }
+            let mut out: Box<dyn Write> = match &output {
+                Some(p) => Box::new(std::io::BufWriter::new(
+                    fs::File::create(p)
+                        .with_context(|| format!("cannot create `{}`", p.display()))?,
+                )),
+                None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+            };
+            let mut after = 0;
+            let mut n = 0u64;
+            loop {
+                let page = store.read_audit(after, 5000)?;
+                let Some(l) = page.last() else { break };
+                after = l.seq;
+                for r in &page {
+                    serde_json::to_writer(&mut out, &warden_server::admin::record_json(r))?;
+                    out.write_all(b"\n")?;
+                    n += 1;
+                }
+            }
+            out.flush()?;
+            if let Some(p) = output {
+                eprintln!("exported {n} entries to {}", p.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn print_record(r: &warden_core::audit::Record) {
+    let e = &r.entry;
+    let secs = e.ts_ns / NANOS_PER_SEC;
+    println!(
+        "{:>6}  {}.{:09}  {:<8} {:<22} {:<16} {:<6} {:<24} {}",
+        r.seq,
+        secs,
+        e.ts_ns % NANOS_PER_SEC,
+        e.kind.as_str(),
+        if e.agent_id.is_empty() {
+            "-"
+        } else {
+            &e.agent_id
+        },
+        e.action,
+        e.decision,
+        e.reason,
+        e.rules.join(",")
+    );
+}
