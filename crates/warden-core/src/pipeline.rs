@@ -441,3 +441,300 @@ fn killed(k: &crate::control::KillSwitch) -> Decision {
         ),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::FakeClock;
+    use crate::control::{KillSwitch, KillTarget};
+    use crate::identity::{new_claims, SigningKeyPair};
+    use crate::policy::Source;
+    use serde_json::json;
+    use std::path::Path;
+
+    const CONFIG: &str = r#"
+[policy]
+schema = "s"
+policies = "p"
+[control]
+refresh = "100ms"
+stale_after = "1s"
+[[tiers]]
+tier = 1
+max_classification = "internal"
+[[tiers]]
+tier = 2
+max_classification = "confidential"
+[[tools]]
+name = "read"
+scope = "r"
+classification = "internal"
+[[tools]]
+name = "write"
+scope = "w"
+classification = "internal"
+[[agents]]
+id = "a"
+owner = "team"
+tier = 1
+scopes = ["r", "w"]
+rotation = "1h"
+[[agents]]
+id = "b"
+owner = "team"
+tier = 2
+scopes = ["r"]
+rotation = "1h"
+[[limits]]
+id = "write-rate"
+tools = ["write"]
+rate = 2
+window = "1m"
+"#;
+    const SCHEMA: &str = r#"
+entity Agent = { owner: String, tier: Long, scopes: Set<String> };
+entity Tool;
+type Call = { classification: String, hour: Long, weekday: Long, delegation_depth: Long, cost_estimate: decimal };
+action read appliesTo { principal: Agent, resource: Tool, context: { params: { id: String }, call: Call } };
+action write appliesTo { principal: Agent, resource: Tool, context: { params: { id: String }, call: Call } };
+"#;
+    const POLICY: &str = r#"
+@id("all") permit (principal, action, resource);
+@id("no-x") forbid (principal, action == Action::"write", resource) when { context.params.id == "x" };
+"#;
+    const T0: Nanos = 1_800_000_000 * NANOS_PER_SEC;
+
+    struct Fixture {
+        clock: Arc<FakeClock>,
+        pipeline: Pipeline,
+        key: SigningKeyPair,
+        settings: Settings,
+    }
+
+    fn fixture() -> Fixture {
+        let settings = Settings::from_toml(CONFIG, "w.toml", Path::new("."), &|_| None).unwrap();
+        let bundle = PolicyBundle::load(
+            &Source {
+                name: "s".into(),
+                text: SCHEMA.into(),
+            },
+            &[Source {
+                name: "p".into(),
+                text: POLICY.into(),
+            }],
+            settings.tools.values(),
+        )
+        .unwrap();
+        let key = SigningKeyPair::from_seed([1; 32]);
+        let clock = Arc::new(FakeClock::new(T0));
+        let pipeline = Pipeline::new(
+            &settings,
+            bundle,
+            Verifier::new("warden", [key.verifying_key()], 64),
+            clock.clone(),
+        );
+        pipeline.apply_snapshot(StateSnapshot {
+            version: 1,
+            agents: settings.agents.clone(),
+            ..Default::default()
+        });
+        Fixture {
+            clock,
+            pipeline,
+            key,
+            settings,
+        }
+    }
+
+    impl Fixture {
+        fn token(&self, agent: &str) -> String {
+            let a = self.settings.agents.iter().find(|x| x.id == agent).unwrap();
+            self.key.sign(&new_claims(
+                "warden",
+                a,
+                format!("jti-{agent}"),
+                self.clock.now_ns(),
+            ))
+        }
+        fn check(&self, token: &str, tool: &str, id: &str) -> Decision {
+            let params = json!({ "id": id });
+            let ctx = CallContext::default();
+            let req = CallRequest {
+                credential: Some(token),
+                tool,
+                params: &params,
+                context: &ctx,
+            };
+            let ids = CallIds {
+                call_id: "c".into(),
+                trace_id: "t".into(),
+                span_id: "s".into(),
+            };
+            self.pipeline.check(&req, ids).decision
+        }
+        fn snapshot(&self, kills: Vec<KillSwitch>, revoked: &[&str]) {
+            self.pipeline.apply_snapshot(StateSnapshot {
+                version: 2,
+                agents: self.settings.agents.clone(),
+                revoked_jtis: revoked.iter().map(|s| s.to_string()).collect(),
+                kills,
+            });
+        }
+    }
+
+    fn kill(t: KillTarget) -> KillSwitch {
+        KillSwitch {
+            target: t,
+            reason: "r".into(),
+            set_by: "op".into(),
+            set_at_ns: T0,
+        }
+    }
+
+    #[test]
+    fn stale_control_view_denies_until_confirmed() {
+        let f = fixture();
+        let t = f.token("a");
+        assert!(f.check(&t, "read", "1").is_permit());
+        f.clock.advance(NANOS_PER_SEC + 1);
+        let d = f.check(&t, "read", "1");
+        assert_eq!(
+            (d.reason, d.rules[0].as_str()),
+            (Reason::Internal, rules::CONTROL_STALE)
+        );
+        f.pipeline.mark_fresh();
+        assert!(f.check(&t, "read", "1").is_permit());
+    }
+
+    #[test]
+    fn kill_switch_is_checked_before_policy_and_identity_order_holds() {
+        let f = fixture();
+        let t = f.token("a");
+        f.snapshot(vec![kill(KillTarget::Owner("team".into()))], &[]);
+        // even a call policy would forbid reports KILLED: the kill switch comes first
+        assert_eq!(f.check(&t, "write", "x").reason, Reason::Killed);
+        assert_eq!(f.check(&t, "nope", "1").reason, Reason::Killed);
+        // a global kill answers before the credential is looked at
+        f.snapshot(vec![kill(KillTarget::All)], &[]);
+        assert_eq!(f.check("garbage", "read", "1").reason, Reason::Killed);
+        f.snapshot(vec![], &["jti-a"]);
+        assert_eq!(f.check(&t, "read", "1").reason, Reason::CredentialRevoked);
+        assert_eq!(
+            f.check("garbage", "read", "1").reason,
+            Reason::CredentialMalformed
+        );
+    }
+
+    #[test]
+    fn credential_expires_on_the_fake_clock() {
+        let f = fixture();
+        let t = f.token("a");
+        f.clock.advance(3599 * NANOS_PER_SEC);
+        f.pipeline.mark_fresh();
+        assert!(f.check(&t, "read", "1").is_permit());
+        f.clock.advance(NANOS_PER_SEC);
+        f.pipeline.mark_fresh();
+        assert_eq!(f.check(&t, "read", "1").reason, Reason::CredentialExpired);
+    }
+
+    #[test]
+    fn scopes_tiers_forbid_and_limits() {
+        let f = fixture();
+        let b = f.token("b");
+        assert_eq!(
+            f.check(&b, "write", "1").rules,
+            vec![rules::SCOPE.to_owned()]
+        );
+        let a = f.token("a");
+        let d = f.check(&a, "write", "x");
+        assert_eq!(
+            (d.reason, d.rules.clone()),
+            (Reason::ConstraintViolation, vec!["no-x".to_owned()])
+        );
+        // forbidden calls did not spend the write budget
+        assert!(f.check(&a, "write", "1").is_permit());
+        assert!(f.check(&a, "write", "2").is_permit());
+        let d = f.check(&a, "write", "3");
+        assert_eq!(d.reason, Reason::RateLimited);
+        assert_eq!(d.retry_after_ms, Some(30_000));
+        f.clock.advance(30 * NANOS_PER_SEC);
+        f.pipeline.mark_fresh();
+        assert!(f.check(&a, "write", "4").is_permit());
+
+        // data boundary: the caller labels the inputs restricted; tier 1 stops at internal
+        let params = json!({ "id": "1" });
+        let ctx = CallContext {
+            classification: Some(Classification::Confidential),
+            ..Default::default()
+        };
+        let req = CallRequest {
+            credential: Some(&a),
+            tool: "read",
+            params: &params,
+            context: &ctx,
+        };
+        let ids = CallIds {
+            call_id: "c".into(),
+            trace_id: "t".into(),
+            span_id: "s".into(),
+        };
+        assert_eq!(
+            f.pipeline.check(&req, ids.clone()).decision.reason,
+            Reason::DataBoundaryViolation
+        );
+        let req_b = CallRequest {
+            credential: Some(&b),
+            ..req
+        };
+        assert!(f.pipeline.check(&req_b, ids).decision.is_permit());
+    }
+
+    #[test]
+    fn token_scopes_only_narrow_the_agents_current_scopes() {
+        let f = fixture();
+        let t = f.token("a");
+        // the registry drops scope `w` from agent a: its old token no longer carries it
+        let mut agents = f.settings.agents.clone();
+        agents[0].scopes.remove("w");
+        f.pipeline.apply_snapshot(StateSnapshot {
+            version: 3,
+            agents,
+            ..Default::default()
+        });
+        assert_eq!(
+            f.check(&t, "write", "1").rules,
+            vec![rules::SCOPE.to_owned()]
+        );
+        assert!(f.check(&t, "read", "1").is_permit());
+    }
+
+    #[test]
+    fn every_decision_yields_an_entry_with_its_reason() {
+        let f = fixture();
+        let params = json!({ "id": "1" });
+        let ctx = CallContext {
+            rationale: Some("why".into()),
+            ..Default::default()
+        };
+        let req = CallRequest {
+            credential: None,
+            tool: "read",
+            params: &params,
+            context: &ctx,
+        };
+        let ids = CallIds {
+            call_id: "c1".into(),
+            trace_id: "t".into(),
+            span_id: "s".into(),
+        };
+        let checked = f.pipeline.check(&req, ids);
+        assert_eq!(checked.entry.decision, "deny");
+        assert_eq!(checked.entry.reason, "UNAUTHENTICATED");
+        assert_eq!(checked.entry.call_id, "c1");
+        assert_eq!(checked.entry.rationale.as_deref(), Some("why"));
+        assert_eq!(
+            checked.entry.input_hash.as_deref(),
+            Some(crate::audit::hash_json(&params).as_str())
+        );
+    }
+}

@@ -225,6 +225,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 settings.listen = l;
             }
             tracing_subscriber::fmt()
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_writer(std::io::stderr)
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_default_env()
                         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -651,12 +653,10 @@ fn audit(settings: &Settings, cmd: AuditCmd) -> Result<ExitCode> {
 
 fn print_record(r: &warden_core::audit::Record) {
     let e = &r.entry;
-    let secs = e.ts_ns / NANOS_PER_SEC;
     println!(
-        "{:>6}  {}.{:09}  {:<8} {:<22} {:<16} {:<6} {:<24} {}",
+        "{:>6}  {}  {:<8} {:<22} {:<16} {:<6} {:<24} {}",
         r.seq,
-        secs,
-        e.ts_ns % NANOS_PER_SEC,
+        warden_core::clock::format_rfc3339(e.ts_ns),
         e.kind.as_str(),
         if e.agent_id.is_empty() {
             "-"
