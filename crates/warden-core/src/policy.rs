@@ -781,4 +781,56 @@ when { context.params.amount > 10000 };
         .unwrap();
         assert_eq!(b.rule_ids(), ["p.cedar#0", "p.cedar#1"]);
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        const RULES: [&str; 8] = [
+            "permit (principal, action, resource);",
+            "permit (principal, action == Action::\"get_claim\", resource);",
+            "permit (principal, action, resource) when { principal.tier >= 2 };",
+            "permit (principal, action == Action::\"update_claim\", resource) when { context.params.amount < 500 };",
+            "forbid (principal, action == Action::\"update_claim\", resource) when { context.params.amount > 100 };",
+            "forbid (principal, action, resource) when { principal.owner == \"other\" };",
+            "forbid (principal, action == Action::\"get_claim\", resource) when { context.params.claim_id like \"x*\" };",
+            "forbid (principal, action, resource) when { context.call.hour > 20 };",
+        ];
+
+        fn bundle_of(rules: &[usize]) -> PolicyBundle {
+            let text: Vec<String> = rules.iter().enumerate().map(|(i, r)| format!("@id(\"r{i}\") {}", RULES[*r])).collect();
+            PolicyBundle::load(&src("s", SCHEMA), &[src("p", &text.join("\n"))], []).unwrap()
+        }
+
+        proptest! {
+            /// Adding a forbid rule never turns a deny into a permit, whatever else the
+            /// policy holds and whatever the call.
+            #[test]
+            fn adding_a_forbid_never_permits_more(
+                base in proptest::collection::vec(0usize..8, 0..5),
+                extra in 4usize..8,
+                amount in 0i64..1000,
+                claim in "[a-z]{0,3}",
+                tier in 1i64..4,
+                owner in prop_oneof!["team", "other"],
+                update in any::<bool>(),
+            ) {
+                let mut a = agent();
+                a.tier = tier as u8;
+                a.owner = owner.to_string();
+                let (tool, params) = if update {
+                    ("update_claim", json!({"claim_id": claim, "amount": amount}))
+                } else {
+                    ("get_claim", json!({"claim_id": claim}))
+                };
+                let before = bundle_of(&base).evaluate(&a, tool, &params, &FACTS);
+                let mut more = base.clone();
+                more.push(extra);
+                let after = bundle_of(&more).evaluate(&a, tool, &params, &FACTS);
+                if matches!(before, Verdict::Deny { .. }) {
+                    prop_assert!(matches!(after, Verdict::Deny { .. }), "{:?} -> {:?}", before, after);
+                }
+            }
+        }
+    }
 }
