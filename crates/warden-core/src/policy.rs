@@ -798,7 +798,11 @@ when { context.params.amount > 10000 };
         ];
 
         fn bundle_of(rules: &[usize]) -> PolicyBundle {
-            let text: Vec<String> = rules.iter().enumerate().map(|(i, r)| format!("@id(\"r{i}\") {}", RULES[*r])).collect();
+            let text: Vec<String> = rules
+                .iter()
+                .enumerate()
+                .map(|(i, r)| format!("@id(\"r{i}\") {}", RULES[*r]))
+                .collect();
             PolicyBundle::load(&src("s", SCHEMA), &[src("p", &text.join("\n"))], []).unwrap()
         }
 

@@ -230,6 +230,16 @@ async fn issue_token(
         .ok_or_else(|| ApiError::NotFound(format!("no agent `{id}`")))?;
     let out = issue(&app, agent).await?;
     refresh(&app).await?;
+    let jti = out["credential"]["jti"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    app.audit_control(
+        "operator",
+        "credential-issue",
+        format!("credential `{jti}` of agent `{id}`"),
+    )
+    .await;
     Ok(Json(out))
 }
 

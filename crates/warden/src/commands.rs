@@ -238,7 +238,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             rt.block_on(warden_server::serve(settings))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Agent(cmd) => agent(&load_settings(&cli.config)?, cmd),
+        Command::Agent(cmd) => agent(&load_settings(&cli.config)?, &cli.config, cmd),
         Command::Policy(PolicyCmd::Validate) => {
             let settings = load_settings(&cli.config)?;
             let bundle = policy_files::load(&settings)?;
@@ -332,7 +332,7 @@ fn init(dir: &Path, force: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn agent(settings: &Settings, cmd: AgentCmd) -> Result<ExitCode> {
+fn agent(settings: &Settings, config: &Path, cmd: AgentCmd) -> Result<ExitCode> {
     let store = open_store(settings)?;
     let key = setup::load_or_create_key(&settings.key_file)?;
     let now = SystemClock.now_ns();
@@ -347,8 +347,8 @@ fn agent(settings: &Settings, cmd: AgentCmd) -> Result<ExitCode> {
             validate_agent_id(&id).map_err(|m| anyhow!(m))?;
             if !settings.tiers.contains_key(&tier) {
                 bail!(
-                    "tier {tier} is not declared in {}; declare it under [[tiers]]",
-                    settings.base_dir.display()
+                    "tier {tier} is not declared in `{}`; declare it under [[tiers]]",
+                    config.display()
                 );
             }
             if store.get_agent(&id)?.is_some() {
@@ -372,8 +372,13 @@ fn agent(settings: &Settings, cmd: AgentCmd) -> Result<ExitCode> {
             let agent = store
                 .get_agent(&id)?
                 .ok_or_else(|| anyhow!("no agent `{id}`"))?;
-            let (token, _) =
+            let (token, cred) =
                 issue_credential(&store, &key, &settings.issuer, &agent, random_hex(16)?, now)?;
+            audit_control(
+                &store,
+                "credential-issue",
+                format!("credential `{}` of agent `{id}`", cred.jti),
+            )?;
             println!("{token}");
         }
         AgentCmd::List => {

@@ -1,0 +1,662 @@
+//! The real `warden` binary, run as an operator would: `init`, the policy and agent
+//! commands, error exits, and the README quickstart end to end against a `warden serve`
+//! subprocess, then the audit trail it left behind (verified, exported, tampered with).
+//!
+//! The HTTP API itself is covered in-process by `warden-server`'s tests; here the point
+//! is that separate processes (the CLI writing the SQLite file, the server reading it)
+//! work together the way the README says they do.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::fmt;
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_warden");
+const AGENT: &str = "claims-processor-v3";
+/// How long a running server may take to see a change the CLI made to the store
+/// (the example refreshes its control view every 250 ms).
+const PROPAGATION: Duration = Duration::from_secs(5);
+
+/// What a finished `warden` process left: exit code and output.
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl fmt::Display for Out {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "exit {}\n--- stdout\n{}--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+/// A `warden` command with none of the caller's `WARDEN_*` variables leaking in.
+fn command() -> Command {
+    let mut cmd = Command::new(BIN);
+    for var in [
+        "WARDEN_CONFIG",
+        "WARDEN_LISTEN",
+        "WARDEN_STORE",
+        "WARDEN_OPERATOR_TOKEN",
+        "RUST_LOG",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+fn run(cmd: &mut Command) -> Out {
+    let out = cmd.output().expect("run warden");
+    Out {
+        code: out.status.code().expect("warden ended by a signal"),
+        stdout: String::from_utf8(out.stdout).unwrap(),
+        stderr: String::from_utf8(out.stderr).unwrap(),
+    }
+}
+
+/// Runs `warden ARGS` against the setup in `dir`, named the way the README does it
+/// (`WARDEN_CONFIG`).
+fn warden(dir: &Path, args: &[&str]) -> Out {
+    run(command()
+        .args(args)
+        .env("WARDEN_CONFIG", dir.join("warden.toml")))
+}
+
+/// Runs `warden ARGS` and insists that it succeeds.
+fn warden_ok(dir: &Path, args: &[&str]) -> Out {
+    let out = warden(dir, args);
+    assert_eq!(out.code, 0, "warden {args:?}\n{out}");
+    out
+}
+
+/// A fresh `warden init` setup in a temporary folder.
+fn init() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(command().arg("init").arg(dir.path()));
+    assert_eq!(out.code, 0, "{out}");
+    dir
+}
+
+fn edit(path: &Path, from: &str, to: &str) {
+    let text = fs::read_to_string(path).unwrap();
+    assert!(text.contains(from), "`{from}` not in {}", path.display());
+    fs::write(path, text.replacen(from, to, 1)).unwrap();
+}
+
+fn last_line(s: &str) -> &str {
+    s.lines().last().unwrap_or_default()
+}
+
+const SETUP_FILES: [&str; 7] = [
+    "warden.toml",
+    "policy/warden.cedarschema",
+    "policy/claims.cedar",
+    "policy/database.cedar",
+    "policy-tests.toml",
+    "warden.key",
+    "operator.token",
+];
+
+#[test]
+fn init_writes_a_setup_that_validates_and_a_second_run_leaves_it_alone() {
+    let dir = init();
+    let d = dir.path();
+    for f in SETUP_FILES {
+        assert!(d.join(f).is_file(), "`warden init` did not write {f}");
+    }
+    #[cfg(unix)]
+    for secret in ["warden.key", "operator.token"] {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(d.join(secret)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{secret} has mode {mode:o}");
+    }
+    let out = warden_ok(d, &["policy", "validate"]);
+    assert!(out.stdout.starts_with("policy is valid: 9 rules"), "{out}");
+
+    // A second run, even after the operator edited the config, changes nothing.
+    edit(&d.join("warden.toml"), "rate = 5\n", "rate = 7\n");
+    let before: Vec<Vec<u8>> = SETUP_FILES
+        .iter()
+        .map(|f| fs::read(d.join(f)).unwrap())
+        .collect();
+    let out = run(command().arg("init").arg(d));
+    assert_eq!(out.code, 0, "{out}");
+    assert!(out.stdout.contains("exists; leaving the setup"), "{out}");
+    for (f, old) in SETUP_FILES.iter().zip(&before) {
+        assert_eq!(
+            &fs::read(d.join(f)).unwrap(),
+            old,
+            "second init changed {f}"
+        );
+    }
+}
+
+#[test]
+fn a_broken_policy_fails_validation_naming_the_file_and_line() {
+    let dir = init();
+    let file = dir.path().join("policy/claims.cedar");
+    let mut text = fs::read_to_string(&file).unwrap();
+    let line = text.lines().count() + 1;
+    text.push_str("permit (principal, action, resource\n");
+    fs::write(&file, text).unwrap();
+
+    let out = warden(dir.path(), &["policy", "validate"]);
+    assert_eq!(out.code, 2, "{out}");
+    assert!(
+        out.stderr.contains(&format!("claims.cedar:{line}:")),
+        "no `claims.cedar:{line}:` in\n{out}"
+    );
+}
+
+#[test]
+fn a_config_error_names_the_file_and_the_field() {
+    let dir = init();
+    edit(
+        &dir.path().join("warden.toml"),
+        "refresh = \"250ms\"",
+        "refresh = \"soon\"",
+    );
+    let out = warden(dir.path(), &["policy", "validate"]);
+    assert_eq!(out.code, 2, "{out}");
+    assert!(
+        out.stderr.contains("warden.toml: field `control.refresh`"),
+        "{out}"
+    );
+}
+
+#[test]
+fn policy_test_passes_on_the_example_and_reports_a_wrong_expectation() {
+    let dir = init();
+    let tests = dir.path().join("policy-tests.toml");
+    let tests_arg = tests.to_str().unwrap();
+    let out = warden_ok(dir.path(), &["policy", "test", tests_arg]);
+    assert_eq!(last_line(&out.stdout), "14 passed, 0 failed", "{out}");
+    assert_eq!(out.stdout.matches("\nPASS  ").count() + 1, 14, "{out}");
+
+    // The first case reads a claim, which is permitted; claim it is not.
+    edit(&tests, "expect = \"permit\"", "expect = \"deny\"");
+    let out = warden(dir.path(), &["policy", "test", tests_arg]);
+    assert_eq!(out.code, 1, "{out}");
+    assert!(
+        out.stdout
+            .contains("FAIL  claims processor reads a claim: expected deny, got permit"),
+        "{out}"
+    );
+    assert_eq!(last_line(&out.stdout), "13 passed, 1 failed", "{out}");
+}
+
+#[test]
+fn agent_register_list_show_and_refusals() {
+    let dir = init();
+    let d = dir.path();
+    let register = [
+        "agent",
+        "register",
+        "intake-bot",
+        "--owner",
+        "intake-team",
+        "--tier",
+        "1",
+        "--scope",
+        "claims:read",
+    ];
+    let out = warden_ok(d, &register);
+    let token = out.stdout.trim();
+    assert_eq!(out.stdout.lines().count(), 1, "{out}");
+    assert_eq!(token.split('.').count(), 3, "not a JWS: {token}");
+
+    let out = warden_ok(d, &["agent", "list"]);
+    let row = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("intake-bot "))
+        .unwrap_or_else(|| panic!("intake-bot not listed\n{out}"));
+    assert_eq!(
+        row.split_whitespace().collect::<Vec<_>>(),
+        ["intake-bot", "intake-team", "1", "active", "claims:read"]
+    );
+    // The agents declared in the config are registered by the first command that opens
+    // the store.
+    assert!(out.stdout.contains(&format!("\n{AGENT} ")), "{out}");
+
+    let out = warden_ok(d, &["agent", "show", "intake-bot"]);
+    assert!(out.stdout.contains("owner     intake-team\n"), "{out}");
+    assert!(out.stdout.contains("status    active\n"), "{out}");
+    let creds: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("credential "))
+        .collect();
+    assert_eq!(creds.len(), 1, "{out}");
+    assert!(creds[0].ends_with("  valid"), "{out}");
+
+    let out = warden(d, &register);
+    assert_eq!(out.code, 2, "registering twice must fail\n{out}");
+    assert!(out.stderr.contains("already registered"), "{out}");
+
+    let mut tier9 = register;
+    tier9[2] = "tier9-bot";
+    tier9[6] = "9";
+    let out = warden(d, &tier9);
+    assert_eq!(out.code, 2, "{out}");
+    assert!(
+        out.stderr.contains("tier 9 is not declared in") && out.stderr.contains("warden.toml"),
+        "{out}"
+    );
+    let out = warden_ok(d, &["agent", "list"]);
+    assert!(!out.stdout.contains("tier9-bot"), "{out}");
+}
+
+#[test]
+fn a_missing_config_exits_2_and_points_at_init() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nowhere/warden.toml");
+    let out = run(command()
+        .args(["policy", "validate", "--config"])
+        .arg(&missing));
+    assert_eq!(out.code, 2, "{out}");
+    assert!(out.stderr.contains("warden init"), "{out}");
+    assert!(out.stderr.contains("nowhere/warden.toml"), "{out}");
+
+    // The default, `warden.toml` in the working folder.
+    let out = run(command().args(["agent", "list"]).current_dir(dir.path()));
+    assert_eq!(out.code, 2, "{out}");
+    assert!(out.stderr.contains("warden init"), "{out}");
+}
+
+#[test]
+fn reviving_what_is_not_killed_exits_2() {
+    let dir = init();
+    let out = warden(dir.path(), &["revive", AGENT]);
+    assert_eq!(out.code, 2, "{out}");
+    assert!(out.stderr.contains("no kill switch is set"), "{out}");
+}
+
+/// A `warden serve` subprocess, killed when dropped (so also when a test panics).
+struct Server {
+    child: Child,
+    base: String,
+    log: PathBuf,
+}
+
+impl Server {
+    async fn start(dir: &Path) -> Server {
+        let addr = {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let log = dir.join("serve.log");
+        let child = command()
+            .args(["serve", "--listen", &addr.to_string()])
+            .env("WARDEN_CONFIG", dir.join("warden.toml"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut server = Server {
+            child,
+            base: format!("http://{addr}"),
+            log,
+        };
+        server.wait_ready().await;
+        server
+    }
+
+    async fn wait_ready(&mut self) {
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("warden serve exited ({status})\n{}", self.log());
+            }
+            if let Ok(r) = http.get(format!("{}/readyz", self.base)).send().await {
+                if r.status() == StatusCode::OK {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "warden serve not ready\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Stops the node abruptly (SIGKILL): whatever it answered must already be on disk.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One answer from `/v1/check`.
+struct Answer {
+    status: StatusCode,
+    body: Value,
+}
+
+impl Answer {
+    fn reason(&self) -> &str {
+        self.body["reason"].as_str().unwrap_or_default()
+    }
+
+    fn assert(&self, decision: &str, reason: &str) {
+        assert_eq!(
+            (self.body["decision"].as_str(), self.reason()),
+            (Some(decision), reason),
+            "{}",
+            self.body
+        );
+    }
+}
+
+/// An agent's side of the quickstart: it calls `/v1/check` and remembers what each call
+/// was answered, to compare with the audit trail afterwards.
+struct Caller {
+    http: reqwest::Client,
+    base: String,
+    /// (tool, decision, reason) of every `/v1/check` call, in order.
+    calls: Vec<(String, String, String)>,
+}
+
+impl Caller {
+    async fn check(&mut self, token: &str, body: Value) -> Answer {
+        let resp = self
+            .http
+            .post(format!("{}/v1/check", self.base))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        let v: Value = resp.json().await.unwrap();
+        self.calls.push((
+            body["tool"].as_str().unwrap().to_owned(),
+            v["decision"].as_str().unwrap().to_owned(),
+            v["reason"].as_str().unwrap().to_owned(),
+        ));
+        Answer { status, body: v }
+    }
+
+    /// Repeats a call until it is answered with `reason`, for changes that reach the
+    /// server through its control refresh.
+    async fn check_until(&mut self, token: &str, body: Value, reason: &str) -> Answer {
+        let deadline = Instant::now() + PROPAGATION;
+        loop {
+            let a = self.check(token, body.clone()).await;
+            if a.reason() == reason {
+                return a;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still not {reason} after {PROPAGATION:?}: {}",
+                a.body
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+fn get_claim() -> Value {
+    json!({"tool": "get_claim", "params": {"claim_id": "CLM-1001"}})
+}
+
+fn export(dir: &Path) -> Vec<Value> {
+    let out = warden_ok(dir, &["audit", "export", "--format", "jsonl"]);
+    out.stdout
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+            assert!(v.is_object(), "{l}");
+            v
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn quickstart_end_to_end_then_the_audit_trail_verifies_and_catches_a_change() {
+    let dir = init();
+    let d = dir.path();
+    let mut server = Server::start(d).await;
+    let mut agent = Caller {
+        http: reqwest::Client::new(),
+        base: server.base.clone(),
+        calls: Vec::new(),
+    };
+    let t = warden_ok(d, &["agent", "token", AGENT])
+        .stdout
+        .trim()
+        .to_owned();
+
+    // A permitted call, and its outcome.
+    let a = agent
+        .check(
+            &t,
+            json!({"tool": "get_claim", "params": {"claim_id": "CLM-1001"},
+                   "context": {"rationale": "customer asked"}}),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK);
+    a.assert("permit", "PERMITTED");
+    assert_eq!(a.body["rules"], json!(["claims-read"]));
+    let call_id = a.body["call_id"].as_str().unwrap().to_owned();
+    let resp = agent
+        .http
+        .post(format!("{}/v1/calls/{call_id}/outcome", server.base))
+        .bearer_auth(&t)
+        .json(&json!({"status": "ok", "output": {"claim": "CLM-1001"}, "duration_ms": 12}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+
+    // Denials, each with its reason and rule.
+    let a = agent
+        .check(
+            &t,
+            json!({"tool": "update_claim",
+                   "params": {"claim_id": "CLM-1002", "status": "approved", "payout": 25000}}),
+        )
+        .await;
+    a.assert("deny", "CONSTRAINT_VIOLATION");
+    assert_eq!(a.body["rules"], json!(["large-payout-needs-human"]));
+    assert!(
+        a.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("need a human reviewer"),
+        "{}",
+        a.body
+    );
+    let a = agent
+        .check(
+            &t,
+            json!({"tool": "run_sql", "params": {"query": "SELECT 1"}}),
+        )
+        .await;
+    a.assert("deny", "TOOL_NOT_PERMITTED");
+    assert_eq!(a.body["rules"], json!(["warden.scope"]));
+    let a = agent
+        .check(
+            &t,
+            json!({"tool": "get_claim", "params": {"claim_id": "CLM-1001"},
+                   "context": {"classification": "restricted"}}),
+        )
+        .await;
+    a.assert("deny", "DATA_BOUNDARY_VIOLATION");
+
+    // The rate limit: five updates a minute, the sixth is refused.
+    for i in 1..=6 {
+        let a = agent
+            .check(
+                &t,
+                json!({"tool": "update_claim", "params": {"claim_id": "CLM-1003", "status": "open"}}),
+            )
+            .await;
+        if i < 6 {
+            a.assert("permit", "PERMITTED");
+        } else {
+            a.assert("deny", "RATE_LIMITED");
+            assert_eq!(a.body["rules"], json!(["update-claim-rate"]));
+            assert!(a.body["retry_after_ms"].as_u64().unwrap() > 0, "{}", a.body);
+        }
+    }
+
+    // Kill and revive from the CLI, a separate process writing the store.
+    warden_ok(d, &["kill", AGENT, "--reason", "test"]);
+    let a = agent.check_until(&t, get_claim(), "KILLED").await;
+    let m = a.body["message"].as_str().unwrap();
+    assert!(
+        m.contains(&format!("agent `{AGENT}`")) && m.ends_with(": test)"),
+        "{m}"
+    );
+    warden_ok(d, &["revive", AGENT]);
+    agent.check_until(&t, get_claim(), "PERMITTED").await;
+
+    warden_ok(d, &["kill", "--owner", "claims-team"]);
+    let a = agent.check_until(&t, get_claim(), "KILLED").await;
+    assert!(
+        a.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("owner `claims-team`"),
+        "{}",
+        a.body
+    );
+    // Reviving the agent does not lift a kill aimed at its owner.
+    let out = warden(d, &["revive", AGENT]);
+    assert_eq!(out.code, 2, "{out}");
+    warden_ok(d, &["revive", "--owner", "claims-team"]);
+    agent.check_until(&t, get_claim(), "PERMITTED").await;
+
+    // An agent registered while the server runs can use the token it was given.
+    let intake = warden_ok(
+        d,
+        &[
+            "agent",
+            "register",
+            "intake-bot",
+            "--owner",
+            "intake-team",
+            "--tier",
+            "1",
+            "--scope",
+            "claims:read",
+        ],
+    )
+    .stdout
+    .trim()
+    .to_owned();
+    let search = json!({"tool": "search_claims", "params": {"query": "hail damage"}});
+    agent.check_until(&intake, search, "PERMITTED").await;
+
+    // Revoking the agent voids its credentials.
+    warden_ok(d, &["agent", "revoke", AGENT]);
+    let a = agent
+        .check_until(&t, get_claim(), "CREDENTIAL_REVOKED")
+        .await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    a.assert("deny", "CREDENTIAL_REVOKED");
+
+    server.kill();
+
+    // The audit trail: every call, denials included, in the order it was made.
+    let out = warden_ok(d, &["audit", "verify"]);
+    let total: usize = out
+        .stdout
+        .strip_prefix("audit verified: ")
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no entry count in\n{out}"));
+
+    let entries = export(d);
+    assert_eq!(entries.len(), total);
+    let decisions: Vec<(String, String, String)> = entries
+        .iter()
+        .filter(|e| e["kind"] == "decision")
+        .map(|e| {
+            let s = |k: &str| e[k].as_str().unwrap().to_owned();
+            (s("action"), s("decision"), s("reason"))
+        })
+        .collect();
+    assert_eq!(decisions, agent.calls);
+    let outcomes: Vec<&Value> = entries.iter().filter(|e| e["kind"] == "outcome").collect();
+    assert_eq!(outcomes.len(), 1);
+    assert_eq!(outcomes[0]["call_id"], json!(call_id));
+    let control: Vec<&str> = entries
+        .iter()
+        .filter(|e| e["kind"] == "control")
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        control,
+        [
+            "credential-issue",
+            "kill",
+            "revive",
+            "kill",
+            "revive",
+            "agent-register",
+            "revoke"
+        ]
+    );
+
+    let out = warden_ok(d, &["audit", "tail", "-n", "3"]);
+    let seqs: Vec<usize> = out
+        .stdout
+        .lines()
+        .map(|l| l.split_whitespace().next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(seqs, [total - 2, total - 1, total], "{out}");
+
+    // Change one byte of a denial (the run_sql one) and verification names it.
+    let denied = entries.iter().find(|e| e["action"] == "run_sql").unwrap()["seq"]
+        .as_u64()
+        .unwrap();
+    let db = rusqlite::Connection::open(d.join("warden.db")).unwrap();
+    let changed = db
+        .execute(
+            "UPDATE audit SET decision = 'permit' WHERE seq = ?1 AND decision = 'deny'",
+            [denied],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+    drop(db);
+    let out = warden(d, &["audit", "verify"]);
+    assert_eq!(out.code, 1, "{out}");
+    assert!(
+        out.stdout.starts_with(&format!(
+            "audit BROKEN: entry {denied}: contents do not match"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.stdout
+            .contains(&format!("({} entries before it verified)", denied - 1)),
+        "{out}"
+    );
+}
