@@ -120,6 +120,20 @@ struct RawConfig {
     agents: Vec<RawAgent>,
     #[serde(default)]
     limits: Vec<RawLimit>,
+    #[serde(default)]
+    mcp_servers: Vec<RawMcpServer>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMcpServer {
+    name: String,
+    #[serde(default)]
+    url: Option<String>,
+    #[serde(default)]
+    actions: BTreeMap<String, String>,
+    #[serde(default)]
+    timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -248,6 +262,19 @@ impl LimitSpec {
     }
 }
 
+/// An upstream MCP server: reachable at `/mcp/{name}` on the HTTP gateway if it has a
+/// URL, and known by name to `warden mcp-proxy --name`.
+#[derive(Clone, Debug)]
+pub struct McpServer {
+    pub name: String,
+    /// Streamable HTTP endpoint of the upstream server.
+    pub url: Option<String>,
+    /// MCP tool name to Warden action; unmapped tools are `<name>/<tool>`.
+    pub actions: BTreeMap<String, String>,
+    /// How long a tool call may run before the gateway cancels it.
+    pub timeout_ns: Nanos,
+}
+
 #[derive(Clone, Debug)]
 pub struct Settings {
     /// The directory of the config file; relative paths are resolved against it.
@@ -272,6 +299,7 @@ pub struct Settings {
     pub tools: BTreeMap<String, Tool>,
     pub agents: Vec<Agent>,
     pub limits: Vec<LimitSpec>,
+    pub mcp_servers: BTreeMap<String, McpServer>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8480";
@@ -460,6 +488,44 @@ impl Settings {
             });
         }
 
+        let mut mcp_servers = BTreeMap::new();
+        for (i, m) in raw.mcp_servers.into_iter().enumerate() {
+            let ok_name = !m.name.is_empty()
+                && m.name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+            if !ok_name {
+                return Err(field(
+                    &format!("mcp_servers[{i}].name"),
+                    format!(
+                        "`{}` is not usable in a URL path; use letters, digits and - _ .",
+                        m.name
+                    ),
+                ));
+            }
+            if let Some(u) = &m.url {
+                if !(u.starts_with("http://") || u.starts_with("https://")) {
+                    return Err(field(
+                        &format!("mcp_servers[{i}].url"),
+                        format!("`{u}` is not an http(s) URL"),
+                    ));
+                }
+            }
+            let timeout_ns = dur(&format!("mcp_servers[{i}].timeout"), m.timeout, "5m")?;
+            let server = McpServer {
+                name: m.name.clone(),
+                url: m.url,
+                actions: m.actions,
+                timeout_ns,
+            };
+            if mcp_servers.insert(m.name.clone(), server).is_some() {
+                return Err(field(
+                    &format!("mcp_servers[{i}].name"),
+                    format!("`{}` is declared twice", m.name),
+                ));
+            }
+        }
+
         Ok(Settings {
             base_dir: base_dir.to_path_buf(),
             listen,
@@ -485,6 +551,7 @@ impl Settings {
             tools,
             agents,
             limits,
+            mcp_servers,
         })
     }
 

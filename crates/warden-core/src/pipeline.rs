@@ -67,6 +67,15 @@ pub struct Checked {
     pub entry: Entry,
 }
 
+/// An authenticated agent that no kill switch covers.
+#[derive(Clone, Debug)]
+pub struct Standing {
+    pub id: String,
+    pub agent: Agent,
+    /// The credential's scopes that the agent still holds.
+    pub scopes: HashSet<String>,
+}
+
 /// The in-memory view of agents, revocations and kill switches.
 #[derive(Debug, Default)]
 pub struct ControlState {
@@ -198,30 +207,8 @@ impl Pipeline {
     }
 
     fn decide(&self, req: &CallRequest<'_>, now: Nanos, agent_out: &mut String) -> Decision {
-        // Control, part one: is our view of the kill switches trustworthy at all?
-        if !self.is_fresh() {
-            let age = self.staleness().map_or("never loaded".to_owned(), |s| {
-                format!("last confirmed {}ms ago", s / NANOS_PER_MILLI)
-            });
-            return Decision::deny_builtin(
-                Reason::Internal,
-                rules::CONTROL_STALE,
-                format!("kill-switch view is stale ({age}); failing closed until the store is reachable"),
-            );
-        }
-        let Some(state) = self.state() else {
-            return Decision::deny_builtin(
-                Reason::Internal,
-                rules::CONTROL_STALE,
-                "control state is unavailable",
-            );
-        };
-        if let Some(k) = state.kills.global() {
-            return killed(k);
-        }
-
-        let (claims, agent) = match self.authenticate_in(&state, req.credential, now) {
-            Ok(v) => v,
+        let agent = match self.standing_at(req.credential, now) {
+            Ok(a) => a,
             Err((d, sub)) => {
                 if let Some(sub) = sub {
                     *agent_out = sub;
@@ -230,20 +217,89 @@ impl Pipeline {
             }
         };
         *agent_out = agent.id.clone();
+        self.authorize(
+            &agent.agent,
+            &agent.scopes.iter().map(String::as_str).collect(),
+            req,
+            now,
+        )
+    }
 
+    /// Whether this credential may act at all right now: the control view is fresh, no
+    /// kill switch covers the agent, and the credential is valid. Everything `check` does
+    /// before looking at the tool. Used by gateways to cancel calls in flight.
+    pub fn standing(&self, credential: Option<&str>) -> Result<Standing, Decision> {
+        self.standing_at(credential, self.clock.now_ns())
+            .map_err(|(d, _)| d)
+    }
+
+    fn standing_at(
+        &self,
+        credential: Option<&str>,
+        now: Nanos,
+    ) -> Result<Standing, (Decision, Option<String>)> {
+        // Control, part one: is our view of the kill switches trustworthy at all?
+        if !self.is_fresh() {
+            let age = self.staleness().map_or("never loaded".to_owned(), |s| {
+                format!("last confirmed {}ms ago", s / NANOS_PER_MILLI)
+            });
+            return Err((
+                Decision::deny_builtin(
+                    Reason::Internal,
+                    rules::CONTROL_STALE,
+                    format!("kill-switch view is stale ({age}); failing closed until the store is reachable"),
+                ),
+                None,
+            ));
+        }
+        let Some(state) = self.state() else {
+            return Err((
+                Decision::deny_builtin(
+                    Reason::Internal,
+                    rules::CONTROL_STALE,
+                    "control state is unavailable",
+                ),
+                None,
+            ));
+        };
+        if let Some(k) = state.kills.global() {
+            return Err((killed(k), None));
+        }
+        let (claims, agent) = self.authenticate_in(&state, credential, now)?;
         // Control, part two: switches aimed at this agent or its owner.
         if let Some(k) = state.kills.covering(&agent.id, &agent.owner) {
-            return killed(k);
+            return Err((killed(k), Some(agent.id.clone())));
         }
-
         // The token's scopes can only narrow what the agent holds now.
-        let scopes: HashSet<&str> = claims
+        let scopes = claims
             .scopes
             .iter()
-            .map(String::as_str)
             .filter(|s| agent.scopes.contains(*s))
+            .cloned()
             .collect();
-        self.authorize(agent, &scopes, req, now)
+        Ok(Standing {
+            id: agent.id.clone(),
+            agent: agent.clone(),
+            scopes,
+        })
+    }
+
+    /// The tools this agent could ever be permitted: in the catalog, within its scopes and
+    /// its tier's data ceiling, and named by at least one permit rule. Gateways use it to
+    /// hide tools the agent's model should not be offered.
+    pub fn visible_tools(&self, standing: &Standing) -> HashSet<String> {
+        let ceiling = self
+            .tiers
+            .get(&standing.agent.tier)
+            .copied()
+            .unwrap_or(Classification::Public);
+        let policy = self.policy();
+        self.tools
+            .values()
+            .filter(|t| standing.scopes.contains(&t.scope) && t.classification <= ceiling)
+            .filter(|t| policy.as_ref().is_some_and(|p| p.may_permit(&t.name)))
+            .map(|t| t.name.clone())
+            .collect()
     }
 
     /// Authenticates an agent credential against the current control view: signature,
@@ -706,6 +762,24 @@ action write appliesTo { principal: Agent, resource: Tool, context: { params: { 
             vec![rules::SCOPE.to_owned()]
         );
         assert!(f.check(&t, "read", "1").is_permit());
+    }
+
+    #[test]
+    fn visible_tools_follow_scopes_and_standing() {
+        let f = fixture();
+        let a = f.pipeline.standing(Some(&f.token("a"))).unwrap();
+        let b = f.pipeline.standing(Some(&f.token("b"))).unwrap();
+        assert_eq!(
+            f.pipeline.visible_tools(&a),
+            ["read".to_string(), "write".to_string()].into()
+        );
+        assert_eq!(f.pipeline.visible_tools(&b), ["read".to_string()].into());
+        f.snapshot(vec![kill(KillTarget::Agent("a".into()))], &[]);
+        assert_eq!(
+            f.pipeline.standing(Some(&f.token("a"))).unwrap_err().reason,
+            Reason::Killed
+        );
+        assert!(f.pipeline.standing(Some(&f.token("b"))).is_ok());
     }
 
     #[test]

@@ -314,6 +314,15 @@ impl PolicyBundle {
         self.actions.contains(tool)
     }
 
+    /// Whether any permit rule could apply to this action (its conditions aside). With
+    /// none, every call to it is denied by default.
+    pub fn may_permit(&self, tool: &str) -> bool {
+        self.by_action.get(tool).is_some_and(|set| {
+            set.policies()
+                .any(|p| p.effect() == cedar_policy::Effect::Permit)
+        })
+    }
+
     /// Asks Cedar about one call.
     pub fn evaluate(
         &self,

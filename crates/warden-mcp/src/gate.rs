@@ -35,6 +35,8 @@ pub struct Verdict {
 #[derive(Debug, Clone)]
 pub struct Outcome {
     pub call_id: String,
+    /// The agent the call was decided for.
+    pub agent_id: String,
     /// `ok`, `error` (the tool reported an error), or why it has no result (`cancelled`,
     /// `timeout`, `upstream-failed`).
     pub status: &'static str,

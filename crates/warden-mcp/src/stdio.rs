@@ -75,6 +75,7 @@ pub struct Stats {
 struct InFlight {
     id: Value,
     call_id: String,
+    agent_id: String,
     started: Instant,
 }
 
@@ -239,6 +240,7 @@ where
         lock(&state).stats.calls_cancelled += 1;
         gate.outcome(Outcome {
             call_id: c.call_id,
+            agent_id: c.agent_id,
             status: if exit == Exit::ClientClosed {
                 "cancelled"
             } else {
@@ -358,6 +360,7 @@ async fn client_loop<G: Gate, R: AsyncBufRead + Unpin>(
                             if let Some(c) = call {
                                 gate.outcome(Outcome {
                                     call_id: c.call_id,
+                                    agent_id: c.agent_id,
                                     status: "cancelled",
                                     output: None,
                                     duration_ns: c.started.elapsed().as_nanos() as u64,
@@ -444,6 +447,7 @@ async fn decide<G: Gate>(
         InFlight {
             id: id.clone(),
             call_id: verdict.call_id,
+            agent_id: verdict.agent_id,
             started: Instant::now(),
         },
     );
@@ -505,6 +509,7 @@ async fn server_loop<G: Gate, R: AsyncBufRead + Unpin>(
                         let output = msg.get("result").or_else(|| msg.get("error")).cloned();
                         gate.outcome(Outcome {
                             call_id: c.call_id,
+                            agent_id: c.agent_id,
                             status: if is_error { "error" } else { "ok" },
                             output,
                             duration_ns: c.started.elapsed().as_nanos() as u64,
@@ -608,6 +613,7 @@ async fn watch_in_flight<G: Gate>(
             lock(&state).stats.calls_cancelled += 1;
             gate.outcome(Outcome {
                 call_id: c.call_id,
+                agent_id: c.agent_id,
                 status: if code == CALL_TIMED_OUT {
                     "timeout"
                 } else {

@@ -30,6 +30,7 @@ pub fn routes(app: Arc<App>) -> Router {
     Router::new()
         .route("/v1/check", post(check))
         .route("/v1/calls/{call_id}/outcome", post(outcome))
+        .route("/v1/agent", get(agent_standing))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .layer(DefaultBodyLimit::max(limit))
@@ -85,8 +86,12 @@ struct WireContext {
     trace_id: Option<String>,
 }
 
-fn decision_body(d: &Decision, call_id: &str, trace_id: &str, span_id: &str) -> Value {
+fn decision_body(d: &Decided) -> Value {
+    let (call_id, trace_id, span_id) = (&d.call_id, &d.trace_id, &d.span_id);
+    let agent_id = (!d.agent_id.is_empty()).then_some(&d.agent_id);
+    let d = &d.decision;
     let mut body = json!({
+        "agent_id": agent_id,
         "decision": d.effect.as_str(),
         "reason": d.reason.code(),
         "rules": d.rules,
@@ -143,57 +148,171 @@ async fn check(
         delegation_id: None,
         delegation_depth: 0,
     };
-    let ids = match new_ids(&headers, body.context.trace_id.as_deref()) {
-        Ok(ids) => ids,
-        Err(e) => {
-            let d = Decision::deny_builtin(
-                Reason::Internal,
-                "warden.ids",
-                format!("cannot create call ids: {e}"),
-            );
-            return Ok((decision_status(&d), Json(decision_body(&d, "", "", ""))).into_response());
-        }
-    };
-    let req = CallRequest {
-        credential: bearer(&headers),
-        tool: &body.tool,
-        params: &body.params,
-        context: &ctx,
-    };
-    let checked = app.pipeline.check(&req, ids);
-    let entry = checked.entry;
-    let (call_id, trace_id, span_id) = (
-        entry.call_id.clone(),
-        entry.trace_id.clone(),
-        entry.span_id.clone(),
-    );
-    // No audit, no action: the answer waits for the entry to be durable.
-    let decision = match app.audit.append(entry).await {
-        Ok(_) => checked.decision,
-        Err(e) => Decision::deny_builtin(
-            Reason::Internal,
-            "warden.audit",
-            format!("the decision could not be recorded ({e}); no audit, no action"),
-        ),
-    };
-    let status = decision_status(&decision);
-    Ok((
-        status,
-        Json(decision_body(&decision, &call_id, &trace_id, &span_id)),
-    )
-        .into_response())
-}
-
-fn new_ids(headers: &HeaderMap, trace_hint: Option<&str>) -> Result<CallIds, getrandom::Error> {
-    let from_header = headers
+    let trace_hint = headers
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
         .and_then(parse_traceparent)
-        .map(|(t, _)| t);
-    let from_body = trace_hint
-        .filter(|t| t.len() == 32 && t.bytes().all(|b| b.is_ascii_hexdigit()))
+        .map(|(t, _)| t)
+        .or(body.context.trace_id);
+    let d = app
+        .decide(
+            bearer(&headers),
+            &body.tool,
+            &body.params,
+            &ctx,
+            trace_hint.as_deref(),
+        )
+        .await;
+    let status = decision_status(&d.decision);
+    Ok((status, Json(decision_body(&d))).into_response())
+}
+
+/// A decided and durably recorded call.
+pub struct Decided {
+    pub decision: Decision,
+    pub call_id: String,
+    pub trace_id: String,
+    pub span_id: String,
+    pub agent_id: String,
+}
+
+impl App {
+    /// Decides one call and waits until its audit entry is durable. Every transport (the
+    /// HTTP API, both MCP gateways) goes through here, so they decide and record alike.
+    pub async fn decide(
+        &self,
+        credential: Option<&str>,
+        tool: &str,
+        params: &Value,
+        ctx: &CallContext,
+        trace_hint: Option<&str>,
+    ) -> Decided {
+        let ids = match new_ids(trace_hint) {
+            Ok(ids) => ids,
+            Err(e) => {
+                return Decided {
+                    decision: Decision::deny_builtin(
+                        Reason::Internal,
+                        "warden.ids",
+                        format!("cannot create call ids: {e}"),
+                    ),
+                    call_id: String::new(),
+                    trace_id: String::new(),
+                    span_id: String::new(),
+                    agent_id: String::new(),
+                }
+            }
+        };
+        let req = CallRequest {
+            credential,
+            tool,
+            params,
+            context: ctx,
+        };
+        let checked = self.pipeline.check(&req, ids);
+        let entry = checked.entry;
+        let (call_id, trace_id, span_id, agent_id) = (
+            entry.call_id.clone(),
+            entry.trace_id.clone(),
+            entry.span_id.clone(),
+            entry.agent_id.clone(),
+        );
+        // No audit, no action: the answer waits for the entry to be durable.
+        let decision = match self.audit.append(entry).await {
+            Ok(_) => checked.decision,
+            Err(e) => Decision::deny_builtin(
+                Reason::Internal,
+                "warden.audit",
+                format!("the decision could not be recorded ({e}); no audit, no action"),
+            ),
+        };
+        Decided {
+            decision,
+            call_id,
+            trace_id,
+            span_id,
+            agent_id,
+        }
+    }
+
+    /// Appends the outcome of a permitted call made by `agent_id`. Refuses calls the agent
+    /// did not make, calls that were denied, and a second outcome.
+    pub async fn record_outcome(
+        &self,
+        agent_id: &str,
+        call_id: &str,
+        outcome: OutcomeRecord,
+    ) -> Result<u64, ApiError> {
+        if call_id.len() > 64 {
+            return Err(ApiError::NotFound("no such call".into()));
+        }
+        let store = self.store.clone();
+        let cid = call_id.to_owned();
+        let records = blocking(move || store.call_records(&cid)).await?;
+        let decision = records
+            .iter()
+            .find(|r| r.entry.kind == EntryKind::Decision && r.entry.agent_id == agent_id)
+            .ok_or_else(|| {
+                ApiError::NotFound(format!("agent `{agent_id}` made no call `{call_id}`"))
+            })?;
+        if decision.entry.decision != "permit" {
+            return Err(ApiError::Conflict(format!(
+                "call `{call_id}` was denied; nothing ran, so there is no outcome"
+            )));
+        }
+        if records.iter().any(|r| r.entry.kind == EntryKind::Outcome) {
+            return Err(ApiError::Conflict(format!(
+                "call `{call_id}` already has an outcome"
+            )));
+        }
+        let entry = Entry {
+            ts_ns: self.pipeline.clock().now_ns(),
+            kind: EntryKind::Outcome,
+            call_id: call_id.to_owned(),
+            trace_id: decision.entry.trace_id.clone(),
+            span_id: decision.entry.span_id.clone(),
+            agent_id: agent_id.to_owned(),
+            delegation_id: decision.entry.delegation_id.clone(),
+            action: decision.entry.action.clone(),
+            input_hash: decision.entry.input_hash.clone(),
+            output_hash: outcome.output_hash,
+            decision: outcome.status.to_owned(),
+            reason: String::new(),
+            rules: Vec::new(),
+            cost: outcome.cost,
+            duration_ns: outcome.duration_ns,
+            rationale: None,
+        };
+        self.audit
+            .append(entry)
+            .await
+            .map(|r| r.seq)
+            .map_err(|e| ApiError::Unavailable(format!("outcome could not be recorded: {e}")))
+    }
+}
+
+/// What happened to a permitted call.
+pub struct OutcomeRecord {
+    /// One of [`OUTCOME_STATUSES`].
+    pub status: &'static str,
+    pub output_hash: Option<String>,
+    pub cost: Option<f64>,
+    pub duration_ns: Option<u64>,
+}
+
+/// `ok` and `error` as the tool reported; the rest are set by gateways when a call ends
+/// without a result.
+pub const OUTCOME_STATUSES: [&str; 5] = ["ok", "error", "cancelled", "timeout", "upstream-failed"];
+
+fn new_ids(trace_hint: Option<&str>) -> Result<CallIds, getrandom::Error> {
+    let hint = trace_hint
+        .filter(|t| {
+            t.len() == 32
+                && t.bytes().all(|b| b.is_ascii_hexdigit())
+                && t.bytes().any(|b| b != b'0')
+        })
         .map(str::to_ascii_lowercase);
-    let trace_id = match from_header.or(from_body) {
+    let trace_id = match hint {
         Some(t) => t,
         None => random_hex(16)?,
     };
@@ -225,12 +344,13 @@ async fn outcome(
         .authenticate(bearer(&headers))
         .map_err(|d| ApiError::Unauthorized(format!("{}: {}", d.reason.code(), d.message)))?;
     let body: OutcomeBody = json_body(body, app.settings.max_body_bytes)?;
-    if body.status != "ok" && body.status != "error" {
+    let Some(status) = OUTCOME_STATUSES.into_iter().find(|s| *s == body.status) else {
         return Err(ApiError::BadRequest(format!(
-            "`status` is `{}`; use `ok` or `error`",
-            body.status
+            "`status` is `{}`; use one of {}",
+            body.status,
+            OUTCOME_STATUSES.join(", ")
         )));
-    }
+    };
     let output_hash = match (body.output_hash, body.output) {
         (Some(_), Some(_)) => {
             return Err(ApiError::BadRequest(
@@ -263,56 +383,40 @@ async fn outcome(
         }
         None => None,
     };
-    if call_id.len() > 64 {
-        return Err(ApiError::NotFound("no such call".into()));
-    }
-    let store = app.store.clone();
-    let cid = call_id.clone();
-    let records = blocking(move || store.call_records(&cid)).await?;
-    let decision = records
-        .iter()
-        .find(|r| r.entry.kind == EntryKind::Decision && r.entry.agent_id == agent.id)
-        .ok_or_else(|| {
-            ApiError::NotFound(format!("agent `{}` made no call `{call_id}`", agent.id))
-        })?;
-    if decision.entry.decision != "permit" {
-        return Err(ApiError::Conflict(format!(
-            "call `{call_id}` was denied; nothing ran, so there is no outcome"
-        )));
-    }
-    if records.iter().any(|r| r.entry.kind == EntryKind::Outcome) {
-        return Err(ApiError::Conflict(format!(
-            "call `{call_id}` already has an outcome"
-        )));
-    }
-    let entry = Entry {
-        ts_ns: app.pipeline.clock().now_ns(),
-        kind: EntryKind::Outcome,
-        call_id: call_id.clone(),
-        trace_id: decision.entry.trace_id.clone(),
-        span_id: decision.entry.span_id.clone(),
-        agent_id: agent.id.clone(),
-        delegation_id: decision.entry.delegation_id.clone(),
-        action: decision.entry.action.clone(),
-        input_hash: decision.entry.input_hash.clone(),
-        output_hash,
-        decision: body.status,
-        reason: String::new(),
-        rules: Vec::new(),
-        cost: body.cost,
-        duration_ns,
-        rationale: None,
-    };
-    let rec = app
-        .audit
-        .append(entry)
-        .await
-        .map_err(|e| ApiError::Unavailable(format!("outcome could not be recorded: {e}")))?;
+    let seq = app
+        .record_outcome(
+            &agent.id,
+            &call_id,
+            OutcomeRecord {
+                status,
+                output_hash,
+                cost: body.cost,
+                duration_ns,
+            },
+        )
+        .await?;
     Ok((
         StatusCode::OK,
-        Json(json!({ "recorded": true, "call_id": call_id, "seq": rec.seq })),
+        Json(json!({ "recorded": true, "call_id": call_id, "seq": seq })),
     )
         .into_response())
+}
+
+/// The calling agent's standing: whether it may act now, and which tools it could ever
+/// be permitted. Gateways poll this to cancel calls in flight and to filter tool lists.
+async fn agent_standing(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    match app.pipeline.standing(bearer(&headers)) {
+        Ok(s) => {
+            let mut tools: Vec<String> = app.pipeline.visible_tools(&s).into_iter().collect();
+            tools.sort();
+            Json(json!({ "agent_id": s.id, "stopped": null, "tools": tools })).into_response()
+        }
+        Err(d) => {
+            let status = decision_status(&d);
+            let body = json!({ "stopped": { "reason": d.reason.code(), "message": d.message } });
+            (status, Json(body)).into_response()
+        }
+    }
 }
 
 async fn healthz() -> Json<Value> {

@@ -14,6 +14,7 @@ pub mod admin;
 pub mod api;
 pub mod audit_writer;
 pub mod error;
+pub mod gate;
 pub mod ids;
 pub mod policy_files;
 pub mod setup;
@@ -164,6 +165,15 @@ impl App {
         if let Err(e) = self.audit.append(entry).await {
             tracing::error!(error = %e, action, "could not audit an operator action");
         }
+    }
+
+    /// Starts the node's background work (control refresh, policy watch, SIGHUP) without
+    /// an HTTP listener, as `warden mcp-proxy` does in embedded mode. Dropping the returned
+    /// sender stops it.
+    pub fn start_background(self: &Arc<Self>) -> tokio::sync::watch::Sender<bool> {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        spawn_background(self, rx);
+        tx
     }
 
     pub(crate) fn operator_token(&self) -> &str {

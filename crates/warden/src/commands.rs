@@ -71,6 +71,36 @@ enum Command {
     /// Verify, read and export the audit trail.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Govern an MCP server over stdio: put this in front of the server's command in an
+    /// MCP client's config, e.g. `warden mcp-proxy --name files -- npx server-filesystem /data`.
+    McpProxy(McpProxyArgs),
+}
+
+#[derive(Args)]
+struct McpProxyArgs {
+    /// The agent's token, or `env:NAME` to read it from that environment variable.
+    #[arg(long, env = "WARDEN_TOKEN", hide_env_values = true)]
+    token: String,
+    /// Ask this running `warden serve` (e.g. http://127.0.0.1:8480). Without it the decision
+    /// path runs in this process, on the store named by the config.
+    #[arg(long)]
+    server: Option<String>,
+    /// The server's name: its tools are the actions `<name>/<tool>` unless the config's
+    /// [[mcp_servers]] entry of this name maps them.
+    #[arg(long, default_value = "mcp")]
+    name: String,
+    /// Offer the client every tool the server has, not only those the agent may call.
+    #[arg(long)]
+    no_filter: bool,
+    /// Cancel a tool call that has no answer after this long.
+    #[arg(long)]
+    call_timeout: Option<String>,
+    /// Largest JSON-RPC frame accepted from either side, in bytes.
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    max_frame: usize,
+    /// The MCP server's command and arguments.
+    #[arg(last = true, required = true, num_args = 1..)]
+    command: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -283,7 +313,115 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit(cmd) => audit(&load_settings(&cli.config)?, cmd),
+        Command::McpProxy(args) => mcp_proxy(&cli.config, args),
     }
+}
+
+fn mcp_proxy(config: &Path, args: McpProxyArgs) -> Result<ExitCode> {
+    use warden_mcp::stdio::{self, Exit};
+    use warden_mcp::tools::ToolMap;
+
+    // stdout is the protocol: logs go to stderr only, and quietly by default.
+    tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("WARDEN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let token = match args.token.strip_prefix("env:") {
+        Some(var) => std::env::var(var)
+            .with_context(|| format!("--token env:{var}: the variable is not set"))?,
+        None => args.token.clone(),
+    };
+    // In remote mode the config is optional: it only supplies the tool-name mapping.
+    let settings = match (&args.server, load_settings(config)) {
+        (_, Ok(s)) => Some(s),
+        (Some(_), Err(_)) => None,
+        (None, Err(e)) => {
+            return Err(
+                e.context("the embedded decision path needs the config (or pass --server URL)")
+            )
+        }
+    };
+    let declared = settings
+        .as_ref()
+        .and_then(|s| s.mcp_servers.get(&args.name));
+    let map = ToolMap::new(
+        args.name.clone(),
+        declared.map(|m| m.actions.clone()).unwrap_or_default(),
+    );
+    let call_timeout = match &args.call_timeout {
+        Some(t) => parse_duration(t).map_err(|m| anyhow!("--call-timeout: {m}"))?,
+        None => declared.map_or(300 * NANOS_PER_SEC, |m| m.timeout_ns),
+    };
+    let opts = stdio::Options {
+        map,
+        max_frame: args.max_frame,
+        filter_tools: !args.no_filter,
+        call_timeout: Duration::from_nanos(call_timeout),
+        stop_poll: Duration::from_millis(200),
+    };
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let mut child = tokio::process::Command::new(&args.command[0])
+            .args(&args.command[1..])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start the MCP server `{}`", args.command[0]))?;
+        let (Some(server_in), Some(server_out)) = (child.stdin.take(), child.stdout.take()) else {
+            bail!("the MCP server's pipes are not available");
+        };
+        let client_in = tokio::io::BufReader::new(tokio::io::stdin());
+        let client_out = tokio::io::stdout();
+        let server_out = tokio::io::BufReader::new(server_out);
+        let (exit, stats) = match (&args.server, settings) {
+            (Some(url), _) => {
+                let gate = Arc::new(warden_server::gate::RemoteGate::new(url, token)?);
+                stdio::run(gate, opts, client_in, client_out, server_out, server_in).await
+            }
+            (None, Some(settings)) => {
+                let app = tokio::task::spawn_blocking(move || {
+                    warden_server::App::build(settings, Arc::new(SystemClock))
+                })
+                .await??;
+                let _background = app.start_background();
+                let gate = Arc::new(warden_server::gate::EmbeddedGate::new(app, token));
+                stdio::run(gate, opts, client_in, client_out, server_out, server_in).await
+            }
+            (None, None) => bail!("no config and no --server"),
+        };
+        tracing::info!(?exit, ?stats, "mcp-proxy finished");
+        match exit {
+            Exit::ClientClosed => {
+                // The server's stdin is closed; give it a moment to exit on its own.
+                if tokio::time::timeout(Duration::from_secs(2), child.wait())
+                    .await
+                    .is_err()
+                {
+                    let _ = child.kill().await;
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Exit::ServerClosed => {
+                let status = child.wait().await?;
+                if status.success() {
+                    Ok(ExitCode::SUCCESS)
+                } else {
+                    eprintln!("warden mcp-proxy: the MCP server exited with {status}");
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
+    })
 }
 
 const EXAMPLE_CONFIG: &str = include_str!("../../../examples/claims/warden.toml");

@@ -1,0 +1,252 @@
+//! The two ways an MCP gateway reaches Warden's decision path: in-process, sharing this
+//! node's pipeline and audit writer, or over HTTP to a running `warden serve`.
+//!
+//! Both fail closed: if Warden cannot be reached or cannot record, the call is denied.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use warden_core::audit::hash_json;
+use warden_core::pipeline::CallContext;
+use warden_mcp::gate::{Gate, Outcome, ToolCall, Verdict};
+
+use crate::api::OutcomeRecord;
+use crate::App;
+
+/// The pipeline of this process.
+pub struct EmbeddedGate {
+    app: Arc<App>,
+    token: String,
+}
+
+impl EmbeddedGate {
+    pub fn new(app: Arc<App>, token: String) -> Self {
+        Self { app, token }
+    }
+}
+
+impl Gate for EmbeddedGate {
+    async fn check(&self, call: ToolCall) -> Verdict {
+        let ctx = CallContext {
+            rationale: call.rationale,
+            ..Default::default()
+        };
+        let d = self
+            .app
+            .decide(
+                Some(&self.token),
+                &call.action,
+                &call.arguments,
+                &ctx,
+                call.trace_id.as_deref(),
+            )
+            .await;
+        Verdict {
+            permit: d.decision.is_permit(),
+            reason: d.decision.reason.code().to_owned(),
+            rules: d.decision.rules,
+            message: d.decision.message,
+            call_id: d.call_id,
+            trace_id: d.trace_id,
+            span_id: d.span_id,
+            agent_id: d.agent_id,
+        }
+    }
+
+    async fn outcome(&self, o: Outcome) {
+        let record = OutcomeRecord {
+            status: o.status,
+            output_hash: o.output.as_ref().map(hash_json),
+            cost: None,
+            duration_ns: Some(o.duration_ns),
+        };
+        if let Err(e) = self
+            .app
+            .record_outcome(&o.agent_id, &o.call_id, record)
+            .await
+        {
+            tracing::error!(call_id = %o.call_id, error = %e, "could not record a tool call's outcome");
+        }
+    }
+
+    async fn stopped(&self) -> Option<String> {
+        self.app
+            .pipeline
+            .standing(Some(&self.token))
+            .err()
+            .map(|d| format!("{}: {}", d.reason.code(), d.message))
+    }
+
+    async fn visible_actions(&self) -> Option<HashSet<String>> {
+        let standing = self.app.pipeline.standing(Some(&self.token)).ok()?;
+        Some(self.app.pipeline.visible_tools(&standing))
+    }
+}
+
+/// A `warden serve` reached over HTTP.
+pub struct RemoteGate {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl RemoteGate {
+    pub fn new(base: &str, token: String) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .pool_max_idle_per_host(8)
+            .build()?;
+        Ok(Self {
+            http,
+            base: base.trim_end_matches('/').to_owned(),
+            token,
+        })
+    }
+
+    async fn standing(&self) -> Result<Value, String> {
+        let resp = self
+            .http
+            .get(format!("{}/v1/agent", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| format!("INTERNAL: cannot reach Warden at {}: {e}", self.base))?;
+        let ok = resp.status().is_success();
+        let body: Value = resp
+            .json()
+            .await
+            .map_err(|e| format!("INTERNAL: unreadable answer from Warden: {e}"))?;
+        if ok {
+            Ok(body)
+        } else {
+            Err(format!(
+                "{}: {}",
+                body.pointer("/stopped/reason")
+                    .and_then(Value::as_str)
+                    .unwrap_or("INTERNAL"),
+                body.pointer("/stopped/message")
+                    .and_then(Value::as_str)
+                    .unwrap_or("refused")
+            ))
+        }
+    }
+}
+
+fn deny_internal(message: String) -> Verdict {
+    Verdict {
+        permit: false,
+        reason: "INTERNAL".into(),
+        rules: vec!["warden.gateway".into()],
+        message,
+        call_id: String::new(),
+        trace_id: String::new(),
+        span_id: String::new(),
+        agent_id: String::new(),
+    }
+}
+
+impl Gate for RemoteGate {
+    async fn check(&self, call: ToolCall) -> Verdict {
+        let mut context = json!({});
+        if let Some(r) = call.rationale {
+            context["rationale"] = json!(r);
+        }
+        if let Some(t) = call.trace_id {
+            context["trace_id"] = json!(t);
+        }
+        let body = json!({ "tool": call.action, "params": call.arguments, "context": context });
+        let resp = match self
+            .http
+            .post(format!("{}/v1/check", self.base))
+            .bearer_auth(&self.token)
+            .json(&body)
+            .send()
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => return deny_internal(format!("cannot reach Warden at {}: {e}", self.base)),
+        };
+        let status = resp.status();
+        let v: Value = match resp.json().await {
+            Ok(v) => v,
+            Err(e) => {
+                return deny_internal(format!("unreadable answer from Warden ({status}): {e}"))
+            }
+        };
+        let s = |k: &str| {
+            v.get(k)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        if v.get("decision").is_none() {
+            // 400/413: Warden refused the request itself (e.g. arguments over the size limit).
+            return deny_internal(format!(
+                "Warden refused the check ({status}): {}",
+                s("message")
+            ));
+        }
+        Verdict {
+            permit: s("decision") == "permit",
+            reason: s("reason"),
+            rules: v
+                .get("rules")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default(),
+            message: s("message"),
+            call_id: s("call_id"),
+            trace_id: s("trace_id"),
+            span_id: s("span_id"),
+            agent_id: s("agent_id"),
+        }
+    }
+
+    async fn outcome(&self, o: Outcome) {
+        // Hash here: a large tool result should not travel to Warden just to be hashed.
+        let body = json!({
+            "status": o.status,
+            "output_hash": o.output.as_ref().map(hash_json),
+            "duration_ms": o.duration_ns as f64 / 1e6,
+        });
+        let res = self
+            .http
+            .post(format!("{}/v1/calls/{}/outcome", self.base, o.call_id))
+            .bearer_auth(&self.token)
+            .json(&body)
+            .send()
+            .await;
+        match res {
+            Ok(r) if r.status().is_success() => {}
+            Ok(r) => {
+                tracing::error!(call_id = %o.call_id, status = %r.status(), "Warden refused a tool call's outcome")
+            }
+            Err(e) => {
+                tracing::error!(call_id = %o.call_id, error = %e, "could not record a tool call's outcome")
+            }
+        }
+    }
+
+    async fn stopped(&self) -> Option<String> {
+        self.standing().await.err()
+    }
+
+    async fn visible_actions(&self) -> Option<HashSet<String>> {
+        let v = self.standing().await.ok()?;
+        Some(
+            v.get("tools")?
+                .as_array()?
+                .iter()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect(),
+        )
+    }
+}
