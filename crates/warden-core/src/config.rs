@@ -134,6 +134,8 @@ struct RawMcpServer {
     actions: BTreeMap<String, String>,
     #[serde(default)]
     timeout: Option<String>,
+    #[serde(default)]
+    resolve_paths: Vec<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -273,6 +275,8 @@ pub struct McpServer {
     pub actions: BTreeMap<String, String>,
     /// How long a tool call may run before the gateway cancels it.
     pub timeout_ns: Nanos,
+    /// Arguments that name local files; the stdio proxy resolves them before policy.
+    pub resolve_paths: Vec<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -517,6 +521,7 @@ impl Settings {
                 url: m.url,
                 actions: m.actions,
                 timeout_ns,
+                resolve_paths: m.resolve_paths,
             };
             if mcp_servers.insert(m.name.clone(), server).is_some() {
                 return Err(field(

@@ -26,7 +26,9 @@ use crate::message::{
     classify, error_response, id_key, meta_mut, parse_frame, FrameError, Kind, CALL_CANCELLED,
     CALL_TIMED_OUT, UPSTREAM_UNAVAILABLE,
 };
-use crate::tools::{denied_result, filter_tools_list, trace_headers, trace_id_of, ToolMap};
+use crate::tools::{
+    denied_result, filter_tools_list, resolve_path_args, trace_headers, trace_id_of, ToolMap,
+};
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -39,6 +41,10 @@ pub struct Options {
     pub call_timeout: Duration,
     /// How often to ask whether the agent was stopped while calls are in flight.
     pub stop_poll: Duration,
+    /// Arguments that name local files, resolved before policy sees them.
+    pub resolve_paths: Vec<String>,
+    /// What relative paths are relative to: the server's working directory.
+    pub path_base: std::path::PathBuf,
 }
 
 impl Default for Options {
@@ -49,6 +55,8 @@ impl Default for Options {
             filter_tools: true,
             call_timeout: Duration::from_secs(300),
             stop_poll: Duration::from_millis(200),
+            resolve_paths: Vec::new(),
+            path_base: std::path::PathBuf::from("/"),
         }
     }
 }
@@ -223,7 +231,14 @@ where
     watcher.abort();
     // Settle every call still in flight: the server is told to stop working on it, the
     // client (if still there) gets an error, and the audit trail gets its outcome.
-    let orphans: Vec<InFlight> = lock(&state).calls.drain().map(|(_, c)| c).collect();
+    let orphans: Vec<InFlight> = {
+        let mut st = lock(&state);
+        let calls: Vec<(String, InFlight)> = st.calls.drain().collect();
+        for (k, _) in &calls {
+            st.client_requests.remove(k);
+        }
+        calls.into_iter().map(|(_, c)| c).collect()
+    };
     for c in orphans {
         let why = match exit {
             Exit::ClientClosed => "client disconnected",
@@ -409,10 +424,12 @@ async fn decide<G: Gate>(
         lock(state).stats.frames_rejected += 1;
         return Some(error_response(id, -32602, "tools/call needs `params.name`"));
     };
-    let arguments = params
+    let mut arguments = params
         .and_then(|p| p.get("arguments"))
         .cloned()
         .unwrap_or_else(|| json!({}));
+    // Policy judges the resolved paths; the server still gets the arguments as sent.
+    resolve_path_args(&mut arguments, &opts.resolve_paths, &opts.path_base);
     let meta = params.and_then(|p| p.get("_meta"));
     let rationale = meta
         .and_then(|m| m.get("rationale"))
@@ -605,12 +622,9 @@ async fn watch_in_flight<G: Gate>(
             let _ = to_server.send(line(&json!({
                 "jsonrpc": "2.0", "method": "notifications/cancelled", "params": { "requestId": c.id, "reason": why }
             })));
-            let _ = to_client.send(line(&error_response(
-                &c.id,
-                code,
-                format!("tool call cancelled by Warden: {why}"),
-            )));
             lock(&state).stats.calls_cancelled += 1;
+            // Recorded before the client hears of it, so the outcome is durable even if
+            // the client hangs up at once.
             gate.outcome(Outcome {
                 call_id: c.call_id,
                 agent_id: c.agent_id,
@@ -623,6 +637,11 @@ async fn watch_in_flight<G: Gate>(
                 duration_ns: c.started.elapsed().as_nanos() as u64,
             })
             .await;
+            let _ = to_client.send(line(&error_response(
+                &c.id,
+                code,
+                format!("tool call cancelled by Warden: {why}"),
+            )));
         }
     }
 }

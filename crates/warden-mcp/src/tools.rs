@@ -1,6 +1,7 @@
 //! Tool names and the messages a gateway writes itself.
 
 use std::collections::{BTreeMap, HashSet};
+use std::path::{Component, Path, PathBuf};
 
 use serde_json::{json, Value};
 
@@ -97,6 +98,85 @@ pub fn trace_id_of(traceparent: &str) -> Option<String> {
         .then(|| trace.to_owned())
 }
 
+/// Replaces the file-path arguments named in `names` with the paths the server will
+/// actually open: made absolute against `base`, symlinks resolved, `.` and `..` applied.
+/// Policy then judges where a call really goes, not how its path is spelled.
+///
+/// The server opens the file after the decision, so a symlink swapped in between is not
+/// seen here; confine the server to its folder as well (defence in depth).
+pub fn resolve_path_args(args: &mut Value, names: &[String], base: &Path) {
+    let Some(obj) = args.as_object_mut() else {
+        return;
+    };
+    for name in names {
+        match obj.get_mut(name) {
+            Some(Value::String(p)) => *p = resolve_path(p, base),
+            Some(Value::Array(items)) => {
+                for item in items {
+                    if let Value::String(p) = item {
+                        *p = resolve_path(p, base);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn resolve_path(p: &str, base: &Path) -> String {
+    let expanded = match (p.strip_prefix("~/"), std::env::var_os("HOME")) {
+        (Some(rest), Some(home)) => PathBuf::from(home).join(rest),
+        _ => PathBuf::from(p),
+    };
+    let abs = if expanded.is_absolute() {
+        expanded
+    } else {
+        base.join(expanded)
+    };
+    let abs = lexical(&abs, true);
+    // The longest prefix that exists is resolved by the OS (symlinks included); what does
+    // not exist yet cannot be a symlink and is appended as written.
+    let mut existing = abs.clone();
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(real) = std::fs::canonicalize(&existing) {
+            let mut out = real;
+            for c in rest.iter().rev() {
+                out.push(c);
+            }
+            return lexical(&out, false).to_string_lossy().into_owned();
+        }
+        match (
+            existing.file_name().map(|f| f.to_owned()),
+            existing.parent().map(Path::to_path_buf),
+        ) {
+            (Some(name), Some(parent)) => {
+                rest.push(name);
+                existing = parent;
+            }
+            _ => return abs.to_string_lossy().into_owned(),
+        }
+    }
+}
+
+/// Applies `.` and `..` by name. With `keep_parent_of_links`, `..` is kept wherever the
+/// prefix exists on disk, because there it must be resolved by the OS (after a symlink,
+/// `a/link/..` is not `a`).
+fn lexical(p: &Path, keep_parent_of_links: bool) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir if keep_parent_of_links && out.exists() => out.push(".."),
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,5 +230,46 @@ mod tests {
         );
         assert!(bag.contains("warden.agent_id=a"));
         assert!(trace_id_of("garbage").is_none());
+    }
+
+    #[test]
+    fn paths_resolve_through_dot_dot_and_symlinks() {
+        let dir = std::env::temp_dir().join(format!("warden-paths-{}", std::process::id()));
+        let docs = dir.join("docs");
+        let secret = dir.join("secret");
+        std::fs::create_dir_all(&docs).unwrap();
+        std::fs::create_dir_all(&secret).unwrap();
+        let link = docs.join("link");
+        let _ = std::fs::remove_file(&link);
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(&secret, &link).unwrap();
+        let real = std::fs::canonicalize(&dir).unwrap();
+        let names = vec!["path".to_string(), "paths".to_string()];
+        let mut args = json!({
+            "path": "docs/../secret/x.txt",
+            "paths": [format!("{}/docs/link/y.txt", dir.display()), "docs/new/./z.txt"],
+            "other": "../untouched"
+        });
+        resolve_path_args(&mut args, &names, &dir);
+        assert_eq!(
+            args["path"],
+            real.join("secret/x.txt").to_string_lossy().as_ref()
+        );
+        #[cfg(unix)]
+        assert_eq!(
+            args["paths"][0],
+            real.join("secret/y.txt").to_string_lossy().as_ref()
+        );
+        assert_eq!(
+            args["paths"][1],
+            real.join("docs/new/z.txt").to_string_lossy().as_ref()
+        );
+        assert_eq!(args["other"], "../untouched");
+        // `..` after a symlink is resolved physically: docs/link/.. is `dir`, not `docs`
+        let mut a = json!({"path": "docs/link/../docs/f"});
+        resolve_path_args(&mut a, &names, &dir);
+        #[cfg(unix)]
+        assert_eq!(a["path"], real.join("docs/f").to_string_lossy().as_ref());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -362,13 +362,18 @@ fn mcp_proxy(config: &Path, args: McpProxyArgs) -> Result<ExitCode> {
         filter_tools: !args.no_filter,
         call_timeout: Duration::from_nanos(call_timeout),
         stop_poll: Duration::from_millis(200),
+        resolve_paths: declared
+            .map(|m| m.resolve_paths.clone())
+            .unwrap_or_default(),
+        // The server runs in our working directory, so its relative paths are ours.
+        path_base: std::env::current_dir()?,
     };
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(async move {
+    let result = rt.block_on(async move {
         let mut child = tokio::process::Command::new(&args.command[0])
             .args(&args.command[1..])
             .stdin(std::process::Stdio::piped())
@@ -421,7 +426,11 @@ fn mcp_proxy(config: &Path, args: McpProxyArgs) -> Result<ExitCode> {
                 }
             }
         }
-    })
+    });
+    // Reading our stdin occupies a blocking thread until the client closes it; when the
+    // server is the one that ended, do not wait for that.
+    rt.shutdown_timeout(Duration::from_millis(200));
+    result
 }
 
 const EXAMPLE_CONFIG: &str = include_str!("../../../examples/claims/warden.toml");

@@ -1,0 +1,581 @@
+//! `warden mcp-proxy` between the official Python MCP client and the reference MCP
+//! servers, over stdio, in both modes (embedded pipeline, remote `warden serve`).
+//!
+//! The peers are installed by `.ci/run` (a venv with `mcp`, `npm ci` in tests/mcp). Where
+//! they are missing the tests say so and skip.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const WARDEN: &str = env!("CARGO_BIN_EXE_warden");
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+struct Peers {
+    python: PathBuf,
+    everything: PathBuf,
+    filesystem: PathBuf,
+}
+
+/// The official client and reference servers, or why they are not there.
+fn peers() -> Result<Peers, String> {
+    let r = root();
+    let python = std::env::var_os("WARDEN_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| r.join(".venv-test/bin/python"));
+    let modules = r.join("tests/mcp/node_modules/@modelcontextprotocol");
+    let p = Peers {
+        python,
+        everything: modules.join("server-everything/dist/index.js"),
+        filesystem: modules.join("server-filesystem/dist/index.js"),
+    };
+    if !p.python.exists() {
+        return Err(format!(
+            "no Python with the MCP SDK at {} (run .ci/run or see tests/mcp)",
+            p.python.display()
+        ));
+    }
+    if !p.everything.exists() || !p.filesystem.exists() {
+        return Err("reference MCP servers not installed (npm ci --prefix tests/mcp)".into());
+    }
+    if Command::new("node").arg("--version").output().is_err() {
+        return Err("node is not installed".into());
+    }
+    Ok(p)
+}
+
+macro_rules! peers_or_skip {
+    () => {
+        match peers() {
+            Ok(p) => p,
+            // CI sets WARDEN_REQUIRE_MCP_PEERS so a missing peer fails instead of skipping.
+            Err(why) if std::env::var_os("WARDEN_REQUIRE_MCP_PEERS").is_some() => panic!("{why}"),
+            Err(why) => {
+                eprintln!("skipped: {why}");
+                return;
+            }
+        }
+    };
+}
+
+/// A temp copy of examples/mcp whose documents folder is real.
+struct Setup {
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().canonicalize().unwrap();
+        let ex = root().join("examples/mcp");
+        std::fs::create_dir_all(d.join("policy")).unwrap();
+        for f in ["warden.toml", "policy/mcp.cedarschema", "policy/mcp.cedar"] {
+            let text = std::fs::read_to_string(ex.join(f)).unwrap();
+            let text = text.replace("/srv/docs", &d.join("docs").display().to_string());
+            let text = text.replace("refresh = \"250ms\"", "refresh = \"100ms\"");
+            std::fs::write(d.join(f), text).unwrap();
+        }
+        std::fs::write(
+            d.join("operator.token"),
+            "wop_mcp_test_operator_0123456789\n",
+        )
+        .unwrap();
+        std::fs::create_dir_all(d.join("docs")).unwrap();
+        std::fs::create_dir_all(d.join("secret")).unwrap();
+        std::fs::write(d.join("docs/a.txt"), "claim notes\n").unwrap();
+        std::fs::write(d.join("secret/s.txt"), "the vault code\n").unwrap();
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(d.join("secret"), d.join("docs/link")).unwrap();
+        Setup { dir }
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().canonicalize().unwrap()
+    }
+
+    fn config(&self) -> PathBuf {
+        self.path().join("warden.toml")
+    }
+
+    fn warden(&self, args: &[&str]) -> Output {
+        Command::new(WARDEN)
+            .arg("--config")
+            .arg(self.config())
+            .args(args)
+            .current_dir(self.path())
+            .output()
+            .unwrap()
+    }
+
+    fn token(&self) -> String {
+        let out = self.warden(&["agent", "token", "research-agent"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
+    /// Runs the Python client with `plan` against `warden mcp-proxy <proxy_args> -- <server>`.
+    fn client(
+        &self,
+        peers: &Peers,
+        plan: &Value,
+        proxy_args: &[&str],
+        server: &[&str],
+        token: &str,
+    ) -> Child {
+        let plan_file = self.path().join(format!("plan-{}.json", rand_suffix()));
+        std::fs::write(&plan_file, plan.to_string()).unwrap();
+        let mut cmd = Command::new(&peers.python);
+        cmd.arg(root().join("tests/mcp/mcp_client.py"))
+            .arg(&plan_file)
+            .arg("--")
+            .arg(WARDEN)
+            .arg("--config")
+            .arg(self.config())
+            .arg("mcp-proxy")
+            .args(proxy_args)
+            .arg("--")
+            .args(server)
+            .env("WARDEN_TOKEN", token)
+            .current_dir(self.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd.spawn().unwrap()
+    }
+
+    fn audit(&self) -> Vec<Value> {
+        let out = self.warden(&["audit", "verify"]);
+        assert!(
+            out.status.success(),
+            "audit verify: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let out = self.warden(&["audit", "export", "--format", "jsonl"]);
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+/// Waits for the client and returns its result lines (after `initialize`).
+fn results(child: Child) -> Vec<Value> {
+    let out = wait_with_deadline(child, Duration::from_secs(60));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "client failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["op"], "initialize", "{stdout}");
+    lines[1..].to_vec()
+}
+
+fn wait_with_deadline(mut child: Child, limit: Duration) -> Output {
+    let start = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "timed out:\n{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn tool_calls(audit: &[Value]) -> Vec<&Value> {
+    audit.iter().filter(|e| e["kind"] == "decision").collect()
+}
+
+fn everything_plan() -> Value {
+    json!([
+        {"op": "list_tools"},
+        {"op": "call", "name": "echo", "arguments": {"message": "hello"}, "meta": {"rationale": "greeting the user"}},
+        {"op": "call", "name": "echo", "arguments": {"message": "my password is hunter2"}},
+        {"op": "call", "name": "get-sum", "arguments": {"a": 5000000, "b": 1}},
+        {"op": "call", "name": "get-sum", "arguments": {"a": 2, "b": 3}},
+        {"op": "call", "name": "get-env", "arguments": {}},
+        {"op": "list_resources"},
+        {"op": "list_prompts"},
+        {"op": "ping"}
+    ])
+}
+
+fn check_everything(r: &[Value]) {
+    assert_eq!(
+        r[0]["tools"],
+        json!(["echo", "get-sum", "trigger-long-running-operation"]),
+        "tools/list is filtered"
+    );
+    assert_eq!(
+        (r[1]["is_error"].clone(), r[1]["text"].clone()),
+        (json!(false), json!("Echo: hello"))
+    );
+    assert_eq!(r[2]["is_error"], true);
+    let t = r[2]["text"].as_str().unwrap();
+    assert!(
+        t.contains("CONSTRAINT_VIOLATION") && t.contains("no-secrets-in-echo"),
+        "{t}"
+    );
+    assert_eq!(r[3]["is_error"], true);
+    assert!(
+        r[3]["text"].as_str().unwrap().contains("no-huge-sums"),
+        "{}",
+        r[3]
+    );
+    assert_eq!(r[4]["text"], "The sum of 2 and 3 is 5.");
+    assert_eq!(
+        r[5]["is_error"], true,
+        "get-env is above the agent's data ceiling"
+    );
+    assert!(
+        r[5]["text"]
+            .as_str()
+            .unwrap()
+            .contains("DATA_BOUNDARY_VIOLATION"),
+        "{}",
+        r[5]
+    );
+    assert!(
+        r[6]["count"].as_u64().unwrap() > 0,
+        "resources pass through"
+    );
+    assert!(r[7]["count"].as_u64().unwrap() > 0, "prompts pass through");
+    assert_eq!(r[8]["ok"], true);
+}
+
+fn check_everything_audit(audit: &[Value]) {
+    let calls = tool_calls(audit);
+    let got: Vec<(&str, &str, &str)> = calls
+        .iter()
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap(),
+                e["decision"].as_str().unwrap(),
+                e["reason"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("everything/echo", "permit", "PERMITTED"),
+            ("everything/echo", "deny", "CONSTRAINT_VIOLATION"),
+            ("everything/get-sum", "deny", "CONSTRAINT_VIOLATION"),
+            ("everything/get-sum", "permit", "PERMITTED"),
+            ("everything/get-env", "deny", "DATA_BOUNDARY_VIOLATION"),
+        ],
+        "one audit entry per tools/call, denials included"
+    );
+    assert_eq!(calls[0]["rationale"], "greeting the user");
+    let outcomes: Vec<&Value> = audit.iter().filter(|e| e["kind"] == "outcome").collect();
+    assert_eq!(outcomes.len(), 2);
+    assert!(outcomes
+        .iter()
+        .all(|o| o["decision"] == "ok" && o["output_hash"].as_str().unwrap().len() == 64));
+    assert_eq!(outcomes[0]["call_id"], calls[0]["call_id"]);
+    assert_eq!(outcomes[0]["trace_id"], calls[0]["trace_id"]);
+}
+
+#[test]
+fn embedded_proxy_governs_the_everything_server() {
+    let peers = peers_or_skip!();
+    let s = Setup::new();
+    let token = s.token();
+    let server = ["node", peers.everything.to_str().unwrap(), "stdio"];
+    let r = results(s.client(
+        &peers,
+        &everything_plan(),
+        &["--name", "everything"],
+        &server,
+        &token,
+    ));
+    check_everything(&r);
+    check_everything_audit(&s.audit());
+}
+
+struct ServeGuard(Child);
+
+impl Drop for ServeGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn remote_proxy_asks_a_running_warden_serve() {
+    let peers = peers_or_skip!();
+    let s = Setup::new();
+    let token = s.token();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let serve = Command::new(WARDEN)
+        .arg("--config")
+        .arg(s.config())
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _guard = ServeGuard(serve);
+    let url = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "warden serve did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let server = ["node", peers.everything.to_str().unwrap(), "stdio"];
+    let r = results(s.client(
+        &peers,
+        &everything_plan(),
+        &["--name", "everything", "--server", &url],
+        &server,
+        &token,
+    ));
+    check_everything(&r);
+    check_everything_audit(&s.audit());
+}
+
+#[test]
+fn filesystem_reads_stay_in_the_documents_folder() {
+    let peers = peers_or_skip!();
+    let s = Setup::new();
+    let token = s.token();
+    let d = s.path();
+    let docs = d.join("docs");
+    // The server may open anything under the temp root: Warden's policy is what confines it.
+    let server = [
+        "node",
+        peers.filesystem.to_str().unwrap(),
+        d.to_str().unwrap(),
+    ];
+    let read =
+        |p: String| json!({"op": "call", "name": "read_text_file", "arguments": {"path": p}});
+    let plan = json!([
+        {"op": "list_tools"},
+        read(docs.join("a.txt").display().to_string()),
+        read("docs/a.txt".into()),
+        {"op": "call", "name": "list_directory", "arguments": {"path": docs.display().to_string()}},
+        read(format!("{}/../secret/s.txt", docs.display())),
+        read("docs/../secret/s.txt".into()),
+        read("/etc/passwd".into()),
+        read(d.join("secret/s.txt").display().to_string()),
+        read(docs.join("link/s.txt").display().to_string()),
+        {"op": "call", "name": "write_file", "arguments": {"path": docs.join("new.txt").display().to_string(), "content": "x"}},
+        {"op": "call", "name": "read_media_file", "arguments": {"path": docs.join("a.txt").display().to_string()}}
+    ]);
+    let r = results(s.client(&peers, &plan, &["--name", "fs"], &server, &token));
+    assert_eq!(
+        r[0]["tools"],
+        json!(["list_directory", "read_file", "read_text_file"])
+    );
+    assert_eq!(r[1]["text"], "claim notes\n");
+    assert_eq!(
+        r[2]["text"], "claim notes\n",
+        "relative paths resolve against the server's folder"
+    );
+    assert!(r[3]["text"].as_str().unwrap().contains("a.txt"));
+    for (i, what) in [
+        (4, "../"),
+        (5, "relative ../"),
+        (6, "absolute path elsewhere"),
+        (7, "absolute path to the secret"),
+        (8, "symlink out of the folder"),
+    ] {
+        assert_eq!(r[i]["is_error"], true, "{what}: {}", r[i]);
+        let t = r[i]["text"].as_str().unwrap();
+        assert!(
+            t.contains("Warden denied") && t.contains("TOOL_NOT_PERMITTED"),
+            "{what}: {t}"
+        );
+        assert!(!t.contains("vault"), "{what} leaked the secret");
+    }
+    let t = r[9]["text"].as_str().unwrap();
+    assert!(
+        t.contains("CONSTRAINT_VIOLATION") && t.contains("no-writes"),
+        "{t}"
+    );
+    assert!(
+        !docs.join("new.txt").exists(),
+        "the write never reached the server"
+    );
+    assert!(
+        r[10]["text"]
+            .as_str()
+            .unwrap()
+            .contains("TOOL_NOT_PERMITTED"),
+        "unmapped tools are not in the catalog"
+    );
+
+    let audit = s.audit();
+    let calls = tool_calls(&audit);
+    assert_eq!(calls.len(), 10);
+    assert_eq!(
+        calls.iter().filter(|e| e["decision"] == "permit").count(),
+        3
+    );
+}
+
+#[test]
+fn a_kill_stops_the_call_in_flight_and_every_call_after() {
+    let peers = peers_or_skip!();
+    let s = Setup::new();
+    let token = s.token();
+    let server = ["node", peers.everything.to_str().unwrap(), "stdio"];
+    let plan = json!([
+        {"op": "call_in_background", "name": "trigger-long-running-operation", "arguments": {"duration": 10, "steps": 10}},
+        {"op": "sleep", "seconds": 4.0},
+        {"op": "call", "name": "echo", "arguments": {"message": "still there?"}},
+        {"op": "wait_background"}
+    ]);
+    let child = s.client(&peers, &plan, &["--name", "everything"], &server, &token);
+    // Once the long call is permitted and running, kill the agent from the CLI: a separate
+    // process writing the store, which the proxy's control refresh picks up.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = s.warden(&["audit", "export", "--format", "jsonl"]);
+        if String::from_utf8_lossy(&out.stdout).contains("trigger-long-running-operation") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the long call never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let out = s.warden(&["kill", "research-agent", "--reason", "runaway"]);
+    assert!(out.status.success());
+    let r = results(child);
+    let echo = r.iter().find(|l| l["name"] == "echo").unwrap();
+    assert!(echo["text"].as_str().unwrap().contains("KILLED"), "{echo}");
+    let long = r
+        .iter()
+        .find(|l| l["name"] == "trigger-long-running-operation")
+        .unwrap();
+    assert!(
+        long["error"].as_str().unwrap().contains("agent stopped"),
+        "{long}"
+    );
+    let audit = s.audit();
+    let outcome = audit.iter().find(|e| e["kind"] == "outcome").unwrap();
+    assert_eq!(outcome["decision"], "cancelled");
+    assert_eq!(
+        outcome["action"],
+        "everything/trigger-long-running-operation"
+    );
+    let ran_for = outcome["duration_ns"].as_u64().unwrap();
+    assert!(
+        ran_for < 8_000_000_000,
+        "the 10 s call was cut short (ran {ran_for} ns)"
+    );
+}
+
+/// Raw frames on the proxy's stdin, to check what an SDK would never send.
+#[test]
+fn bad_frames_crashes_and_hangs_end_cleanly() {
+    let _peers = peers_or_skip!();
+    let s = Setup::new();
+    let token = s.token();
+    let spawn = |server: &[&str], extra: &[&str]| {
+        Command::new(WARDEN)
+            .arg("--config")
+            .arg(s.config())
+            .args(["mcp-proxy", "--name", "everything", "--max-frame", "2048"])
+            .args(extra)
+            .arg("--")
+            .args(server)
+            .env("WARDEN_TOKEN", &token)
+            .env("WARDEN_LOG", "debug")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap()
+    };
+    let read_line = |r: &mut BufReader<std::process::ChildStdout>| {
+        let mut l = String::new();
+        r.read_line(&mut l).unwrap();
+        serde_json::from_str::<Value>(&l).unwrap_or_else(|e| panic!("{e}: {l:?}"))
+    };
+
+    // A hanging server: the call is cancelled after the timeout.
+    let hang = "process.stdin.on('data', () => {}); setInterval(() => {}, 1000);";
+    let mut p = spawn(&["node", "-e", hang], &["--call-timeout", "1s"]);
+    let mut stdin = p.stdin.take().unwrap();
+    let mut out = BufReader::new(p.stdout.take().unwrap());
+    stdin.write_all(b"{not json\n").unwrap();
+    assert_eq!(read_line(&mut out)["error"]["code"], -32700);
+    stdin
+        .write_all(format!("{}\n", "y".repeat(4096)).as_bytes())
+        .unwrap();
+    assert_eq!(read_line(&mut out)["error"]["code"], -32600);
+    let call = json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"message":"x"}}});
+    stdin.write_all(format!("{call}\n").as_bytes()).unwrap();
+    let t = Instant::now();
+    let e = read_line(&mut out);
+    assert_eq!(
+        (e["id"].clone(), e["error"]["code"].clone()),
+        (json!(1), json!(-32003)),
+        "{e}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(5));
+    drop(stdin); // the client leaves: the proxy ends and takes the server down
+    let status = wait_with_deadline(p, Duration::from_secs(10)).status;
+    assert!(status.success());
+
+    // A crashing server: the waiting request gets an error and the proxy exits non-zero.
+    let crash = "process.stdin.once('data', () => process.exit(3));";
+    let mut p = spawn(&["node", "-e", crash], &[]);
+    let mut stdin = p.stdin.take().unwrap();
+    let mut out = BufReader::new(p.stdout.take().unwrap());
+    stdin
+        .write_all(b"{\"jsonrpc\":\"2.0\",\"id\":9,\"method\":\"ping\"}\n")
+        .unwrap();
+    let e = read_line(&mut out);
+    assert_eq!(
+        (e["id"].clone(), e["error"]["code"].clone()),
+        (json!(9), json!(-32001)),
+        "{e}"
+    );
+    let status = wait_with_deadline(p, Duration::from_secs(10)).status;
+    assert_eq!(status.code(), Some(1));
+
+    let audit = s.audit();
+    let outcome = audit.iter().find(|e| e["kind"] == "outcome").unwrap();
+    assert_eq!(outcome["decision"], "timeout");
+}
