@@ -54,6 +54,7 @@ pub trait Gate: Send + Sync + 'static {
     /// while calls are in flight so they can be cancelled.
     fn stopped(&self) -> impl Future<Output = Option<String>> + Send;
     /// The actions the agent could ever be permitted (catalog, scopes, data ceiling), to
-    /// filter `tools/list`. `None` means no filtering.
+    /// filter `tools/list`. `None` when the agent's standing cannot be established: the
+    /// gateway then offers no tools.
     fn visible_actions(&self) -> impl Future<Output = Option<HashSet<String>>> + Send;
 }

@@ -12,5 +12,6 @@
 
 pub mod gate;
 pub mod message;
+pub mod sse;
 pub mod stdio;
 pub mod tools;

@@ -362,6 +362,14 @@ async fn client_loop<G: Gate, R: AsyncBufRead + Unpin>(
                         continue;
                     }
                 }
+                Kind::Notification { method } if method == "tools/call" => {
+                    // A call without an id gets no answer, but a server might still run
+                    // it: it is not forwarded, so nothing runs undecided.
+                    tracing::warn!("dropped a tools/call sent as a notification (it has no id)");
+                    lock(&state).stats.frames_rejected += 1;
+                    modified = true;
+                    continue;
+                }
                 Kind::Notification { method } => {
                     if method == "notifications/cancelled" {
                         // The client gave up on a call: it is no longer ours to settle.
@@ -479,7 +487,6 @@ async fn server_loop<G: Gate, R: AsyncBufRead + Unpin>(
     to_client: mpsc::UnboundedSender<Vec<u8>>,
 ) {
     let mut buf = Vec::new();
-    let mut visible: Option<HashSet<String>> = None;
     loop {
         let frame = match read_frame(&mut input, &mut buf, opts.max_frame).await {
             Ok(Some(f)) => f,
@@ -534,13 +541,11 @@ async fn server_loop<G: Gate, R: AsyncBufRead + Unpin>(
                         .await;
                     }
                     if filter {
-                        if visible.is_none() {
-                            visible = gate.visible_actions().await;
-                        }
-                        if let Some(v) = &visible {
-                            if filter_tools_list(&mut msg, &opts.map, v) > 0 {
-                                modified = true;
-                            }
+                        // Asked afresh for every list (scopes and kill switches change);
+                        // if the agent's standing cannot be read, it is offered nothing.
+                        let visible = gate.visible_actions().await.unwrap_or_default();
+                        if filter_tools_list(&mut msg, &opts.map, &visible) > 0 {
+                            modified = true;
                         }
                     }
                 }
@@ -998,6 +1003,27 @@ mod tests {
             recv(&mut h.server_rx).await["method"],
             "notifications/initialized"
         );
+    }
+
+    #[tokio::test]
+    async fn a_tools_call_without_an_id_is_never_forwarded() {
+        let mut h = start(Options::default());
+        send(
+            &mut h.client_tx,
+            json!({"jsonrpc":"2.0","method":"tools/call","params":{"name":"echo","arguments":{}}}),
+        )
+        .await;
+        send(
+            &mut h.client_tx,
+            json!({"jsonrpc":"2.0","id":1,"method":"ping"}),
+        )
+        .await;
+        assert_eq!(
+            recv(&mut h.server_rx).await["method"],
+            "ping",
+            "the id-less call was dropped"
+        );
+        assert!(h.gate.checked.lock().unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -16,6 +16,7 @@ pub mod audit_writer;
 pub mod error;
 pub mod gate;
 pub mod ids;
+pub mod mcp_http;
 pub mod policy_files;
 pub mod setup;
 
@@ -106,7 +107,9 @@ impl App {
     }
 
     pub fn router(self: &Arc<Self>) -> Router {
-        api::routes(self.clone()).merge(admin::routes(self.clone()))
+        api::routes(self.clone())
+            .merge(admin::routes(self.clone()))
+            .merge(mcp_http::routes(self.clone()))
     }
 
     /// Re-reads agents, revocations and kill switches if the store changed, and marks the
