@@ -215,12 +215,15 @@ where
         to_client.clone(),
         to_server.clone(),
     ));
+    let (outcomes, outcomes_rx) = mpsc::unbounded_channel::<Outcome>();
+    let recorder = tokio::spawn(record_outcomes(gate.clone(), outcomes_rx));
     let mut from_server = tokio::spawn(server_loop(
         gate.clone(),
         opts.clone(),
         state.clone(),
         server_out,
         to_client.clone(),
+        outcomes,
     ));
 
     let exit = tokio::select! {
@@ -281,6 +284,8 @@ where
     }
     from_client.abort();
     from_server.abort();
+    // The server loop's end drops the recorder's last sender; let it finish writing.
+    let _ = tokio::time::timeout(Duration::from_secs(10), recorder).await;
     drop(to_client);
     drop(to_server);
     let _ = tokio::time::timeout(Duration::from_secs(2), client_writer).await;
@@ -485,6 +490,7 @@ async fn server_loop<G: Gate, R: AsyncBufRead + Unpin>(
     state: Shared,
     mut input: R,
     to_client: mpsc::UnboundedSender<Vec<u8>>,
+    outcomes: mpsc::UnboundedSender<Outcome>,
 ) {
     let mut buf = Vec::new();
     loop {
@@ -531,14 +537,16 @@ async fn server_loop<G: Gate, R: AsyncBufRead + Unpin>(
                             || msg.pointer("/result/isError").and_then(Value::as_bool)
                                 == Some(true);
                         let output = msg.get("result").or_else(|| msg.get("error")).cloned();
-                        gate.outcome(Outcome {
+                        // Recorded beside the response, not before it: the decision was
+                        // durable before the call ran, and a second fsync on the way back
+                        // would double the proxy's latency. `run` waits for the recorder.
+                        let _ = outcomes.send(Outcome {
                             call_id: c.call_id,
                             agent_id: c.agent_id,
                             status: if is_error { "error" } else { "ok" },
                             output,
                             duration_ns: c.started.elapsed().as_nanos() as u64,
-                        })
-                        .await;
+                        });
                     }
                     if filter {
                         // Asked afresh for every list (scopes and kill switches change);
@@ -577,6 +585,13 @@ async fn server_loop<G: Gate, R: AsyncBufRead + Unpin>(
         if to_client.send(bytes).is_err() {
             return;
         }
+    }
+}
+
+/// Records outcomes in the order the server answered.
+async fn record_outcomes<G: Gate>(gate: Arc<G>, mut rx: mpsc::UnboundedReceiver<Outcome>) {
+    while let Some(o) = rx.recv().await {
+        gate.outcome(o).await;
     }
 }
 
@@ -778,6 +793,9 @@ mod tests {
         .await;
         let resp = recv(&mut h.client_rx).await;
         assert_eq!(resp["result"]["content"][0]["text"], "hi");
+        // The outcome is recorded beside the response; closing the session waits for it.
+        drop(h.client_tx);
+        h.task.await.unwrap();
         assert_eq!(
             *h.gate.outcomes.lock().unwrap(),
             vec![("call-1".to_string(), "ok")]
