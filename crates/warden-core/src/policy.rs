@@ -56,6 +56,10 @@ impl PolicyError {
 struct RuleMeta {
     reason: Option<Reason>,
     message: Option<String>,
+    /// Position in the policy files: Cedar reports deciding rules as a set, and the
+    /// first of them by position picks the reason code, so the answer is the same on
+    /// every call.
+    order: usize,
 }
 
 /// What Cedar said about one call.
@@ -196,6 +200,7 @@ impl PolicyBundle {
                     RuleMeta {
                         reason,
                         message: p.annotation("message").map(str::to_owned),
+                        order: meta.len(),
                     },
                 );
                 if origin.insert(id.clone(), fi).is_some() {
@@ -434,14 +439,14 @@ impl PolicyBundle {
             // Fail closed: a rule that could not be evaluated might have been a forbid.
             return Verdict::Deny {
                 reason: Reason::ConstraintViolation,
-                rules: diag.errors().map(erroring_policy).collect(),
+                rules: self.in_file_order(diag.errors().map(erroring_policy).collect()),
                 message: format!(
                     "a rule could not be evaluated, so the call is denied: {}",
                     errors.join("; ")
                 ),
             };
         }
-        let rules: Vec<String> = diag.reason().map(|id| id.to_string()).collect();
+        let rules = self.in_file_order(diag.reason().map(|id| id.to_string()).collect());
         match response.decision() {
             CedarDecision::Allow => Verdict::Permit { rules },
             CedarDecision::Deny if rules.is_empty() => Verdict::Deny {
@@ -468,6 +473,12 @@ impl PolicyBundle {
 }
 
 impl PolicyBundle {
+    fn in_file_order(&self, mut rules: Vec<String>) -> Vec<String> {
+        rules.sort_by_key(|r| self.meta.get(r).map_or(usize::MAX, |m| m.order));
+        rules.dedup();
+        rules
+    }
+
     fn entities_for(&self, agent: &Agent, principal: EntityUid) -> Result<Arc<Entities>, String> {
         if let Some((cached, e)) = self
             .entities
@@ -778,6 +789,31 @@ when { context.params.amount > 10000 };
         let r = "@reason(\"PERMITTED\") forbid (principal, action, resource);";
         assert!(PolicyBundle::load(&src("s", SCHEMA), &[src("p", r)], []).is_err());
         assert!(PolicyBundle::load(&src("s", "entity ;"), &[], []).is_err());
+    }
+
+    /// Regression (found by fuzzing): with two forbid rules matching, the reason code and
+    /// the rule order came from a hash set and changed from call to call.
+    #[test]
+    fn two_matching_forbids_give_the_same_answer_every_time() {
+        let text = r#"
+@id("p") permit (principal, action, resource);
+@id("first") @reason("RATE_LIMITED") @message("one") forbid (principal, action == Action::"get_claim", resource);
+@id("second") @reason("DATA_BOUNDARY_VIOLATION") @message("two") forbid (principal, action == Action::"get_claim", resource);
+@id("third") forbid (principal, action, resource) when { context.params.claim_id == "c" };
+"#;
+        for _ in 0..20 {
+            let b = PolicyBundle::load(&src("s", SCHEMA), &[src("p", text)], []).unwrap();
+            for _ in 0..5 {
+                assert_eq!(
+                    eval(&b, &agent(), "get_claim", json!({"claim_id": "c"})),
+                    Verdict::Deny {
+                        reason: Reason::RateLimited,
+                        rules: vec!["first".into(), "second".into(), "third".into()],
+                        message: "one".into()
+                    }
+                );
+            }
+        }
     }
 
     #[test]

@@ -54,9 +54,12 @@ pub fn encode(event: Option<&str>, id: Option<&str>, retry: Option<&str>, data: 
     if let Some(r) = retry {
         out.extend_from_slice(format!("retry: {}\n", clean(r)).as_bytes());
     }
-    for line in data.split('\n') {
+    // Every line ending SSE knows (CRLF, LF, a bare CR) starts a new data line; splitting
+    // on LF alone let a bare CR smuggle `event:` or `id:` fields into the stream.
+    let normalized = data.replace("\r\n", "\n");
+    for line in normalized.split(['\r', '\n']) {
         out.extend_from_slice(b"data: ");
-        out.extend_from_slice(line.strip_suffix('\r').unwrap_or(line).as_bytes());
+        out.extend_from_slice(line.as_bytes());
         out.push(b'\n');
     }
     out.push(b'\n');
@@ -298,5 +301,20 @@ mod tests {
         // a field value cannot smuggle in another field
         let e = encode(Some("message\ndata: x"), None, None, "{}");
         assert_eq!(all(&[&e])[0].data.as_deref(), Some("{}"));
+    }
+
+    /// Regression (found by fuzzing): a bare CR in data injected fields.
+    #[test]
+    fn a_bare_cr_in_data_cannot_inject_fields() {
+        let bytes = encode(None, None, None, "{\"ok\":true}\revent: evil\rid: 666");
+        let mut p = Parser::new(1 << 16);
+        let events = p.push(&bytes).unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].event, None);
+        assert_eq!(events[0].id, None);
+        assert_eq!(
+            events[0].data.as_deref(),
+            Some("{\"ok\":true}\nevent: evil\nid: 666")
+        );
     }
 }

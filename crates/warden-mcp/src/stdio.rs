@@ -122,9 +122,11 @@ pub async fn read_frame<R: AsyncBufRead + Unpin>(
     loop {
         let chunk = r.fill_buf().await?;
         if chunk.is_empty() {
+            // At the end of input the last frame has no newline: its `limit + 1` slack
+            // (kept for the newline) must not let one byte too many through.
             return Ok(if seen == 0 {
                 None
-            } else if too_large {
+            } else if too_large || buf.len() > limit {
                 Some(Err(FrameError::TooLarge(seen, limit)))
             } else {
                 Some(Ok(()))
@@ -1057,6 +1059,24 @@ mod tests {
         let fwd = recv(&mut h.server_rx).await;
         assert_eq!(fwd.as_array().unwrap().len(), 1);
         assert_eq!(fwd[0]["id"], 2);
+    }
+
+    /// Regression (found by fuzzing): a last frame without a newline could be one byte
+    /// over the limit.
+    #[tokio::test]
+    async fn a_final_unterminated_frame_respects_the_limit() {
+        let mut r = tokio::io::BufReader::new(&b"{}x"[..]);
+        let mut buf = Vec::new();
+        assert!(matches!(
+            read_frame(&mut r, &mut buf, 2).await.unwrap(),
+            Some(Err(FrameError::TooLarge(3, 2)))
+        ));
+        let mut r = tokio::io::BufReader::new(&b"{}"[..]);
+        assert!(matches!(
+            read_frame(&mut r, &mut buf, 2).await.unwrap(),
+            Some(Ok(()))
+        ));
+        assert_eq!(buf, b"{}");
     }
 
     proptest::proptest! {
