@@ -369,10 +369,9 @@ fn mcp_proxy(config: &Path, args: McpProxyArgs) -> Result<ExitCode> {
         path_base: std::env::current_dir()?,
     };
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    // One thread is plenty for one client's session, and many proxies side by side (one
+    // per agent session) then cost one thread each rather than a pool each.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let result = rt.block_on(async move {
         let mut child = tokio::process::Command::new(&args.command[0])
             .args(&args.command[1..])
