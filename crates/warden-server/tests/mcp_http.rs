@@ -974,7 +974,10 @@ fn step<'a>(lines: &'a [Value], op: &str, n: usize) -> &'a Value {
 async fn the_official_client_through_the_gateway_to_the_reference_server() {
     if let Some(why) = missing_tools() {
         // CI sets WARDEN_REQUIRE_MCP_PEERS so a missing peer fails instead of skipping.
-        assert!(std::env::var_os("WARDEN_REQUIRE_MCP_PEERS").is_none(), "{why}");
+        assert!(
+            std::env::var_os("WARDEN_REQUIRE_MCP_PEERS").is_none(),
+            "{why}"
+        );
         println!("skipped: {why}");
         return;
     }

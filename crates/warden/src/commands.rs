@@ -371,7 +371,9 @@ fn mcp_proxy(config: &Path, args: McpProxyArgs) -> Result<ExitCode> {
 
     // One thread is plenty for one client's session, and many proxies side by side (one
     // per agent session) then cost one thread each rather than a pool each.
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let result = rt.block_on(async move {
         let mut child = tokio::process::Command::new(&args.command[0])
             .args(&args.command[1..])
