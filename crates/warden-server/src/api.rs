@@ -16,13 +16,13 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use warden_core::audit::{hash_json, Entry, EntryKind};
-use warden_core::clock::NANOS_PER_MILLI;
+use warden_core::clock::{Nanos, NANOS_PER_MILLI};
 use warden_core::config::Classification;
 use warden_core::pipeline::{CallContext, CallIds, CallRequest};
 use warden_core::{Decision, Reason};
 
 use crate::error::ApiError;
-use crate::ids::{parse_traceparent, random_hex};
+use crate::ids::{call_id, parse_traceparent, random_hex};
 use crate::{blocking, App};
 
 pub fn routes(app: Arc<App>) -> Router {
@@ -187,7 +187,7 @@ impl App {
         ctx: &CallContext,
         trace_hint: Option<&str>,
     ) -> Decided {
-        let ids = match new_ids(trace_hint) {
+        let ids = match new_ids(trace_hint, self.pipeline.clock().now_ns()) {
             Ok(ids) => ids,
             Err(e) => {
                 return Decided {
@@ -304,7 +304,7 @@ pub struct OutcomeRecord {
 /// without a result.
 pub const OUTCOME_STATUSES: [&str; 5] = ["ok", "error", "cancelled", "timeout", "upstream-failed"];
 
-fn new_ids(trace_hint: Option<&str>) -> Result<CallIds, getrandom::Error> {
+fn new_ids(trace_hint: Option<&str>, now_ns: Nanos) -> Result<CallIds, getrandom::Error> {
     let hint = trace_hint
         .filter(|t| {
             t.len() == 32
@@ -317,7 +317,7 @@ fn new_ids(trace_hint: Option<&str>) -> Result<CallIds, getrandom::Error> {
         None => random_hex(16)?,
     };
     Ok(CallIds {
-        call_id: random_hex(16)?,
+        call_id: call_id(now_ns)?,
         trace_id,
         span_id: random_hex(8)?,
     })
