@@ -21,13 +21,13 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use crate::gate::{Gate, Outcome, ToolCall};
+use crate::gate::{Gate, Outcome};
 use crate::message::{
     classify, error_response, id_key, meta_mut, parse_frame, FrameError, Kind, CALL_CANCELLED,
     CALL_TIMED_OUT, UPSTREAM_UNAVAILABLE,
 };
 use crate::tools::{
-    denied_result, filter_tools_list, resolve_path_args, trace_headers, trace_id_of, ToolMap,
+    denied_result, filter_tools_list, resolve_path_args, tool_call_of, trace_headers, ToolMap,
 };
 
 #[derive(Debug, Clone)]
@@ -168,6 +168,28 @@ fn line(v: &Value) -> Vec<u8> {
     let mut out = serde_json::to_vec(v).unwrap_or_default();
     out.push(b'\n');
     out
+}
+
+/// The frame to pass on: the original bytes if nothing was changed (byte-for-byte
+/// passthrough), else the remaining messages re-serialized; `None` if none remain.
+fn reframe(
+    original: &[u8],
+    mut forward: Vec<Value>,
+    modified: bool,
+    is_batch: bool,
+) -> Option<Vec<u8>> {
+    if forward.is_empty() {
+        None
+    } else if !modified {
+        let mut b = Vec::with_capacity(original.len() + 1);
+        b.extend_from_slice(original);
+        b.push(b'\n');
+        Some(b)
+    } else if is_batch {
+        Some(line(&Value::Array(forward)))
+    } else {
+        Some(line(&forward.remove(0)))
+    }
 }
 
 async fn writer<W: AsyncWrite + Unpin>(mut w: W, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
@@ -403,17 +425,8 @@ async fn client_loop<G: Gate, R: AsyncBufRead + Unpin>(
             }
             forward.push(msg);
         }
-        if forward.is_empty() {
+        let Some(bytes) = reframe(&buf, forward, modified, is_batch) else {
             continue;
-        }
-        let bytes = if !modified {
-            let mut b = buf.clone();
-            b.push(b'\n');
-            b
-        } else if is_batch {
-            line(&Value::Array(forward))
-        } else {
-            line(&forward.remove(0))
         };
         if to_server.send(bytes).is_err() {
             return;
@@ -430,39 +443,13 @@ async fn decide<G: Gate>(
     id: &Value,
     msg: &mut Value,
 ) -> Option<Value> {
-    let params = msg.get("params");
-    let Some(name) = params
-        .and_then(|p| p.get("name"))
-        .and_then(Value::as_str)
-        .map(str::to_owned)
-    else {
+    let Some((name, mut call)) = tool_call_of(&opts.map, msg) else {
         lock(state).stats.frames_rejected += 1;
         return Some(error_response(id, -32602, "tools/call needs `params.name`"));
     };
-    let mut arguments = params
-        .and_then(|p| p.get("arguments"))
-        .cloned()
-        .unwrap_or_else(|| json!({}));
     // Policy judges the resolved paths; the server still gets the arguments as sent.
-    resolve_path_args(&mut arguments, &opts.resolve_paths, &opts.path_base);
-    let meta = params.and_then(|p| p.get("_meta"));
-    let rationale = meta
-        .and_then(|m| m.get("rationale"))
-        .and_then(Value::as_str)
-        .map(str::to_owned);
-    let trace_id = meta
-        .and_then(|m| m.get("traceparent"))
-        .and_then(Value::as_str)
-        .and_then(trace_id_of);
-    let action = opts.map.action(&name);
-    let verdict = gate
-        .check(ToolCall {
-            action,
-            arguments,
-            rationale,
-            trace_id,
-        })
-        .await;
+    resolve_path_args(&mut call.arguments, &opts.resolve_paths, &opts.path_base);
+    let verdict = gate.check(call).await;
     if !verdict.permit {
         lock(state).stats.calls_denied += 1;
         return Some(denied_result(id, &name, &verdict));
@@ -572,17 +559,8 @@ async fn server_loop<G: Gate, R: AsyncBufRead + Unpin>(
             }
             forward.push(msg);
         }
-        if forward.is_empty() {
+        let Some(bytes) = reframe(&buf, forward, modified, is_batch) else {
             continue;
-        }
-        let bytes = if !modified {
-            let mut b = buf.clone();
-            b.push(b'\n');
-            b
-        } else if is_batch {
-            line(&Value::Array(forward))
-        } else {
-            line(&forward.remove(0))
         };
         if to_client.send(bytes).is_err() {
             return;
@@ -671,7 +649,7 @@ async fn watch_in_flight<G: Gate>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gate::Verdict;
+    use crate::gate::{ToolCall, Verdict};
     use std::sync::atomic::{AtomicBool, Ordering};
     use tokio::io::{duplex, AsyncBufReadExt, AsyncWriteExt, BufReader, DuplexStream, Lines};
 

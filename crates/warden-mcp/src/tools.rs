@@ -5,7 +5,7 @@ use std::path::{Component, Path, PathBuf};
 
 use serde_json::{json, Value};
 
-use crate::gate::Verdict;
+use crate::gate::{ToolCall, Verdict};
 
 /// Maps an MCP server's tool names to Warden actions: by default `server/tool`,
 /// overridden per tool so policies can speak the organisation's own names.
@@ -29,6 +29,37 @@ impl ToolMap {
             .cloned()
             .unwrap_or_else(|| format!("{}/{tool}", self.server))
     }
+}
+
+/// Reads a `tools/call` request: the tool's name and what the gate needs to decide it
+/// (its action, arguments, the agent's stated rationale from `params._meta.rationale`,
+/// and the trace to join from `params._meta.traceparent`). `None` without a tool name.
+pub fn tool_call_of(map: &ToolMap, msg: &Value) -> Option<(String, ToolCall)> {
+    let params = msg.get("params");
+    let name = params?.get("name")?.as_str()?.to_owned();
+    let arguments = params
+        .and_then(|p| p.get("arguments"))
+        .cloned()
+        .unwrap_or_else(|| json!({}));
+    let meta = params.and_then(|p| p.get("_meta"));
+    let rationale = meta
+        .and_then(|m| m.get("rationale"))
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let trace_id = meta
+        .and_then(|m| m.get("traceparent"))
+        .and_then(Value::as_str)
+        .and_then(trace_id_of);
+    let action = map.action(&name);
+    Some((
+        name,
+        ToolCall {
+            action,
+            arguments,
+            rationale,
+            trace_id,
+        },
+    ))
 }
 
 /// The tool result a denied call gets: an error result the agent's model can read and

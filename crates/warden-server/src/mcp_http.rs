@@ -50,7 +50,7 @@ use warden_mcp::message::{
     CALL_TIMED_OUT, UPSTREAM_UNAVAILABLE,
 };
 use warden_mcp::sse;
-use warden_mcp::tools::{denied_result, filter_tools_list, trace_headers, trace_id_of, ToolMap};
+use warden_mcp::tools::{denied_result, filter_tools_list, tool_call_of, trace_headers, ToolMap};
 
 use crate::api::bearer;
 use crate::gate::EmbeddedGate;
@@ -547,33 +547,14 @@ async fn decide_call(
 }
 
 /// The tool name and the call to decide, if the message names a tool.
+/// A `tools/call` with the trace to join: the client's `_meta.traceparent`, else the
+/// request's `traceparent` header.
 fn tool_call(map: &ToolMap, msg: &Value, header_trace: Option<&str>) -> Option<(String, ToolCall)> {
-    let params = msg.get("params");
-    let name = params?.get("name")?.as_str()?.to_owned();
-    let arguments = params
-        .and_then(|p| p.get("arguments"))
-        .cloned()
-        .unwrap_or_else(|| json!({}));
-    let meta = params.and_then(|p| p.get("_meta"));
-    let rationale = meta
-        .and_then(|m| m.get("rationale"))
-        .and_then(Value::as_str)
-        .map(str::to_owned);
-    let trace_id = meta
-        .and_then(|m| m.get("traceparent"))
-        .and_then(Value::as_str)
-        .and_then(trace_id_of)
-        .or_else(|| header_trace.map(str::to_owned));
-    let action = map.action(&name);
-    Some((
-        name,
-        ToolCall {
-            action,
-            arguments,
-            rationale,
-            trace_id,
-        },
-    ))
+    let (name, mut call) = tool_call_of(map, msg)?;
+    if call.trace_id.is_none() {
+        call.trace_id = header_trace.map(str::to_owned);
+    }
+    Some((name, call))
 }
 
 /// One reply body from a list of messages: a single object if the client sent one.
