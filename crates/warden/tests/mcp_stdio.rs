@@ -579,3 +579,36 @@ fn bad_frames_crashes_and_hangs_end_cleanly() {
     let outcome = audit.iter().find(|e| e["kind"] == "outcome").unwrap();
     assert_eq!(outcome["decision"], "timeout");
 }
+
+#[test]
+fn remote_proxy_fails_closed_when_warden_is_unreachable() {
+    let peers = peers_or_skip!();
+    let s = Setup::new();
+    let token = s.token();
+    // A port nothing listens on: bound, read, released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let server = ["node", peers.everything.to_str().unwrap(), "stdio"];
+    let plan = json!([
+        {"op": "list_tools"},
+        {"op": "call", "name": "echo", "arguments": {"message": "anyone there?"}}
+    ]);
+    let r = results(s.client(
+        &peers,
+        &plan,
+        &["--name", "everything", "--server", &url],
+        &server,
+        &token,
+    ));
+    assert_eq!(r[0]["tools"], json!([]), "no standing, no tools offered");
+    assert_eq!(r[1]["is_error"], true);
+    let t = r[1]["text"].as_str().unwrap();
+    assert!(
+        t.contains("INTERNAL") && t.contains("cannot reach Warden"),
+        "{t}"
+    );
+}
