@@ -85,6 +85,8 @@ pub struct PolicyBundle {
     actions: HashSet<String>,
     action_entities: Vec<Entity>,
     zero_cost: RestrictedExpression,
+    /// Argument shapes (see [`shape_of`]) that passed schema validation, per tool.
+    valid_shapes: RwLock<HashSet<String>>,
     /// Each agent's entity store, rebuilt only when the agent's attributes change.
     entities: RwLock<HashMap<String, (Agent, Arc<Entities>)>>,
     authorizer: Authorizer,
@@ -297,6 +299,7 @@ impl PolicyBundle {
             action_entities,
             zero_cost: RestrictedExpression::new_decimal("0.0000"),
             entities: RwLock::new(HashMap::new()),
+            valid_shapes: RwLock::new(HashSet::new()),
             authorizer: Authorizer::new(),
             agent_type,
             tool_type,
@@ -349,6 +352,7 @@ impl PolicyBundle {
             EntityUid::from_type_name_and_id(self.tool_type.clone(), EntityId::new(tool));
         // The context is built directly as Cedar values (parsing it from JSON costs several
         // times more) and then type-checked against the action's schema by Request::new.
+        let shape = shape_of(params, tool);
         let params = match to_cedar(params, "params") {
             Ok(p) => p,
             Err(m) => {
@@ -397,14 +401,26 @@ impl PolicyBundle {
                 )
             }
         };
-        let request = match Request::new(
-            principal.clone(),
-            action,
-            resource,
-            context,
-            Some(&self.schema),
-        ) {
-            Ok(r) => r,
+        // Schema-checking a context costs more than evaluating the rules, and its verdict
+        // depends only on the shape of the arguments (which keys, which JSON types), not
+        // on their values: `call` has one fixed shape and strings, integers and decimals
+        // are valid whatever they hold. So a shape that passed once for this tool skips
+        // the check; a new shape is checked in full.
+        let known = self.valid_shapes.read().is_ok_and(|v| v.contains(&shape));
+        let schema = if known { None } else { Some(&self.schema) };
+        let request = match Request::new(principal.clone(), action, resource, context, schema) {
+            Ok(r) => {
+                if !known {
+                    if let Ok(mut v) = self.valid_shapes.write() {
+                        // Bounded: a client inventing shapes only gets full checks.
+                        if v.len() >= 10_000 {
+                            v.clear();
+                        }
+                        v.insert(shape);
+                    }
+                }
+                r
+            }
             Err(e) => {
                 return deny(
                     Reason::ConstraintViolation,
@@ -543,6 +559,49 @@ pub struct CallFacts {
     pub delegation_depth: u32,
     /// Non-negative, below 10^12 (Cedar decimals hold four places).
     pub cost_estimate: f64,
+}
+
+/// The type shape of a call's arguments, prefixed by the tool: object keys (sorted, as
+/// JSON escapes them) with the shapes of their values; `s` string, `l` integer, `d`
+/// decimal, `b` boolean, `[..]` an array with the shape of each element, `n` null.
+/// Two argument values with the same shape pass or fail Cedar's schema check alike.
+fn shape_of(v: &serde_json::Value, tool: &str) -> String {
+    fn walk(v: &serde_json::Value, out: &mut String) {
+        use serde_json::Value;
+        match v {
+            Value::Null => out.push('n'),
+            Value::Bool(_) => out.push('b'),
+            Value::Number(n) => out.push(if n.as_i64().is_some() { 'l' } else { 'd' }),
+            Value::String(_) => out.push('s'),
+            Value::Array(items) => {
+                out.push('[');
+                for x in items {
+                    walk(x, out);
+                    out.push(',');
+                }
+                out.push(']');
+            }
+            Value::Object(m) => {
+                let mut keys: Vec<&String> = m.keys().collect();
+                keys.sort();
+                out.push('{');
+                for k in keys {
+                    out.push_str(&serde_json::Value::String(k.clone()).to_string());
+                    out.push(':');
+                    if let Some(x) = m.get(k) {
+                        walk(x, out);
+                    }
+                    out.push(',');
+                }
+                out.push('}');
+            }
+        }
+    }
+    let mut out = String::with_capacity(64);
+    out.push_str(tool);
+    out.push('\0');
+    walk(v, &mut out);
+    out
 }
 
 /// Converts JSON arguments to Cedar values. Integers become `Long`; numbers with at most
@@ -789,6 +848,49 @@ when { context.params.amount > 10000 };
         let r = "@reason(\"PERMITTED\") forbid (principal, action, resource);";
         assert!(PolicyBundle::load(&src("s", SCHEMA), &[src("p", r)], []).is_err());
         assert!(PolicyBundle::load(&src("s", "entity ;"), &[], []).is_err());
+    }
+
+    /// The shape cache must never change a verdict: a bundle that has seen many shapes
+    /// answers every call as a fresh bundle (which checks every call in full) does.
+    mod shape_cache {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn arg() -> impl Strategy<Value = serde_json::Value> {
+            prop_oneof![
+                Just(json!("c")),
+                Just(json!(7)),
+                Just(json!(12000)),
+                Just(json!(1.5)),
+                Just(json!(true)),
+                Just(json!(null)),
+                Just(json!(["a"])),
+                Just(json!({"x": 1})),
+            ]
+        }
+
+        fn params() -> impl Strategy<Value = serde_json::Value> {
+            proptest::collection::btree_map(
+                prop_oneof![Just("claim_id"), Just("amount"), Just("extra")],
+                arg(),
+                0..3,
+            )
+            .prop_map(|m| json!(m))
+        }
+
+        proptest! {
+            // Each case parses a fresh bundle per call: few cases, many calls each.
+            #![proptest_config(ProptestConfig::with_cases(24))]
+            #[test]
+            fn cached_and_fresh_bundles_agree(calls in proptest::collection::vec((any::<bool>(), params()), 1..40)) {
+                let warm = bundle();
+                for (update, p) in calls {
+                    let tool = if update { "update_claim" } else { "get_claim" };
+                    let fresh = bundle();
+                    prop_assert_eq!(eval(&warm, &agent(), tool, p.clone()), eval(&fresh, &agent(), tool, p));
+                }
+            }
+        }
     }
 
     /// Regression (found by fuzzing): with two forbid rules matching, the reason code and
