@@ -37,16 +37,6 @@ fn runtime() -> &'static tokio::runtime::Runtime {
     })
 }
 
-/// While a known finding is unfixed, `WARDEN_FUZZ_TOLERATE=eof-overrun` accepts it so the
-/// fuzzer can look past it (see README.md, "Findings").
-fn tolerate_eof_overrun() -> bool {
-    static T: OnceLock<bool> = OnceLock::new();
-    *T.get_or_init(|| {
-        std::env::var("WARDEN_FUZZ_TOLERATE")
-            .is_ok_and(|v| v.split(',').any(|x| x.trim() == "eof-overrun"))
-    })
-}
-
 #[derive(Debug, PartialEq)]
 enum Frame {
     Ok(Vec<u8>),
@@ -76,8 +66,7 @@ fn model(mut bytes: &[u8], limit: usize) -> Vec<Frame> {
             }
             None => {
                 // The last line has no newline: it ends at end of input.
-                let slack = usize::from(tolerate_eof_overrun());
-                out.push(if bytes.len() > limit + slack {
+                out.push(if bytes.len() > limit {
                     Frame::TooLarge(bytes.len())
                 } else {
                     Frame::Ok(bytes.to_vec())
@@ -100,7 +89,7 @@ fn read_all(bytes: &[u8], cap: usize, limit: usize) -> Vec<Frame> {
                 Ok(None) => return out,
                 Ok(Some(Ok(()))) => {
                     assert!(
-                        buf.len() <= limit || tolerate_eof_overrun() && buf.len() == limit + 1,
+                        buf.len() <= limit,
                         "read_frame returned a frame of {} bytes over the limit of {limit}",
                         buf.len()
                     );

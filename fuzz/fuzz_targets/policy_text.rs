@@ -93,28 +93,6 @@ fn src(name: &str, text: &str) -> Source {
     }
 }
 
-/// While a known finding is unfixed, `WARDEN_FUZZ_TOLERATE=rule-order` accepts it so the
-/// fuzzer can look past it (see README.md, "Findings").
-fn tolerate_rule_order() -> bool {
-    static T: OnceLock<bool> = OnceLock::new();
-    *T.get_or_init(|| {
-        std::env::var("WARDEN_FUZZ_TOLERATE")
-            .is_ok_and(|v| v.split(',').any(|x| x.trim() == "rule-order"))
-    })
-}
-
-/// A verdict's effect and the set of rules behind it, without the order of the rules or
-/// what the first of them says.
-fn unordered(v: &Verdict) -> (bool, Vec<String>) {
-    let (permit, rules) = match v {
-        Verdict::Permit { rules } => (true, rules),
-        Verdict::Deny { rules, .. } => (false, rules),
-    };
-    let mut rules = rules.clone();
-    rules.sort();
-    (permit, rules)
-}
-
 fn check_bundle(b: &PolicyBundle, policy_text: &str, calls: &[(&str, Value)]) {
     let ids: HashSet<&String> = b.rule_ids().iter().collect();
     assert_eq!(
@@ -128,15 +106,7 @@ fn check_bundle(b: &PolicyBundle, policy_text: &str, calls: &[(&str, Value)]) {
         for facts in &FACTS {
             let v = b.evaluate(agent, tool, params, facts);
             let again = b.evaluate(agent, tool, params, facts);
-            if tolerate_rule_order() {
-                assert_eq!(
-                    unordered(&v),
-                    unordered(&again),
-                    "{tool}: a second evaluation disagrees"
-                );
-            } else {
-                assert_eq!(v, again, "{tool}: a second evaluation disagrees");
-            }
+            assert_eq!(v, again, "{tool}: a second evaluation disagrees");
             match &v {
                 Verdict::Permit { rules } => {
                     assert!(

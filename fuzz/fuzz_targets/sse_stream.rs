@@ -13,21 +13,10 @@
 
 #![no_main]
 
-use std::sync::OnceLock;
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use warden_mcp::sse::{encode, Event, Parser, SseError};
-
-/// While a known finding is unfixed, `WARDEN_FUZZ_TOLERATE=sse-data-cr` skips encode
-/// round trips whose data holds a bare CR (see README.md, "Findings").
-fn tolerate_data_cr() -> bool {
-    static T: OnceLock<bool> = OnceLock::new();
-    *T.get_or_init(|| {
-        std::env::var("WARDEN_FUZZ_TOLERATE")
-            .is_ok_and(|v| v.split(',').any(|x| x.trim() == "sse-data-cr"))
-    })
-}
 
 #[derive(Arbitrary, Debug)]
 struct Input {
@@ -145,13 +134,9 @@ fn check_encode(input: &Input) {
     );
     let bytes = encode(event, id, retry, data);
     let clean = |s: &str| s.replace(['\r', '\n'], "");
-    let lines: Vec<&str> = data
-        .split('\n')
-        .map(|l| l.strip_suffix('\r').unwrap_or(l))
-        .collect();
-    if lines.iter().any(|l| l.contains('\r')) && tolerate_data_cr() {
-        return;
-    }
+    // Every SSE line ending (CRLF, LF, bare CR) starts a new data line.
+    let normalized = data.replace("\r\n", "\n");
+    let lines: Vec<&str> = normalized.split(['\r', '\n']).collect();
     let expected = Event {
         raw: bytes.clone(),
         data: Some(lines.join("\n")),
