@@ -559,15 +559,6 @@ impl Settings {
             mcp_servers,
         })
     }
-
-    /// The highest class an agent of this tier may touch; an undeclared tier may touch
-    /// only public data.
-    pub fn max_class_for_tier(&self, tier: u8) -> Classification {
-        self.tiers
-            .get(&tier)
-            .copied()
-            .unwrap_or(Classification::Public)
-    }
 }
 
 #[cfg(test)]

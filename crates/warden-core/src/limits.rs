@@ -20,6 +20,17 @@ pub struct Exceeded {
     pub message: String,
 }
 
+/// Why a call was refused by the limiter.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LimitError {
+    #[error("{}", .0.message)]
+    Exceeded(Exceeded),
+    /// The limiter's state is unusable (a panic poisoned it): refuse, but not as a rate
+    /// limit, which would tell the caller to retry later.
+    #[error("rate-limit state is unavailable")]
+    Unavailable,
+}
+
 pub struct Limiter {
     specs: Vec<LimitSpec>,
     /// (index into specs, key) -> theoretical arrival time.
@@ -46,7 +57,7 @@ impl Limiter {
         owner: &str,
         tool: &str,
         now: Nanos,
-    ) -> Result<Vec<String>, Exceeded> {
+    ) -> Result<Vec<String>, LimitError> {
         let applicable: Vec<(usize, &LimitSpec)> = self
             .specs
             .iter()
@@ -58,11 +69,7 @@ impl Limiter {
         }
         let Ok(mut state) = self.state.lock() else {
             // A poisoned lock means a panic mid-update; refuse rather than guess.
-            return Err(Exceeded {
-                limit_id: "warden.limits".into(),
-                retry_after_ns: 0,
-                message: "rate-limit state is unavailable".into(),
-            });
+            return Err(LimitError::Unavailable);
         };
         let mut updates = Vec::with_capacity(applicable.len());
         for (i, spec) in &applicable {
@@ -81,7 +88,7 @@ impl Limiter {
                     LimitKey::Agent => format!("agent `{agent}`"),
                     LimitKey::Owner => format!("owner `{owner}`"),
                 };
-                return Err(Exceeded {
+                return Err(LimitError::Exceeded(Exceeded {
                     limit_id: spec.id.clone(),
                     retry_after_ns: retry,
                     message: format!(
@@ -91,7 +98,7 @@ impl Limiter {
                         spec.window_ns as f64 / 1e9,
                         retry.div_ceil(NANOS_PER_MILLI)
                     ),
-                });
+                }));
             }
             updates.push((slot, tat + interval));
         }
@@ -128,6 +135,32 @@ mod tests {
         }
     }
 
+    fn exceeded(r: Result<Vec<String>, LimitError>) -> Exceeded {
+        match r {
+            Err(LimitError::Exceeded(e)) => e,
+            other => panic!("expected a rate limit, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_poisoned_limiter_refuses_as_unavailable_not_as_a_rate_limit() {
+        let l = std::sync::Arc::new(Limiter::new(vec![spec(
+            "l",
+            &[],
+            LimitKey::Agent,
+            5,
+            60,
+            5,
+        )]));
+        let l2 = l.clone();
+        let _ = std::thread::spawn(move || {
+            let _guard = l2.state.lock().unwrap();
+            panic!("poison the limiter");
+        })
+        .join();
+        assert_eq!(l.acquire("a", "o", "t", 0), Err(LimitError::Unavailable));
+    }
+
     #[test]
     fn allows_burst_then_refuses_then_refills() {
         let l = Limiter::new(vec![spec("l", &["t"], LimitKey::Agent, 3, 60, 3)]);
@@ -135,7 +168,7 @@ mod tests {
         for _ in 0..3 {
             assert!(l.acquire("a", "o", "t", t0).is_ok());
         }
-        let e = l.acquire("a", "o", "t", t0).unwrap_err();
+        let e = exceeded(l.acquire("a", "o", "t", t0));
         assert_eq!(e.limit_id, "l");
         assert_eq!(e.retry_after_ns, 20 * NANOS_PER_SEC);
         // another agent has its own budget; another tool is not limited
@@ -163,13 +196,13 @@ mod tests {
         ]);
         assert_eq!(l.acquire("a", "o", "t", 0).unwrap(), vec!["wide", "narrow"]);
         for _ in 0..5 {
-            assert_eq!(l.acquire("a", "o", "t", 0).unwrap_err().limit_id, "narrow");
+            assert_eq!(exceeded(l.acquire("a", "o", "t", 0)).limit_id, "narrow");
         }
         // the 5 refused calls did not spend "wide": 9 remain
         for _ in 0..9 {
             assert!(l.acquire("a", "o", "u", 0).is_ok());
         }
-        assert_eq!(l.acquire("a", "o", "u", 0).unwrap_err().limit_id, "wide");
+        assert_eq!(exceeded(l.acquire("a", "o", "u", 0)).limit_id, "wide");
     }
 
     proptest! {

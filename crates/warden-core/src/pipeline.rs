@@ -16,7 +16,7 @@ use crate::config::{Classification, Settings, Tool};
 use crate::control::KillSet;
 use crate::decision::{Decision, Reason};
 use crate::identity::{Agent, AgentStatus, Claims, Verifier};
-use crate::limits::Limiter;
+use crate::limits::{LimitError, Limiter};
 use crate::policy::{CallFacts, PolicyBundle, Verdict};
 use crate::store::StateSnapshot;
 
@@ -67,13 +67,11 @@ pub struct Checked {
     pub entry: Entry,
 }
 
-/// An authenticated agent that no kill switch covers.
+/// An authenticated agent that no kill switch covers, as its credential lets it act: its
+/// `scopes` are those the credential carries and the agent still holds.
 #[derive(Clone, Debug)]
 pub struct Standing {
-    pub id: String,
     pub agent: Agent,
-    /// The credential's scopes that the agent still holds.
-    pub scopes: HashSet<String>,
 }
 
 /// The in-memory view of agents, revocations and kill switches.
@@ -216,13 +214,8 @@ impl Pipeline {
                 return d;
             }
         };
-        *agent_out = agent.id.clone();
-        self.authorize(
-            &agent.agent,
-            &agent.scopes.iter().map(String::as_str).collect(),
-            req,
-            now,
-        )
+        *agent_out = agent.agent.id.clone();
+        self.authorize(&agent.agent, req, now)
     }
 
     /// Whether this credential may act at all right now: the control view is fresh, no
@@ -271,32 +264,22 @@ impl Pipeline {
             return Err((killed(k), Some(agent.id.clone())));
         }
         // The token's scopes can only narrow what the agent holds now.
-        let scopes = claims
-            .scopes
-            .iter()
-            .filter(|s| agent.scopes.contains(*s))
-            .cloned()
-            .collect();
-        Ok(Standing {
-            id: agent.id.clone(),
-            agent: agent.clone(),
-            scopes,
-        })
+        let mut agent = agent.clone();
+        if agent.scopes.iter().any(|s| !claims.scopes.contains(s)) {
+            agent.scopes.retain(|s| claims.scopes.contains(s));
+        }
+        Ok(Standing { agent })
     }
 
     /// The tools this agent could ever be permitted: in the catalog, within its scopes and
     /// its tier's data ceiling, and named by at least one permit rule. Gateways use it to
     /// hide tools the agent's model should not be offered.
     pub fn visible_tools(&self, standing: &Standing) -> HashSet<String> {
-        let ceiling = self
-            .tiers
-            .get(&standing.agent.tier)
-            .copied()
-            .unwrap_or(Classification::Public);
+        let ceiling = self.ceiling(standing.agent.tier);
         let policy = self.policy();
         self.tools
             .values()
-            .filter(|t| standing.scopes.contains(&t.scope) && t.classification <= ceiling)
+            .filter(|t| standing.agent.scopes.contains(&t.scope) && t.classification <= ceiling)
             .filter(|t| policy.as_ref().is_some_and(|p| p.may_permit(&t.name)))
             .map(|t| t.name.clone())
             .collect()
@@ -374,15 +357,19 @@ impl Pipeline {
         Ok((claims, agent))
     }
 
+    /// The highest data class agents of this tier may touch; an undeclared tier may
+    /// touch only public data.
+    fn ceiling(&self, tier: u8) -> Classification {
+        self.tiers
+            .get(&tier)
+            .copied()
+            .unwrap_or(Classification::Public)
+    }
+
     /// Everything after authentication: catalog, scope, data boundary, Cedar, limits.
     /// Public so that `warden policy test` runs the same rules as a live call.
-    pub fn authorize(
-        &self,
-        agent: &Agent,
-        scopes: &HashSet<&str>,
-        req: &CallRequest<'_>,
-        now: Nanos,
-    ) -> Decision {
+    /// `agent` carries the scopes this call may use (see [`Standing`]).
+    pub fn authorize(&self, agent: &Agent, req: &CallRequest<'_>, now: Nanos) -> Decision {
         let Some(tool) = self.tools.get(req.tool) else {
             return Decision::deny_builtin(
                 Reason::ToolNotPermitted,
@@ -390,7 +377,7 @@ impl Pipeline {
                 format!("`{}` is not a tool this server governs", req.tool),
             );
         };
-        if !scopes.contains(tool.scope.as_str()) {
+        if !agent.scopes.contains(&tool.scope) {
             return Decision::deny_builtin(
                 Reason::ToolNotPermitted,
                 rules::SCOPE,
@@ -404,12 +391,7 @@ impl Pipeline {
             .context
             .classification
             .map_or(tool.classification, |c| c.max(tool.classification));
-        // An undeclared tier may touch only public data.
-        let ceiling = self
-            .tiers
-            .get(&agent.tier)
-            .copied()
-            .unwrap_or(Classification::Public);
+        let ceiling = self.ceiling(agent.tier);
         if class > ceiling {
             return Decision::deny_builtin(
                 Reason::DataBoundaryViolation,
@@ -445,17 +427,7 @@ impl Pipeline {
             delegation_depth: req.context.delegation_depth,
             cost_estimate: cost,
         };
-        let scoped;
-        let agent_for_policy = if scopes.len() == agent.scopes.len() {
-            agent
-        } else {
-            scoped = Agent {
-                scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
-                ..agent.clone()
-            };
-            &scoped
-        };
-        let rules = match policy.evaluate(agent_for_policy, &tool.name, req.params, &facts) {
+        let rules = match policy.evaluate(agent, &tool.name, req.params, &facts) {
             Verdict::Permit { rules } => rules,
             Verdict::Deny {
                 reason,
@@ -479,10 +451,13 @@ impl Pipeline {
                 rules,
                 format!("`{}` permitted for agent `{}`", tool.name, agent.id),
             ),
-            Err(e) => Decision {
+            Err(LimitError::Exceeded(e)) => Decision {
                 retry_after_ms: Some(e.retry_after_ns.div_ceil(NANOS_PER_MILLI)),
                 ..Decision::deny(Reason::RateLimited, vec![e.limit_id], e.message)
             },
+            Err(e @ LimitError::Unavailable) => {
+                Decision::deny_builtin(Reason::Internal, "warden.limits", e.to_string())
+            }
         }
     }
 }

@@ -409,7 +409,7 @@ async fn agent_standing(State(app): State<Arc<App>>, headers: HeaderMap) -> Resp
         Ok(s) => {
             let mut tools: Vec<String> = app.pipeline.visible_tools(&s).into_iter().collect();
             tools.sort();
-            Json(json!({ "agent_id": s.id, "stopped": null, "tools": tools })).into_response()
+            Json(json!({ "agent_id": s.agent.id, "stopped": null, "tools": tools })).into_response()
         }
         Err(d) => {
             let status = decision_status(&d);

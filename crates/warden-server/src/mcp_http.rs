@@ -450,7 +450,7 @@ async fn open_or_end(
         .standing(token.as_deref())
         .map_err(refused)?;
     let session = header_str(&headers, MCP_SESSION_ID).map(str::to_owned);
-    if !gw.check_session(&target.name, session.as_deref(), &standing.id) {
+    if !gw.check_session(&target.name, session.as_deref(), &standing.agent.id) {
         return Err(GatewayError::ForeignSession);
     }
     let http = gw.http.clone().map_err(|m| GatewayError::Upstream {
@@ -458,8 +458,8 @@ async fn open_or_end(
         message: m,
     })?;
     let mut up = upstream_request_headers(&headers);
-    let (tp, bag) = fresh_trace(&headers, &standing.id);
-    stamp(&mut up, &standing.id, &tp, &bag);
+    let (tp, bag) = fresh_trace(&headers, &standing.agent.id);
+    stamp(&mut up, &standing.agent.id, &tp, &bag);
     let resp = http
         .request(method.clone(), &target.url)
         .headers(up.clone())
@@ -484,7 +484,7 @@ async fn open_or_end(
             gw,
             &target,
             token.unwrap_or_default(),
-            standing.id,
+            standing.agent.id,
             session,
             up,
         );
@@ -657,7 +657,7 @@ async fn post_messages(
         }
     };
     let agent_id = match &stopped {
-        Ok(s) => s.id.clone(),
+        Ok(s) => s.agent.id.clone(),
         Err(_) => String::new(),
     };
     let session = header_str(&headers, MCP_SESSION_ID).map(str::to_owned);

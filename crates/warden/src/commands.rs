@@ -1,6 +1,5 @@
 //! Command-line arguments and what each command does.
 
-use std::collections::HashSet;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -679,10 +678,9 @@ fn policy_test(settings: &Settings, file: &Path) -> Result<ExitCode> {
             params: &params,
             context: &ctx,
         };
-        let scopes: HashSet<&str> = agent.scopes.iter().map(String::as_str).collect();
         let mut decision = None;
         for _ in 0..case.repeat.max(1) {
-            decision = Some(pipeline.authorize(agent, &scopes, &req, now));
+            decision = Some(pipeline.authorize(agent, &req, now));
         }
         let Some(d) = decision else { continue };
         let mut problems = Vec::new();
