@@ -96,6 +96,14 @@ pub fn parse_frame(bytes: &[u8], limit: usize) -> Result<(Value, bool), FrameErr
     }
 }
 
+/// The messages of a parsed frame, moved out: a batch's elements, or the one message.
+pub fn into_messages(frame: Value) -> Vec<Value> {
+    match frame {
+        Value::Array(items) => items,
+        one => vec![one],
+    }
+}
+
 /// A JSON-RPC error response.
 pub fn error_response(id: &Value, code: i64, message: impl Into<String>) -> Value {
     json!({ "jsonrpc": "2.0", "id": id, "error": { "code": code, "message": message.into() } })

@@ -23,8 +23,8 @@ use tokio::sync::mpsc;
 
 use crate::gate::{Gate, Outcome};
 use crate::message::{
-    classify, error_response, id_key, meta_mut, parse_frame, FrameError, Kind, CALL_CANCELLED,
-    CALL_TIMED_OUT, UPSTREAM_UNAVAILABLE,
+    classify, error_response, id_key, into_messages, meta_mut, parse_frame, FrameError, Kind,
+    CALL_CANCELLED, CALL_TIMED_OUT, UPSTREAM_UNAVAILABLE,
 };
 use crate::tools::{
     denied_result, filter_tools_list, resolve_path_args, tool_call_of, trace_headers, ToolMap,
@@ -342,11 +342,7 @@ async fn client_loop<G: Gate, R: AsyncBufRead + Unpin>(
                 continue;
             }
         };
-        let items: Vec<Value> = if is_batch {
-            value.as_array().cloned().unwrap_or_default()
-        } else {
-            vec![value]
-        };
+        let items = into_messages(value);
         let mut forward = Vec::with_capacity(items.len());
         let mut modified = is_batch;
         for mut msg in items {
@@ -496,11 +492,7 @@ async fn server_loop<G: Gate, R: AsyncBufRead + Unpin>(
                 continue;
             }
         };
-        let items: Vec<Value> = if is_batch {
-            value.as_array().cloned().unwrap_or_default()
-        } else {
-            vec![value]
-        };
+        let items = into_messages(value);
         let mut forward = Vec::with_capacity(items.len());
         let mut modified = is_batch;
         for mut msg in items {

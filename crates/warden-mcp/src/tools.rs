@@ -5,6 +5,8 @@ use std::path::{Component, Path, PathBuf};
 
 use serde_json::{json, Value};
 
+use warden_core::trace::parse_traceparent;
+
 use crate::gate::{ToolCall, Verdict};
 
 /// Maps an MCP server's tool names to Warden actions: by default `server/tool`,
@@ -49,7 +51,8 @@ pub fn tool_call_of(map: &ToolMap, msg: &Value) -> Option<(String, ToolCall)> {
     let trace_id = meta
         .and_then(|m| m.get("traceparent"))
         .and_then(Value::as_str)
-        .and_then(trace_id_of);
+        .and_then(parse_traceparent)
+        .map(|(trace, _)| trace);
     let action = map.action(&name);
     Some((
         name,
@@ -114,19 +117,6 @@ pub fn trace_headers(v: &Verdict) -> (String, String) {
             v.agent_id, v.call_id
         ),
     )
-}
-
-/// The trace id of a W3C `traceparent` value, if it is well formed.
-pub fn trace_id_of(traceparent: &str) -> Option<String> {
-    let mut it = traceparent.trim().split('-');
-    let (_v, trace, parent, _f) = (it.next()?, it.next()?, it.next()?, it.next()?);
-    let hex = |s: &str, n: usize| {
-        s.len() == n
-            && s.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    };
-    (hex(trace, 32) && trace.bytes().any(|b| b != b'0') && hex(parent, 16))
-        .then(|| trace.to_owned())
 }
 
 /// Replaces the file-path arguments named in `names` with the paths the server will
@@ -256,11 +246,10 @@ mod tests {
     fn trace() {
         let (tp, bag) = trace_headers(&verdict());
         assert_eq!(
-            trace_id_of(&tp).as_deref(),
+            parse_traceparent(&tp).map(|(t, _)| t).as_deref(),
             Some("4bf92f3577b34da6a3ce929d0e0e4736")
         );
         assert!(bag.contains("warden.agent_id=a"));
-        assert!(trace_id_of("garbage").is_none());
     }
 
     #[test]

@@ -22,8 +22,9 @@ use warden_core::pipeline::{CallContext, CallIds, CallRequest};
 use warden_core::{Decision, Reason};
 
 use crate::error::ApiError;
-use crate::ids::{call_id, parse_traceparent, random_hex};
+use crate::ids::{call_id, random_hex};
 use crate::{blocking, App};
+use warden_core::trace::parse_traceparent;
 
 pub fn routes(app: Arc<App>) -> Router {
     let limit = app.settings.max_body_bytes;

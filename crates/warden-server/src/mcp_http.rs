@@ -46,16 +46,17 @@ use warden_core::pipeline::CallContext;
 use warden_core::Reason;
 use warden_mcp::gate::{Gate, Outcome, ToolCall, Verdict};
 use warden_mcp::message::{
-    classify, error_response, id_key, meta_mut, parse_frame, FrameError, Kind, CALL_CANCELLED,
-    CALL_TIMED_OUT, UPSTREAM_UNAVAILABLE,
+    classify, error_response, id_key, into_messages, meta_mut, parse_frame, FrameError, Kind,
+    CALL_CANCELLED, CALL_TIMED_OUT, UPSTREAM_UNAVAILABLE,
 };
 use warden_mcp::sse;
 use warden_mcp::tools::{denied_result, filter_tools_list, tool_call_of, trace_headers, ToolMap};
 
 use crate::api::bearer;
 use crate::gate::EmbeddedGate;
-use crate::ids::{parse_traceparent, random_hex};
+use crate::ids::random_hex;
 use crate::App;
+use warden_core::trace::parse_traceparent;
 
 /// How often a stream with calls in flight asks whether the agent was stopped.
 const STOP_POLL: Duration = Duration::from_millis(200);
@@ -614,10 +615,7 @@ async fn post_messages(
         }
     })?;
     let (value, batch) = parse_frame(&bytes, limit).map_err(GatewayError::Frame)?;
-    let items: Vec<Value> = match value {
-        Value::Array(items) => items,
-        one => vec![one],
-    };
+    let items = into_messages(value);
     let token = bearer(&headers).map(str::to_owned);
     let header_trace = header_str(&headers, "traceparent")
         .and_then(parse_traceparent)
