@@ -362,6 +362,50 @@ pub fn issue_credential(
     Ok((key.sign(&claims), cred))
 }
 
+/// Registers a new agent; one already registered is refused (it keeps its status and
+/// credentials, and gets new ones with [`issue_credential`]).
+pub fn register_agent(
+    store: &dyn crate::store::Store,
+    agent: &Agent,
+) -> Result<(), crate::store::StoreError> {
+    if store.get_agent(&agent.id)?.is_some() {
+        return Err(crate::store::StoreError::Conflict(format!(
+            "agent `{}` is already registered; issue it a new credential instead",
+            agent.id
+        )));
+    }
+    store.upsert_agent(agent)
+}
+
+/// Revokes one credential of an agent (`jti`), or, without one, the agent itself and so
+/// every credential it holds. Returns what was revoked, for the audit trail and the
+/// operator. A credential must belong to the agent named: an operator revoking
+/// `agent-a`'s token by mistake with `agent-b`'s id revokes nothing.
+pub fn revoke(
+    store: &dyn crate::store::Store,
+    agent_id: &str,
+    jti: Option<&str>,
+    now: Nanos,
+) -> Result<String, crate::store::StoreError> {
+    use crate::store::StoreError::NotFound;
+    match jti {
+        Some(j) => {
+            let owned = store.list_credentials(agent_id)?.iter().any(|c| c.jti == j);
+            if owned && store.revoke_credential(j, now)? {
+                Ok(format!("credential `{j}` of agent `{agent_id}`"))
+            } else {
+                Err(NotFound(format!(
+                    "agent `{agent_id}` has no unrevoked credential `{j}`"
+                )))
+            }
+        }
+        None if store.set_agent_status(agent_id, AgentStatus::Revoked, now)? => {
+            Ok(format!("agent `{agent_id}` and all its credentials"))
+        }
+        None => Err(NotFound(format!("no agent `{agent_id}`"))),
+    }
+}
+
 fn check_window(claims: &Claims, now: Nanos) -> Result<(), CredentialError> {
     let now_s = now / NANOS_PER_SEC;
     if now_s >= claims.exp {

@@ -20,9 +20,12 @@ pub enum StoreError {
     /// The data in the store is not what this version of Warden wrote.
     #[error("store holds unreadable data: {0}")]
     Corrupt(String),
-    /// The request conflicts with what is stored (e.g. an unknown agent).
+    /// The request conflicts with what is stored (e.g. an agent registered twice).
     #[error("{0}")]
     Conflict(String),
+    /// What the request names is not stored (an unknown agent, a credential it lacks).
+    #[error("{0}")]
+    NotFound(String),
 }
 
 /// A credential issued to an agent.

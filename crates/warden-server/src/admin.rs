@@ -19,7 +19,7 @@ use warden_core::audit::{verify_store, Record};
 use warden_core::clock::NANOS_PER_SEC;
 use warden_core::config::parse_duration;
 use warden_core::control::{KillSwitch, KillTarget};
-use warden_core::identity::{issue_credential, validate_agent_id, Agent, AgentStatus};
+use warden_core::identity::{self, issue_credential, validate_agent_id, Agent, AgentStatus};
 use warden_core::store::Credential;
 
 use crate::api::{bearer, json_body};
@@ -197,16 +197,7 @@ async fn register_agent(
     };
     let store = app.store.clone();
     let a = agent.clone();
-    blocking(move || {
-        if store.get_agent(&a.id)?.is_some() {
-            return Err(warden_core::store::StoreError::Conflict(format!(
-                "agent `{}` is already registered",
-                a.id
-            )));
-        }
-        store.upsert_agent(&a)
-    })
-    .await?;
+    blocking(move || identity::register_agent(store.as_ref(), &a)).await?;
     refresh(&app).await?;
     app.audit_control(
         "operator",
@@ -261,26 +252,9 @@ async fn revoke(
     };
     let store = app.store.clone();
     let now = app.pipeline.clock().now_ns();
-    let aid = id.clone();
-    let jti = b.jti.clone();
-    let done = blocking(move || match jti {
-        Some(j) => {
-            let owned = store.list_credentials(&aid)?.iter().any(|c| c.jti == j);
-            Ok(owned && store.revoke_credential(&j, now)?)
-        }
-        None => store.set_agent_status(&aid, AgentStatus::Revoked, now),
-    })
-    .await?;
-    if !done {
-        return Err(ApiError::NotFound(match &b.jti {
-            Some(j) => format!("agent `{id}` has no unrevoked credential `{j}`"),
-            None => format!("no agent `{id}`"),
-        }));
-    }
+    let jti = b.jti;
+    let what = blocking(move || identity::revoke(store.as_ref(), &id, jti.as_deref(), now)).await?;
     refresh(&app).await?;
-    let what = b.jti.as_ref().map_or(format!("agent `{id}`"), |j| {
-        format!("credential `{j}` of agent `{id}`")
-    });
     app.audit_control("operator", "revoke", what.clone()).await;
     Ok(Json(json!({ "revoked": what })))
 }

@@ -60,6 +60,7 @@ impl From<warden_core::store::StoreError> for ApiError {
     fn from(e: warden_core::store::StoreError) -> Self {
         match e {
             warden_core::store::StoreError::Conflict(m) => ApiError::Conflict(m),
+            warden_core::store::StoreError::NotFound(m) => ApiError::NotFound(m),
             other => ApiError::Unavailable(other.to_string()),
         }
     }

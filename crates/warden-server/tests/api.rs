@@ -315,6 +315,47 @@ async fn refuses_bad_credentials_with_distinct_reasons() {
 }
 
 #[tokio::test]
+async fn a_credential_is_revoked_only_under_its_own_agent() {
+    let node = Node::start().await;
+    let f = node.token("fraud-analyst").await;
+    let (_, shown) = node
+        .admin(reqwest::Method::GET, "/admin/v1/agents/fraud-analyst", None)
+        .await;
+    let jti = shown["credentials"][0]["jti"].as_str().unwrap().to_owned();
+    // the right jti under the wrong agent: nothing is revoked
+    let (st, v) = node
+        .admin(
+            reqwest::Method::POST,
+            "/admin/v1/agents/claims-processor-v3/revoke",
+            Some(json!({"jti": jti})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND, "{v}");
+    let call = json!({"tool": "get_claim", "params": {"claim_id": "C"}});
+    let (_, v) = node.check(Some(&f), call.clone()).await;
+    assert_decision(&v, "permit", "PERMITTED");
+    let (st, _) = node
+        .admin(
+            reqwest::Method::POST,
+            "/admin/v1/agents/nobody/revoke",
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    let (st, v) = node
+        .admin(
+            reqwest::Method::POST,
+            "/admin/v1/agents/fraud-analyst/revoke",
+            Some(json!({"jti": jti})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let (_, v) = node.check(Some(&f), call).await;
+    assert_decision(&v, "deny", "CREDENTIAL_REVOKED");
+    node.stop().await;
+}
+
+#[tokio::test]
 async fn kill_switch_by_agent_owner_and_all_then_revive() {
     let node = Node::start().await;
     let t = node.token("claims-processor-v3").await;

@@ -13,7 +13,9 @@ use warden_core::audit::{verify_store, Entry};
 use warden_core::clock::{Clock, SystemClock, NANOS_PER_SEC};
 use warden_core::config::{parse_duration, Classification, Settings};
 use warden_core::control::{KillSwitch, KillTarget};
-use warden_core::identity::{issue_credential, validate_agent_id, Agent, AgentStatus, Verifier};
+use warden_core::identity::{
+    self, issue_credential, validate_agent_id, Agent, AgentStatus, Verifier,
+};
 use warden_core::pipeline::{CallContext, CallRequest};
 use warden_core::store::Store;
 use warden_core::Pipeline;
@@ -498,9 +500,6 @@ fn agent(settings: &Settings, config: &Path, cmd: AgentCmd) -> Result<ExitCode> 
                     config.display()
                 );
             }
-            if store.get_agent(&id)?.is_some() {
-                bail!("agent `{id}` is already registered; use `warden agent token {id}` for a new credential");
-            }
             let agent = Agent {
                 id,
                 owner,
@@ -509,7 +508,7 @@ fn agent(settings: &Settings, config: &Path, cmd: AgentCmd) -> Result<ExitCode> 
                 rotation_ns: parse_duration(&rotation).map_err(|m| anyhow!("--rotation: {m}"))?,
                 status: AgentStatus::Active,
             };
-            store.upsert_agent(&agent)?;
+            identity::register_agent(&store, &agent)?;
             audit_control(&store, "agent-register", format!("agent `{}`", agent.id))?;
             let (token, _) =
                 issue_credential(&store, &key, &settings.issuer, &agent, random_hex(16)?, now)?;
@@ -576,27 +575,11 @@ fn agent(settings: &Settings, config: &Path, cmd: AgentCmd) -> Result<ExitCode> 
                 );
             }
         }
-        AgentCmd::Revoke { id, jti } => match jti {
-            Some(j) => {
-                let owned = store.list_credentials(&id)?.iter().any(|c| c.jti == j);
-                if !owned || !store.revoke_credential(&j, now)? {
-                    bail!("agent `{id}` has no unrevoked credential `{j}`");
-                }
-                audit_control(
-                    &store,
-                    "revoke",
-                    format!("credential `{j}` of agent `{id}`"),
-                )?;
-                println!("revoked credential {j} of agent {id}");
-            }
-            None => {
-                if !store.set_agent_status(&id, AgentStatus::Revoked, now)? {
-                    bail!("no agent `{id}`");
-                }
-                audit_control(&store, "revoke", format!("agent `{id}`"))?;
-                println!("revoked agent {id} and all its credentials");
-            }
-        },
+        AgentCmd::Revoke { id, jti } => {
+            let what = identity::revoke(&store, &id, jti.as_deref(), now)?;
+            audit_control(&store, "revoke", what.clone())?;
+            println!("revoked {what}");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
