@@ -255,14 +255,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             if let Some(l) = listen {
                 settings.listen = l;
             }
-            tracing_subscriber::fmt()
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .with_writer(std::io::stderr)
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-                )
-                .init();
+            crate::logging::init(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            );
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
@@ -323,14 +320,11 @@ fn mcp_proxy(config: &Path, args: McpProxyArgs) -> Result<ExitCode> {
     use warden_mcp::tools::ToolMap;
 
     // stdout is the protocol: logs go to stderr only, and quietly by default.
-    tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("WARDEN_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
+    crate::logging::init(
+        tracing_subscriber::EnvFilter::try_from_env("WARDEN_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        false,
+    );
     let token = match args.token.strip_prefix("env:") {
         Some(var) => std::env::var(var)
             .with_context(|| format!("--token env:{var}: the variable is not set"))?,
@@ -423,7 +417,9 @@ fn mcp_proxy(config: &Path, args: McpProxyArgs) -> Result<ExitCode> {
                 if status.success() {
                     Ok(ExitCode::SUCCESS)
                 } else {
-                    eprintln!("warden mcp-proxy: the MCP server exited with {status}");
+                    crate::logging::eprint_line(format_args!(
+                        "warden mcp-proxy: the MCP server exited with {status}"
+                    ));
                     Ok(ExitCode::from(1))
                 }
             }

@@ -7,6 +7,7 @@
 //! 1 a check failed (broken audit, failing policy test), 2 bad usage or config.
 
 mod commands;
+mod logging;
 
 use std::process::ExitCode;
 
@@ -17,9 +18,9 @@ fn main() -> ExitCode {
     match commands::run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e}");
+            logging::eprint_line(format_args!("error: {e}"));
             for cause in e.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
+                logging::eprint_line(format_args!("  caused by: {cause}"));
             }
             ExitCode::from(2)
         }

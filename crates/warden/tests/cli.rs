@@ -292,17 +292,22 @@ struct Server {
 
 impl Server {
     async fn start(dir: &Path) -> Server {
+        let log = dir.join("serve.log");
+        Self::start_logging_to(dir, fs::File::create(&log).unwrap(), "warn", log).await
+    }
+
+    /// Starts `warden serve` with its standard error on `stderr` (read back from `log`).
+    async fn start_logging_to(dir: &Path, stderr: fs::File, level: &str, log: PathBuf) -> Server {
         let addr = {
             let l = TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap()
         };
-        let log = dir.join("serve.log");
         let child = command()
             .args(["serve", "--listen", &addr.to_string()])
             .env("WARDEN_CONFIG", dir.join("warden.toml"))
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", level)
             .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).unwrap())
+            .stderr(stderr)
             .spawn()
             .unwrap();
         let mut server = Server {
@@ -659,4 +664,50 @@ async fn quickstart_end_to_end_then_the_audit_trail_verifies_and_catches_a_chang
             .contains(&format!("({} entries before it verified)", denied - 1)),
         "{out}"
     );
+}
+
+/// A node whose log reader went away (standard error on a full device here, a closed pipe
+/// in the field) used to panic at its first log line and exit 101.
+#[tokio::test]
+async fn serve_with_a_broken_stderr_serves_and_exits_0_on_sigterm() {
+    let dir = init();
+    let d = dir.path();
+    let full = fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let mut server = Server::start_logging_to(d, full, "debug", d.join("no.log")).await;
+    let t = warden_ok(d, &["agent", "token", AGENT])
+        .stdout
+        .trim()
+        .to_owned();
+    let mut agent = Caller {
+        http: reqwest::Client::new(),
+        base: server.base.clone(),
+        calls: Vec::new(),
+    };
+    agent
+        .check(&t, get_claim())
+        .await
+        .assert("permit", "PERMITTED");
+    // A denial is logged too.
+    agent
+        .check(&t, json!({"tool": "nope", "params": {}}))
+        .await
+        .assert("deny", "TOOL_NOT_PERMITTED");
+
+    let pid = server.child.id().to_string();
+    let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(sent.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "warden serve ignored SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.code(), Some(0), "{status}");
+    let out = warden_ok(d, &["audit", "verify"]);
+    assert!(out.stdout.starts_with("audit verified: "), "{out}");
 }
