@@ -12,12 +12,20 @@
 //! a reader. The server polls [`Store::state_version`] every 250 ms to learn whether to
 //! reload its view; on the reader that poll never queues behind an audit batch waiting
 //! for its fsync.
+//!
+//! SQLite keeps its file descriptors: if the file is deleted or another file is moved to
+//! its path, every connection goes on reading and writing the old inode, where nobody
+//! else will ever look, while an operator's CLI creates or writes the new file. So the
+//! store also holds a descriptor of its own and, before every statement batch, checks
+//! that the path still names the file it opened; otherwise the batch fails as
+//! `Unavailable` and a server fails closed.
 
 mod codec;
 mod error;
 mod schema;
 
 use std::fmt;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -52,6 +60,9 @@ const READER_CACHE_KIB: i64 = -512;
 /// A Warden store in one SQLite file.
 pub struct SqliteStore {
     path: PathBuf,
+    /// The file as opened. Holding it keeps its inode allocated, so a new file at the
+    /// path can never reuse the number and pass for it.
+    file: File,
     writer: Mutex<Connection>,
     reader: Mutex<Connection>,
 }
@@ -72,6 +83,9 @@ impl SqliteStore {
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
         let mut writer = connect(path)?;
         schema::migrate(&mut writer, path)?;
+        let file = File::open(path).map_err(|e| {
+            StoreError::Unavailable(format!("`{}`: cannot open: {e}", path.display()))
+        })?;
         let reader = connect(path)?;
         // The reader never writes; saying so turns a bug that tried into an error.
         reader.pragma_update(None, "query_only", true).at(path)?;
@@ -80,6 +94,7 @@ impl SqliteStore {
             .at(path)?;
         Ok(SqliteStore {
             path: path.to_owned(),
+            file,
             writer: Mutex::new(writer),
             reader: Mutex::new(reader),
         })
@@ -88,6 +103,45 @@ impl SqliteStore {
     /// The file this store was opened on.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Fails unless the path still names the file this store opened.
+    fn check_file(&self) -> Result<(), StoreError> {
+        let gone = |what: &str| {
+            StoreError::Unavailable(format!(
+                "`{}` {what} since this process opened it; refusing to read or write a file \
+                 nobody else sees: put the store back or restart with the store you mean",
+                self.path.display()
+            ))
+        };
+        let held = self
+            .file
+            .metadata()
+            .map_err(|e| StoreError::Unavailable(format!("`{}`: {e}", self.path.display())))?;
+        let named = match std::fs::metadata(&self.path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(gone("was deleted")),
+            Err(e) => {
+                return Err(StoreError::Unavailable(format!(
+                    "`{}`: {e}",
+                    self.path.display()
+                )))
+            }
+        };
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            if (held.dev(), held.ino()) != (named.dev(), named.ino()) {
+                return Err(if held.nlink() == 0 {
+                    gone("was deleted and replaced by another file")
+                } else {
+                    gone("was replaced by another file")
+                });
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = (held, named);
+        Ok(())
     }
 
     /// Runs `f` in one `BEGIN IMMEDIATE` transaction on the writer and commits it.
@@ -103,6 +157,9 @@ impl SqliteStore {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .at(&self.path)?;
+        // Checked under the write lock, so no cooperating writer (a CLI) can swap the file
+        // between the check and the commit.
+        self.check_file()?;
         // On error `tx` is dropped, which rolls back.
         let out = f(&tx)?;
         tx.commit().at(&self.path)?;
@@ -113,6 +170,7 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
+        self.check_file()?;
         f(&lock(&self.reader))
     }
 
@@ -270,6 +328,7 @@ impl Store for SqliteStore {
     }
 
     fn snapshot(&self, now: Nanos) -> Result<StateSnapshot, StoreError> {
+        self.check_file()?;
         let mut conn = lock(&self.reader);
         // One read transaction, so the version describes exactly the rows returned.
         let tx = conn.transaction().at(&self.path)?;
@@ -514,9 +573,9 @@ impl Store for SqliteStore {
     }
 
     fn append_audit(&self, entries: Vec<Entry>) -> Result<Vec<Record>, StoreError> {
-        if entries.is_empty() {
-            return Ok(Vec::new());
-        }
+        // An empty append still takes the write lock, checks the file and reads the head,
+        // and writes nothing: it answers "could an append be made now?", which is how a
+        // server learns that a failing audit has recovered without waiting for traffic.
         self.write(|tx| {
             let (last_seq, last_hash) = {
                 let mut stmt = tx

@@ -386,6 +386,61 @@ fn a_held_write_lock_makes_append_unavailable_while_reads_proceed() {
 }
 
 #[test]
+fn a_deleted_store_file_makes_every_read_and_write_unavailable() {
+    let (_dir, path, store) = store_with(1);
+    std::fs::remove_file(&path).unwrap();
+    for m in [
+        unavailable_message(store.state_version()),
+        unavailable_message(store.snapshot(NOW)),
+        unavailable_message(store.append_audit(vec![sample_entry(2, "lost")])),
+        unavailable_message(store.append_audit(Vec::new())),
+        unavailable_message(store.set_kill(&KillSwitch {
+            target: KillTarget::All,
+            reason: "r".into(),
+            set_by: "op".into(),
+            set_at_ns: NOW,
+        })),
+    ] {
+        assert!(
+            m.contains(&path.display().to_string()) && m.contains("deleted"),
+            "{m}"
+        );
+    }
+    assert!(!path.exists(), "the store must not recreate its file");
+}
+
+#[test]
+fn a_replaced_store_file_makes_every_read_and_write_unavailable() {
+    let (dir, path, store) = store_with(1);
+    let other = dir.path().join("other.db");
+    drop(SqliteStore::open(&other).unwrap());
+    std::fs::rename(&other, &path).unwrap();
+    for m in [
+        unavailable_message(store.state_version()),
+        unavailable_message(store.read_audit(0, 10)),
+        unavailable_message(store.append_audit(vec![sample_entry(2, "misplaced")])),
+    ] {
+        assert!(
+            m.contains(&path.display().to_string()) && m.contains("replaced"),
+            "{m}"
+        );
+    }
+}
+
+#[test]
+fn a_store_file_moved_away_and_back_is_accepted_again() {
+    let (dir, path, store) = store_with(1);
+    let aside = dir.path().join("aside.db");
+    std::fs::rename(&path, &aside).unwrap();
+    assert!(store.state_version().is_err());
+    std::fs::rename(&aside, &path).unwrap();
+    assert_eq!(
+        store.append_audit(vec![sample_entry(2, "back")]).unwrap()[0].seq,
+        2
+    );
+}
+
+#[test]
 fn a_panic_mid_write_leaves_the_store_usable() {
     let (_dir, _path, store) = store_with(0);
     let result = catch_unwind(AssertUnwindSafe(|| {
