@@ -47,11 +47,14 @@ fn setup() -> (Pipeline, String) {
     let key = SigningKeyPair::from_seed([3; 32]);
     let verifier = Verifier::new(settings.issuer.clone(), [key.verifying_key()], 1024);
     let pipeline = Pipeline::new(&settings, bundle, verifier, Arc::new(SystemClock));
-    pipeline.apply_snapshot(StateSnapshot {
-        version: 1,
-        agents: settings.agents.clone(),
-        ..Default::default()
-    });
+    pipeline.apply_snapshot(
+        StateSnapshot {
+            version: 1,
+            agents: settings.agents.clone(),
+            ..Default::default()
+        },
+        SystemClock.now_ns(),
+    );
     let agent = &settings.agents[0];
     let token = key.sign(&new_claims(
         &settings.issuer,

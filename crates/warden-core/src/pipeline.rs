@@ -102,8 +102,9 @@ pub struct Pipeline {
     verifier: Verifier,
     limiter: Limiter,
     policy: RwLock<Arc<PolicyBundle>>,
-    state: RwLock<Arc<ControlState>>,
-    /// When the control view was last confirmed against the store.
+    /// The control view in force; `None` until the first snapshot is installed.
+    state: RwLock<Option<Arc<ControlState>>>,
+    /// When the control view was last confirmed against the store (0: never).
     fresh_at: AtomicU64,
 }
 
@@ -125,7 +126,7 @@ impl Pipeline {
             verifier,
             limiter: Limiter::new(settings.limits.clone()),
             policy: RwLock::new(Arc::new(policy)),
-            state: RwLock::new(Arc::new(ControlState::default())),
+            state: RwLock::new(None),
             fresh_at: AtomicU64::new(0),
             clock,
         }
@@ -147,21 +148,49 @@ impl Pipeline {
         }
     }
 
+    /// The control view in force, or `None` before the first snapshot.
     pub fn state(&self) -> Option<Arc<ControlState>> {
-        self.state.read().ok().map(|s| s.clone())
+        self.state.read().ok().and_then(|s| s.clone())
     }
 
-    /// Replaces the control view with a fresh snapshot from the store.
-    pub fn apply_snapshot(&self, snapshot: StateSnapshot) {
-        if let Ok(mut s) = self.state.write() {
-            *s = Arc::new(snapshot.into());
+    /// Installs a snapshot the store produced from a read that began at `read_at`, if it
+    /// is newer than the view in force, and confirms the view as of `read_at`. Returns
+    /// whether it was installed.
+    ///
+    /// Refreshes run concurrently (the background loop, an admin change, a lookup on an
+    /// unknown credential), so a slow one can finish after a faster one that read a newer
+    /// version. Installing only strictly newer versions keeps it from putting back a view
+    /// from before a kill or a registration.
+    pub fn apply_snapshot(&self, snapshot: StateSnapshot, read_at: Nanos) -> bool {
+        let version = snapshot.version;
+        let installed = match self.state.write() {
+            Ok(mut s) => {
+                let newer = s.as_ref().is_none_or(|cur| version > cur.version);
+                if newer {
+                    *s = Some(Arc::new(snapshot.into()));
+                }
+                newer
+            }
+            Err(_) => false,
+        };
+        self.confirm_current(version, read_at);
+        installed
+    }
+
+    /// Records that the store's state version was `version` during a read that began at
+    /// `read_at`. The view counts as confirmed from `read_at` only if it is at least that
+    /// new; an older view is not current, whatever the store said, and stays unconfirmed
+    /// until a newer snapshot is installed. Returns whether the view was confirmed.
+    pub fn confirm_current(&self, version: u64, read_at: Nanos) -> bool {
+        // Views only ever get newer, so one that is new enough now stays so.
+        let current = self.state().map(|s| s.version);
+        if current.is_some_and(|v| v >= version) {
+            // `fetch_max`: a slow read must not move the confirmation back in time.
+            self.fresh_at.fetch_max(read_at.max(1), Ordering::AcqRel);
+            true
+        } else {
+            false
         }
-        self.mark_fresh();
-    }
-
-    /// Records that the store confirmed the view is current.
-    pub fn mark_fresh(&self) {
-        self.fresh_at.store(self.clock.now_ns(), Ordering::Release);
     }
 
     /// How long ago the view was last confirmed, if ever.
@@ -564,11 +593,14 @@ action write appliesTo { principal: Agent, resource: Tool, context: { params: { 
             Verifier::new("warden", [key.verifying_key()], 64),
             clock.clone(),
         );
-        pipeline.apply_snapshot(StateSnapshot {
-            version: 1,
-            agents: settings.agents.clone(),
-            ..Default::default()
-        });
+        pipeline.apply_snapshot(
+            StateSnapshot {
+                version: 1,
+                agents: settings.agents.clone(),
+                ..Default::default()
+            },
+            T0,
+        );
         Fixture {
             clock,
             pipeline,
@@ -604,12 +636,25 @@ action write appliesTo { principal: Agent, resource: Tool, context: { params: { 
             self.pipeline.check(&req, ids).decision
         }
         fn snapshot(&self, kills: Vec<KillSwitch>, revoked: &[&str]) {
-            self.pipeline.apply_snapshot(StateSnapshot {
-                version: 2,
+            self.install(StateSnapshot {
                 agents: self.settings.agents.clone(),
                 revoked_jtis: revoked.iter().map(|s| s.to_string()).collect(),
                 kills,
+                ..Default::default()
             });
+        }
+        /// Installs `snap` as the next version, read now.
+        fn install(&self, snap: StateSnapshot) {
+            let version = self.pipeline.state().map_or(0, |s| s.version) + 1;
+            let installed = self
+                .pipeline
+                .apply_snapshot(StateSnapshot { version, ..snap }, self.clock.now_ns());
+            assert!(installed);
+        }
+        /// The store confirms the view in force, now.
+        fn confirm(&self) {
+            let version = self.pipeline.state().unwrap().version;
+            assert!(self.pipeline.confirm_current(version, self.clock.now_ns()));
         }
     }
 
@@ -633,7 +678,7 @@ action write appliesTo { principal: Agent, resource: Tool, context: { params: { 
             (d.reason, d.rules[0].as_str()),
             (Reason::Internal, rules::CONTROL_STALE)
         );
-        f.pipeline.mark_fresh();
+        f.confirm();
         assert!(f.check(&t, "read", "1").is_permit());
     }
 
@@ -661,10 +706,10 @@ action write appliesTo { principal: Agent, resource: Tool, context: { params: { 
         let f = fixture();
         let t = f.token("a");
         f.clock.advance(3599 * NANOS_PER_SEC);
-        f.pipeline.mark_fresh();
+        f.confirm();
         assert!(f.check(&t, "read", "1").is_permit());
         f.clock.advance(NANOS_PER_SEC);
-        f.pipeline.mark_fresh();
+        f.confirm();
         assert_eq!(f.check(&t, "read", "1").reason, Reason::CredentialExpired);
     }
 
@@ -689,7 +734,7 @@ action write appliesTo { principal: Agent, resource: Tool, context: { params: { 
         assert_eq!(d.reason, Reason::RateLimited);
         assert_eq!(d.retry_after_ms, Some(30_000));
         f.clock.advance(30 * NANOS_PER_SEC);
-        f.pipeline.mark_fresh();
+        f.confirm();
         assert!(f.check(&a, "write", "4").is_permit());
 
         // data boundary: the caller labels the inputs restricted; tier 1 stops at internal
@@ -727,8 +772,7 @@ action write appliesTo { principal: Agent, resource: Tool, context: { params: { 
         // the registry drops scope `w` from agent a: its old token no longer carries it
         let mut agents = f.settings.agents.clone();
         agents[0].scopes.remove("w");
-        f.pipeline.apply_snapshot(StateSnapshot {
-            version: 3,
+        f.install(StateSnapshot {
             agents,
             ..Default::default()
         });
@@ -755,6 +799,90 @@ action write appliesTo { principal: Agent, resource: Tool, context: { params: { 
             Reason::Killed
         );
         assert!(f.pipeline.standing(Some(&f.token("b"))).is_ok());
+    }
+
+    #[test]
+    fn an_older_snapshot_never_replaces_a_newer_one() {
+        let f = fixture();
+        let t = f.token("a");
+        f.snapshot(vec![kill(KillTarget::Agent("a".into()))], &[]);
+        let killed_at = f.pipeline.state().unwrap().version;
+        // a slow refresh that read the store before the kill finishes now
+        let before = StateSnapshot {
+            version: killed_at - 1,
+            agents: f.settings.agents.clone(),
+            ..Default::default()
+        };
+        assert!(!f.pipeline.apply_snapshot(before, f.clock.now_ns()));
+        assert_eq!(f.check(&t, "read", "1").reason, Reason::Killed);
+        // and the same version twice is not a change either
+        let same = StateSnapshot {
+            version: killed_at,
+            agents: f.settings.agents.clone(),
+            ..Default::default()
+        };
+        assert!(!f.pipeline.apply_snapshot(same, f.clock.now_ns()));
+        assert_eq!(f.check(&t, "read", "1").reason, Reason::Killed);
+    }
+
+    #[test]
+    fn a_store_newer_than_the_view_does_not_confirm_it() {
+        let f = fixture();
+        let t = f.token("a");
+        let version = f.pipeline.state().unwrap().version;
+        f.clock.advance(NANOS_PER_SEC + 1);
+        // the store has moved on (a kill, say) but its snapshot has not arrived
+        assert!(!f.pipeline.confirm_current(version + 1, f.clock.now_ns()));
+        assert_eq!(f.check(&t, "read", "1").reason, Reason::Internal);
+        assert!(f.pipeline.confirm_current(version, f.clock.now_ns()));
+        assert!(f.check(&t, "read", "1").is_permit());
+        // a slow read that began long ago does not move the confirmation back
+        assert!(f.pipeline.confirm_current(version, T0));
+        assert!(f.check(&t, "read", "1").is_permit());
+    }
+
+    #[test]
+    fn refreshes_racing_a_kill_never_undo_it() {
+        use std::sync::atomic::AtomicBool;
+        let f = Arc::new(fixture());
+        let t = f.token("a");
+        for round in 0..200u64 {
+            // version 2 * round + 1: agent a may act; the kill comes as the next version
+            let base = f.pipeline.state().unwrap().version;
+            let open = StateSnapshot {
+                version: base + 1,
+                agents: f.settings.agents.clone(),
+                ..Default::default()
+            };
+            assert!(f.pipeline.apply_snapshot(open.clone(), f.clock.now_ns()));
+            let stop = Arc::new(AtomicBool::new(false));
+            let racers: Vec<_> = (0..3)
+                .map(|_| {
+                    let (f, open, stop) = (f.clone(), open.clone(), stop.clone());
+                    std::thread::spawn(move || {
+                        while !stop.load(Ordering::Relaxed) {
+                            f.pipeline.apply_snapshot(open.clone(), f.clock.now_ns());
+                        }
+                    })
+                })
+                .collect();
+            let killed = StateSnapshot {
+                version: base + 2,
+                agents: f.settings.agents.clone(),
+                kills: vec![kill(KillTarget::Agent("a".into()))],
+                ..Default::default()
+            };
+            assert!(f.pipeline.apply_snapshot(killed, f.clock.now_ns()));
+            // from here on, while stale refreshes keep arriving, no call is permitted
+            for i in 0..50 {
+                let d = f.check(&t, "read", "1");
+                assert_eq!(d.reason, Reason::Killed, "round {round}, call {i}: {d:?}");
+            }
+            stop.store(true, Ordering::Relaxed);
+            for r in racers {
+                r.join().unwrap();
+            }
+        }
     }
 
     #[test]

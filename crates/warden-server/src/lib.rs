@@ -112,17 +112,17 @@ impl App {
             .merge(mcp_http::routes(self.clone()))
     }
 
-    /// Re-reads agents, revocations and kill switches if the store changed, and marks the
-    /// view fresh. Blocking: call from a blocking context.
+    /// Re-reads agents, credentials and kill switches if the store changed, and confirms
+    /// the view as current. Safe to run concurrently: the pipeline installs only newer
+    /// views and confirms only views at least as new as the store. Blocking: call from a
+    /// blocking context.
     pub fn refresh_state(&self) -> Result<(), StoreError> {
+        // Taken before the reads, so a confirmation never claims more than they showed.
+        let read_at = self.pipeline.clock().now_ns();
         let version = self.store.state_version()?;
-        let current = self.pipeline.state().map(|s| s.version);
-        if current != Some(version) || self.pipeline.staleness().is_none() {
-            let now = self.pipeline.clock().now_ns();
-            let snap = self.store.snapshot(now)?;
-            self.pipeline.apply_snapshot(snap);
-        } else {
-            self.pipeline.mark_fresh();
+        if !self.pipeline.confirm_current(version, read_at) {
+            let snap = self.store.snapshot(read_at)?;
+            self.pipeline.apply_snapshot(snap, read_at);
         }
         Ok(())
     }

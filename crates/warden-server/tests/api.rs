@@ -770,6 +770,9 @@ struct FaultyStore {
     inner: SqliteStore,
     fail_audit: AtomicBool,
     fail_reads: AtomicBool,
+    /// Hold each snapshot a moment after reading it, as a refresh on a busy machine does.
+    slow_snapshots: AtomicBool,
+    snapshots: std::sync::atomic::AtomicU64,
 }
 
 impl FaultyStore {
@@ -791,7 +794,13 @@ impl Store for FaultyStore {
     }
     fn snapshot(&self, now: u64) -> Result<StateSnapshot, StoreError> {
         self.down(&self.fail_reads)?;
-        self.inner.snapshot(now)
+        let snap = self.inner.snapshot(now);
+        if self.slow_snapshots.load(Ordering::SeqCst) {
+            // 0 to 9 ms by turns, so reads overtake one another
+            let n = self.snapshots.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(n % 4 * 3));
+        }
+        snap
     }
     fn upsert_agent(&self, a: &Agent) -> Result<(), StoreError> {
         self.inner.upsert_agent(a)
@@ -835,8 +844,7 @@ impl Store for FaultyStore {
     }
 }
 
-#[tokio::test]
-async fn fails_closed_when_the_store_fails_and_recovers() {
+async fn faulty_node() -> (Node, Arc<FaultyStore>) {
     let faulty: Arc<std::sync::OnceLock<Arc<FaultyStore>>> = Arc::new(std::sync::OnceLock::new());
     let slot = faulty.clone();
     let node = Node::start_with(move |s| {
@@ -844,12 +852,68 @@ async fn fails_closed_when_the_store_fails_and_recovers() {
             inner: SqliteStore::open(&s.store_path).unwrap(),
             fail_audit: AtomicBool::new(false),
             fail_reads: AtomicBool::new(false),
+            slow_snapshots: AtomicBool::new(false),
+            snapshots: Default::default(),
         });
         let _ = slot.set(f.clone());
         f
     })
     .await;
     let store = faulty.get().unwrap().clone();
+    (node, store)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_refreshes_racing_a_kill_never_undo_it() {
+    let (node, store) = faulty_node().await;
+    let t = node.token("claims-processor-v3").await;
+    store.slow_snapshots.store(true, Ordering::SeqCst);
+    let stop = Arc::new(AtomicBool::new(false));
+    let racers: Vec<_> = (0..3)
+        .map(|_| {
+            let (app, stop) = (node.app().clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let _ = app.refresh_state();
+                }
+            })
+        })
+        .collect();
+    for round in 0..30 {
+        let (st, v) = node
+            .admin(
+                reqwest::Method::POST,
+                "/admin/v1/kills",
+                Some(json!({"target": "agent:claims-processor-v3", "reason": "race"})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        // the kill's refresh has completed: no call may be permitted from here on
+        for i in 0..5 {
+            let (_, v) = node.check(Some(&t), get_claim()).await;
+            assert_eq!(v["reason"], "KILLED", "round {round}, call {i}: {v}");
+        }
+        let (st, v) = node
+            .admin(
+                reqwest::Method::POST,
+                "/admin/v1/revive",
+                Some(json!({"target": "agent:claims-processor-v3"})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        let (_, v) = node.check(Some(&t), get_claim()).await;
+        assert_decision(&v, "permit", "PERMITTED");
+    }
+    stop.store(true, Ordering::SeqCst);
+    for r in racers {
+        r.join().unwrap();
+    }
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn fails_closed_when_the_store_fails_and_recovers() {
+    let (node, store) = faulty_node().await;
     let t = node.token("claims-processor-v3").await;
 
     // audit write fails: no audit, no action
