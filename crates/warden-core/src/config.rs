@@ -275,7 +275,8 @@ pub struct McpServer {
     pub actions: BTreeMap<String, String>,
     /// How long a tool call may run before the gateway cancels it.
     pub timeout_ns: Nanos,
-    /// Arguments that name local files; the stdio proxy resolves them before policy.
+    /// Arguments that name local files; both MCP gateways resolve them before policy and
+    /// forward them as resolved (the HTTP gateway on its own host, absolute paths only).
     pub resolve_paths: Vec<String>,
 }
 

@@ -29,6 +29,7 @@ pub mod rules {
     pub const SCOPE: &str = "warden.scope";
     pub const DATA_BOUNDARY: &str = "warden.data-boundary";
     pub const POLICY_DEFAULT_DENY: &str = "warden.policy.default-deny";
+    pub const GATEWAY_REFUSAL: &str = "warden.gateway.arguments";
 }
 
 /// What the caller says about the call beyond tool and arguments.
@@ -41,6 +42,10 @@ pub struct CallContext {
     pub rationale: Option<String>,
     pub delegation_id: Option<String>,
     pub delegation_depth: u32,
+    /// Set by a gateway that found the call unfit to judge (a file-path argument that
+    /// does not resolve): the call is denied `CONSTRAINT_VIOLATION` with this message,
+    /// after authentication, so the audit entry names the agent.
+    pub refusal: Option<String>,
 }
 
 /// One tool call to decide.
@@ -244,6 +249,13 @@ impl Pipeline {
             }
         };
         *agent_out = agent.agent.id.clone();
+        if let Some(why) = &req.context.refusal {
+            return Decision::deny_builtin(
+                Reason::ConstraintViolation,
+                rules::GATEWAY_REFUSAL,
+                why.clone(),
+            );
+        }
         self.authorize(&agent.agent, req, now)
     }
 

@@ -15,6 +15,9 @@ pub struct ToolCall {
     pub rationale: Option<String>,
     /// A W3C trace id to join, from the client's `traceparent`.
     pub trace_id: Option<String>,
+    /// Set when the gateway itself found the call unfit to judge (a path argument that
+    /// does not resolve): Warden denies it with this message and still records it.
+    pub refusal: Option<String>,
 }
 
 /// Warden's answer for one call.

@@ -27,7 +27,8 @@ use crate::message::{
     CALL_CANCELLED, CALL_TIMED_OUT, UPSTREAM_UNAVAILABLE,
 };
 use crate::tools::{
-    denied_result, filter_tools_list, resolve_path_args, tool_call_of, trace_headers, ToolMap,
+    denied_result, filter_tools_list, forward_arguments, resolve_call_paths, tool_call_of,
+    trace_headers, ToolMap,
 };
 
 #[derive(Debug, Clone)]
@@ -443,12 +444,15 @@ async fn decide<G: Gate>(
         lock(state).stats.frames_rejected += 1;
         return Some(error_response(id, -32602, "tools/call needs `params.name`"));
     };
-    // Policy judges the resolved paths; the server still gets the arguments as sent.
-    resolve_path_args(&mut call.arguments, &opts.resolve_paths, &opts.path_base);
+    // Policy judges the resolved paths, and the server gets what policy judged.
+    let resolved = resolve_call_paths(&mut call, &opts.resolve_paths, Some(&opts.path_base));
     let verdict = gate.check(call).await;
     if !verdict.permit {
         lock(state).stats.calls_denied += 1;
         return Some(denied_result(id, &name, &verdict));
+    }
+    if let Some(args) = resolved {
+        forward_arguments(msg, args);
     }
     let (traceparent, baggage) = trace_headers(&verdict);
     if let Some(m) = meta_mut(msg) {

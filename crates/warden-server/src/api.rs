@@ -85,6 +85,9 @@ struct WireContext {
     cost_estimate: Option<f64>,
     rationale: Option<String>,
     trace_id: Option<String>,
+    /// Sent by a remote MCP gateway that could not judge an argument (a path that does
+    /// not resolve): the call is denied and recorded. An agent can only refuse itself.
+    refusal: Option<String>,
 }
 
 fn decision_body(d: &Decided) -> Value {
@@ -148,6 +151,7 @@ async fn check(
         rationale: body.context.rationale,
         delegation_id: None,
         delegation_depth: 0,
+        refusal: body.context.refusal,
     };
     let trace_hint = headers
         .get("traceparent")

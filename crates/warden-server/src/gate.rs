@@ -31,6 +31,7 @@ impl Gate for EmbeddedGate {
     async fn check(&self, call: ToolCall) -> Verdict {
         let ctx = CallContext {
             rationale: call.rationale,
+            refusal: call.refusal,
             ..Default::default()
         };
         let d = self
@@ -155,6 +156,9 @@ impl Gate for RemoteGate {
         }
         if let Some(t) = call.trace_id {
             context["trace_id"] = json!(t);
+        }
+        if let Some(r) = call.refusal {
+            context["refusal"] = json!(r);
         }
         let body = json!({ "tool": call.action, "params": call.arguments, "context": context });
         let resp = match self

@@ -50,7 +50,10 @@ use warden_mcp::message::{
     CALL_CANCELLED, CALL_TIMED_OUT, UPSTREAM_UNAVAILABLE,
 };
 use warden_mcp::sse;
-use warden_mcp::tools::{denied_result, filter_tools_list, tool_call_of, trace_headers, ToolMap};
+use warden_mcp::tools::{
+    denied_result, filter_tools_list, forward_arguments, resolve_call_paths, tool_call_of,
+    trace_headers, ToolMap,
+};
 
 use crate::api::bearer;
 use crate::gate::EmbeddedGate;
@@ -274,6 +277,8 @@ struct Target {
     url: String,
     map: ToolMap,
     timeout: Duration,
+    /// Arguments that name files, resolved before policy sees them.
+    resolve_paths: Vec<String>,
 }
 
 async fn handle(
@@ -310,6 +315,7 @@ async fn serve(
                     url: url.clone(),
                     map: ToolMap::new(name.clone(), server.actions.clone()),
                     timeout: Duration::from_nanos(server.timeout_ns),
+                    resolve_paths: server.resolve_paths.clone(),
                 };
                 if method == Method::POST {
                     post_messages(gw, target, headers, body).await
@@ -520,24 +526,31 @@ enum Decided {
 }
 
 /// Decides a `tools/call` as the stdio proxy does: the client's rationale and trace are
-/// passed to the gate; a permitted call gets the decision's trace context in `_meta`.
+/// passed to the gate, path arguments are resolved first and forwarded as resolved; a
+/// permitted call gets the decision's trace context in `_meta`.
 async fn decide_call(
     gate: &EmbeddedGate,
-    map: &ToolMap,
+    target: &Target,
     id: &Value,
     msg: &mut Value,
     header_trace: Option<&str>,
 ) -> Decided {
-    let Some((name, call)) = tool_call(map, msg, header_trace) else {
+    let Some((name, mut call)) = tool_call(&target.map, msg, header_trace) else {
         return Decided::Answer(error_response(
             id,
             INVALID_PARAMS,
             "tools/call needs `params.name`",
         ));
     };
+    // The upstream server's working directory is not known here, so relative paths
+    // are refused rather than guessed.
+    let resolved = resolve_call_paths(&mut call, &target.resolve_paths, None);
     let verdict = gate.check(call).await;
     if !verdict.permit {
         return Decided::Answer(denied_result(id, &name, &verdict));
+    }
+    if let Some(args) = resolved {
+        forward_arguments(msg, args);
     }
     let (traceparent, baggage) = trace_headers(&verdict);
     if let Some(m) = meta_mut(msg) {
@@ -687,8 +700,7 @@ async fn post_messages(
         };
         match kind {
             Kind::Request { id, method } if method == "tools/call" => {
-                match decide_call(&gate, &target.map, &id, &mut msg, header_trace.as_deref()).await
-                {
+                match decide_call(&gate, &target, &id, &mut msg, header_trace.as_deref()).await {
                     Decided::Answer(a) => answers.push(a),
                     Decided::Permit(v) => {
                         changed = true;

@@ -58,11 +58,16 @@ struct Node {
 impl Node {
     /// Warden with the example config, its `everything` server pointed at `upstream`.
     async fn start(upstream: &str, timeout: &str) -> Node {
+        Node::start_with(upstream, timeout, |t| t).await
+    }
+
+    /// As `start`, with the example's files edited by `edit` first.
+    async fn start_with(upstream: &str, timeout: &str, edit: fn(String) -> String) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let example = root().join("examples/mcp");
         std::fs::create_dir_all(dir.path().join("policy")).unwrap();
         for f in ["warden.toml", "policy/mcp.cedar", "policy/mcp.cedarschema"] {
-            let text = std::fs::read_to_string(example.join(f)).unwrap();
+            let text = edit(std::fs::read_to_string(example.join(f)).unwrap());
             let text = text
                 .replace("http://127.0.0.1:3001/mcp", upstream)
                 .replace("timeout = \"30s\"", &format!("timeout = \"{timeout}\""));
@@ -720,6 +725,64 @@ async fn json_server_behind_the_gateway() {
             .count(),
         8
     );
+    node.stop().await;
+}
+
+/// The HTTP gateway resolves the path arguments configured for a server with the same
+/// function as the stdio proxy, forwards what policy judged, and refuses (on the audit
+/// trail) what it cannot resolve: here relative paths, as it cannot know the server's
+/// working directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_arguments_are_resolved_and_forwarded_as_judged() {
+    let (fake, url) = start_fake().await;
+    let node = Node::start_with(&url, "5s", |t| {
+        t.replace(
+            "timeout = \"30s\"",
+            "timeout = \"30s\"\nresolve_paths = [\"message\"]",
+        )
+    })
+    .await;
+    let token = node.token().await;
+    let r = node.post(Some(&token), None, &initialize(1)).await;
+    let session = r.headers()["mcp-session-id"].to_str().unwrap().to_owned();
+    let dir = node._dir.path().canonicalize().unwrap();
+    let spelled = format!("{}/policy/./../warden.toml", node._dir.path().display());
+    let r = node
+        .post(
+            Some(&token),
+            Some(&session),
+            &call(2, "echo", json!({ "message": spelled })),
+        )
+        .await;
+    let want = format!("Echo: {}", dir.join("warden.toml").display());
+    assert_eq!(answer(r).await["result"]["content"][0]["text"], want);
+    let r = node
+        .post(
+            Some(&token),
+            Some(&session),
+            &call(3, "echo", json!({"message": "relative/notes.txt"})),
+        )
+        .await;
+    let a = answer(r).await;
+    assert_eq!(a["result"]["isError"], true, "{a}");
+    let text = a["result"]["content"][0]["text"].as_str().unwrap();
+    assert!(
+        text.contains("CONSTRAINT_VIOLATION") && text.contains("argument `message`"),
+        "{text}"
+    );
+    let seen = seen_calls(&fake);
+    assert_eq!(seen.len(), 1, "the refused call never reached the server");
+    assert_eq!(
+        seen[0]["params"]["arguments"]["message"],
+        dir.join("warden.toml").display().to_string()
+    );
+    let decisions: Vec<_> = node
+        .tool_entries()
+        .into_iter()
+        .filter(|e| e.0 == EntryKind::Decision)
+        .map(|e| e.3)
+        .collect();
+    assert_eq!(decisions, ["PERMITTED", "CONSTRAINT_VIOLATION"]);
     node.stop().await;
 }
 

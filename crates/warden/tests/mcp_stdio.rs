@@ -612,3 +612,103 @@ fn remote_proxy_fails_closed_when_warden_is_unreachable() {
         "{t}"
     );
 }
+
+/// `warden serve` for `s` on a free port, until the guard drops; its base URL.
+fn serve(s: &Setup) -> (ServeGuard, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new(WARDEN)
+        .arg("--config")
+        .arg(s.config())
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let guard = ServeGuard(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "warden serve did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (guard, format!("http://127.0.0.1:{port}"))
+}
+
+/// The paths policy judges are the paths the filesystem server opens: resolved as the
+/// kernel would (symlinks, `..` after a symlink, dangling links), forwarded as resolved,
+/// and refused, on the audit trail, where they cannot be resolved. In both proxy modes.
+#[test]
+fn filesystem_paths_are_judged_and_opened_as_resolved() {
+    let peers = peers_or_skip!();
+    let s = Setup::new();
+    let token = s.token();
+    let d = s.path();
+    let docs = d.join("docs");
+    // docs/link -> secret (from Setup); a dangling link out; a loop
+    std::os::unix::fs::symlink(d.join("secret/new.txt"), docs.join("out")).unwrap();
+    std::os::unix::fs::symlink("loop", docs.join("loop")).unwrap();
+    let server = [
+        "node",
+        peers.filesystem.to_str().unwrap(),
+        d.to_str().unwrap(),
+    ];
+    let read =
+        |p: String| json!({"op": "call", "name": "read_text_file", "arguments": {"path": p}});
+    // Physically docs/(link/../docs/)* is docs, so this ends at the secret; spelled, it
+    // is inside docs. Over PATH_MAX, the old resolver judged the spelling.
+    let long = format!(
+        "{}/{}link/s.txt",
+        docs.display(),
+        "link/../docs/".repeat(400)
+    );
+    let plan = json!([
+        // docs/link/.. is the temp root (link -> secret), so this is docs/a.txt; a server
+        // given the string as sent would apply `..` by name and look in docs/docs.
+        read(format!("{}/link/../docs/a.txt", docs.display())),
+        read(docs.join("out").display().to_string()),
+        read(docs.join("loop").display().to_string()),
+        read(long),
+    ]);
+    let (_guard, url) = serve(&s);
+    for mode in [vec!["--name", "fs"], vec!["--name", "fs", "--server", &url]] {
+        let r = results(s.client(&peers, &plan, &mode, &server, &token));
+        assert_eq!(r[0]["text"], "claim notes\n", "{mode:?}: {}", r[0]);
+        let t = r[1]["text"].as_str().unwrap();
+        assert!(
+            t.contains("Warden denied") && t.contains("TOOL_NOT_PERMITTED"),
+            "{mode:?}: a dangling link out of docs: {t}"
+        );
+        for (i, what) in [(2, "a symlink loop"), (3, "over PATH_MAX")] {
+            let t = r[i]["text"].as_str().unwrap();
+            assert!(
+                t.contains("Warden denied")
+                    && t.contains("CONSTRAINT_VIOLATION")
+                    && t.contains("argument `path`"),
+                "{mode:?}: {what}: {t}"
+            );
+            assert!(!t.contains("vault"), "{what} leaked the secret");
+        }
+    }
+    assert!(!d.join("secret/new.txt").exists());
+    let audit = s.audit();
+    let calls = tool_calls(&audit);
+    assert_eq!(calls.len(), 8, "every call is on the audit trail");
+    let reasons: Vec<&str> = calls
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        reasons[..4],
+        [
+            "PERMITTED",
+            "TOOL_NOT_PERMITTED",
+            "CONSTRAINT_VIOLATION",
+            "CONSTRAINT_VIOLATION"
+        ]
+    );
+    assert_eq!(reasons[..4], reasons[4..]);
+    assert!(calls.iter().all(|e| e["agent_id"] == "research-agent"));
+}
