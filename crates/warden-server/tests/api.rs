@@ -204,8 +204,9 @@ async fn permits_and_denies_with_every_policy_reason() {
             json!({"tool": "run_sql", "params": {"query": "TRUNCATE claims"}}),
         )
         .await;
-    assert_decision(&v, "deny", "CONSTRAINT_VIOLATION");
-    assert_eq!(v["rules"], json!(["never-truncate"]));
+    // only listed reports run: everything else falls to the default deny
+    assert_decision(&v, "deny", "TOOL_NOT_PERMITTED");
+    assert_eq!(v["rules"], json!(["warden.policy.default-deny"]));
     node.stop().await;
 }
 

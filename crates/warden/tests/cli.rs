@@ -181,8 +181,8 @@ fn policy_test_passes_on_the_example_and_reports_a_wrong_expectation() {
     let tests = dir.path().join("policy-tests.toml");
     let tests_arg = tests.to_str().unwrap();
     let out = warden_ok(dir.path(), &["policy", "test", tests_arg]);
-    assert_eq!(last_line(&out.stdout), "14 passed, 0 failed", "{out}");
-    assert_eq!(out.stdout.matches("\nPASS  ").count() + 1, 14, "{out}");
+    assert_eq!(last_line(&out.stdout), "24 passed, 0 failed", "{out}");
+    assert_eq!(out.stdout.matches("\nPASS  ").count() + 1, 24, "{out}");
 
     // The first case reads a claim, which is permitted; claim it is not.
     edit(&tests, "expect = \"permit\"", "expect = \"deny\"");
@@ -193,7 +193,7 @@ fn policy_test_passes_on_the_example_and_reports_a_wrong_expectation() {
             .contains("FAIL  claims processor reads a claim: expected deny, got permit"),
         "{out}"
     );
-    assert_eq!(last_line(&out.stdout), "13 passed, 1 failed", "{out}");
+    assert_eq!(last_line(&out.stdout), "23 passed, 1 failed", "{out}");
 }
 
 #[test]
