@@ -142,8 +142,24 @@ struct RawMcpServer {
 #[serde(deny_unknown_fields)]
 struct RawServer {
     listen: Option<String>,
+    admin_listen: Option<String>,
     operator_token_file: Option<String>,
     max_body_bytes: Option<usize>,
+    header_timeout: Option<String>,
+    request_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    max_connections: Option<usize>,
+    max_connections_per_ip: Option<usize>,
+    tls: Option<RawTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: String,
+    key: String,
+    client_ca: Option<String>,
+    require_client_cert: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -280,11 +296,58 @@ pub struct McpServer {
     pub resolve_paths: Vec<String>,
 }
 
+/// How the HTTP listener protects itself from slow, idle and numerous clients.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// A request head (and a TLS handshake) must arrive within this time of the
+    /// connection opening or of its first byte.
+    pub header_timeout_ns: Nanos,
+    /// An ordinary request must be read and answered within this time; the MCP gateway's
+    /// streams only have to deliver their request body within it.
+    pub request_timeout_ns: Nanos,
+    /// A keep-alive connection with no request in flight is closed after this time.
+    pub idle_timeout_ns: Nanos,
+    /// Open connections the node keeps at most; idle ones are closed to admit new ones.
+    pub max_connections: usize,
+    /// Open connections one peer address may hold at most.
+    pub max_connections_per_ip: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            header_timeout_ns: 10 * NANOS_PER_SEC,
+            request_timeout_ns: 30 * NANOS_PER_SEC,
+            idle_timeout_ns: 60 * NANOS_PER_SEC,
+            max_connections: 4096,
+            max_connections_per_ip: 1024,
+        }
+    }
+}
+
+/// TLS for the listeners, from PEM files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// The certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// The private key; must not be readable by group or others.
+    pub key: PathBuf,
+    /// CA certificates that agents' client certificates must chain to.
+    pub client_ca: Option<PathBuf>,
+    /// Refuse clients without a certificate (needs `client_ca`).
+    pub require_client_cert: bool,
+}
+
 #[derive(Clone, Debug)]
 pub struct Settings {
     /// The directory of the config file; relative paths are resolved against it.
     pub base_dir: PathBuf,
     pub listen: String,
+    /// A second address that alone serves the admin API (with the health probes); when
+    /// set, the main listener answers `/admin` with 404.
+    pub admin_listen: Option<String>,
+    pub connections: ConnectionLimits,
+    pub tls: Option<TlsSettings>,
     pub operator_token_file: PathBuf,
     /// Set by `WARDEN_OPERATOR_TOKEN`; wins over the file.
     pub operator_token_env: Option<String>,
@@ -313,7 +376,8 @@ pub const DEFAULT_MAX_BODY: usize = 64 * 1024;
 impl Settings {
     /// Parses and validates a config file's text. `file` is the name used in errors and
     /// `base_dir` the folder relative paths are resolved against; `env` looks up
-    /// environment overrides (`WARDEN_LISTEN`, `WARDEN_STORE`, `WARDEN_OPERATOR_TOKEN`).
+    /// environment overrides (`WARDEN_LISTEN`, `WARDEN_ADMIN_LISTEN`, `WARDEN_STORE`,
+    /// `WARDEN_OPERATOR_TOKEN`).
     pub fn from_toml(
         text: &str,
         file: &str,
@@ -334,12 +398,35 @@ impl Settings {
         let listen = env("WARDEN_LISTEN")
             .or(raw.server.listen)
             .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+        let admin_listen = env("WARDEN_ADMIN_LISTEN")
+            .or(raw.server.admin_listen)
+            .filter(|a| !a.is_empty());
+        if admin_listen.as_deref() == Some(listen.as_str()) {
+            return Err(field(
+                "server.admin_listen",
+                format!("`{listen}` is also `server.listen`; give the admin plane its own address or leave it out"),
+            ));
+        }
         let max_body_bytes = raw.server.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY);
         if !(1024..=16 * 1024 * 1024).contains(&max_body_bytes) {
             return Err(field(
                 "server.max_body_bytes",
                 format!("{max_body_bytes} is out of range; use 1024 to 16777216"),
             ));
+        }
+        let tls = raw.server.tls.map(|t| TlsSettings {
+            cert: path(&t.cert),
+            key: path(&t.key),
+            require_client_cert: t.require_client_cert.unwrap_or(false),
+            client_ca: t.client_ca.as_deref().map(path),
+        });
+        if let Some(t) = &tls {
+            if t.require_client_cert && t.client_ca.is_none() {
+                return Err(field(
+                    "server.tls.require_client_cert",
+                    "needs `client_ca`, the CA file that agents' certificates chain to".into(),
+                ));
+            }
         }
         let store_path = env("WARDEN_STORE")
             .map(PathBuf::from)
@@ -366,6 +453,56 @@ impl Settings {
         let dur = |name: &str, v: Option<String>, default: &str| -> Result<Nanos, ConfigError> {
             parse_duration(v.as_deref().unwrap_or(default)).map_err(|m| field(name, m))
         };
+        let defaults = ConnectionLimits::default();
+        let timeout = |name: &str, v: Option<String>, default: Nanos| match v {
+            Some(v) => dur(name, Some(v), ""),
+            None => Ok(default),
+        };
+        let connections = ConnectionLimits {
+            header_timeout_ns: timeout(
+                "server.header_timeout",
+                raw.server.header_timeout,
+                defaults.header_timeout_ns,
+            )?,
+            request_timeout_ns: timeout(
+                "server.request_timeout",
+                raw.server.request_timeout,
+                defaults.request_timeout_ns,
+            )?,
+            idle_timeout_ns: timeout(
+                "server.idle_timeout",
+                raw.server.idle_timeout,
+                defaults.idle_timeout_ns,
+            )?,
+            max_connections: raw
+                .server
+                .max_connections
+                .unwrap_or(defaults.max_connections),
+            max_connections_per_ip: raw
+                .server
+                .max_connections_per_ip
+                .unwrap_or(defaults.max_connections_per_ip),
+        };
+        if !(16..=1_000_000).contains(&connections.max_connections) {
+            return Err(field(
+                "server.max_connections",
+                format!(
+                    "{} is out of range; use 16 to 1000000",
+                    connections.max_connections
+                ),
+            ));
+        }
+        if connections.max_connections_per_ip == 0
+            || connections.max_connections_per_ip > connections.max_connections
+        {
+            return Err(field(
+                "server.max_connections_per_ip",
+                format!(
+                    "{} is out of range; use 1 to server.max_connections ({})",
+                    connections.max_connections_per_ip, connections.max_connections
+                ),
+            ));
+        }
         let control_refresh_ns = dur("control.refresh", raw.control.refresh, "250ms")?;
         let control_stale_after_ns = dur("control.stale_after", raw.control.stale_after, "2s")?;
         if control_stale_after_ns < 2 * control_refresh_ns {
@@ -535,6 +672,9 @@ impl Settings {
         Ok(Settings {
             base_dir: base_dir.to_path_buf(),
             listen,
+            admin_listen,
+            connections,
+            tls,
             operator_token_file: path(
                 raw.server
                     .operator_token_file
@@ -647,6 +787,50 @@ window = "1m"
             .unwrap_err()
             .to_string();
         assert!(err.contains("limits[0].window"), "{err}");
+    }
+
+    #[test]
+    fn server_limits_tls_and_admin_listen() {
+        let s = Settings::from_toml(MINIMAL, "w.toml", Path::new("/etc/w"), &no_env).unwrap();
+        assert_eq!(s.connections, ConnectionLimits::default());
+        assert_eq!((s.admin_listen, s.tls), (None, None));
+
+        let text = format!(
+            "[server]\nheader_timeout = \"2s\"\nmax_connections = 20\nmax_connections_per_ip = 5\n\
+             admin_listen = \"127.0.0.1:9\"\n[server.tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n{MINIMAL}"
+        );
+        let s = Settings::from_toml(&text, "w.toml", Path::new("/etc/w"), &no_env).unwrap();
+        assert_eq!(s.connections.header_timeout_ns, 2 * NANOS_PER_SEC);
+        assert_eq!(s.connections.max_connections_per_ip, 5);
+        assert_eq!(s.admin_listen.as_deref(), Some("127.0.0.1:9"));
+        let tls = s.tls.unwrap();
+        assert_eq!(tls.key, Path::new("/etc/w/k.pem"));
+        assert!(!tls.require_client_cert);
+
+        let env = |k: &str| (k == "WARDEN_ADMIN_LISTEN").then(|| "127.0.0.1:7".to_owned());
+        let s = Settings::from_toml(&text, "w.toml", Path::new("."), &env).unwrap();
+        assert_eq!(s.admin_listen.as_deref(), Some("127.0.0.1:7"));
+
+        for (good, bad, name) in [
+            (
+                "max_connections_per_ip = 5",
+                "max_connections_per_ip = 50",
+                "server.max_connections_per_ip",
+            ),
+            ("\"2s\"", "\"2\"", "server.header_timeout"),
+            (
+                "key = \"k.pem\"",
+                "key = \"k.pem\"\nrequire_client_cert = true",
+                "server.tls.require_client_cert",
+            ),
+            ("127.0.0.1:9", "127.0.0.1:8480", "server.admin_listen"),
+        ] {
+            let text = text.replace(good, bad);
+            let err = Settings::from_toml(&text, "w.toml", Path::new("."), &no_env)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(name), "{err}");
+        }
     }
 
     #[test]

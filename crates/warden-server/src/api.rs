@@ -424,13 +424,13 @@ async fn agent_standing(State(app): State<Arc<App>>, headers: HeaderMap) -> Resp
     }
 }
 
-async fn healthz() -> Json<Value> {
+pub(crate) async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
 /// Ready when the policy is loaded and the control view is fresh, i.e. when this node
 /// would decide calls rather than fail closed.
-async fn readyz(State(app): State<Arc<App>>) -> Response {
+pub(crate) async fn readyz(State(app): State<Arc<App>>) -> Response {
     let fresh = app.pipeline.is_fresh();
     let policy = app.pipeline.policy().map(|p| p.digest().to_owned());
     let ready = fresh && policy.is_some();

@@ -26,6 +26,8 @@ pub enum ApiError {
     },
     #[error("{0}")]
     Unavailable(String),
+    #[error("the request was not read and answered within the request timeout of {0:?}")]
+    RequestTimeout(std::time::Duration),
 }
 
 impl ApiError {
@@ -39,6 +41,7 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -52,6 +55,7 @@ impl ApiError {
             ApiError::Conflict(_) => "CONFLICT",
             ApiError::Unprocessable { .. } => "UNPROCESSABLE",
             ApiError::Unavailable(_) => "UNAVAILABLE",
+            ApiError::RequestTimeout(_) => "REQUEST_TIMEOUT",
         }
     }
 }

@@ -16,17 +16,20 @@ pub mod audit_writer;
 pub mod error;
 pub mod gate;
 pub mod ids;
+pub mod listener;
 pub mod mcp_http;
 pub mod policy_files;
 pub mod setup;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::routing::get;
 use axum::Router;
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, Mutex};
+use tokio::sync::{watch, Mutex};
 use warden_core::audit::Entry;
 use warden_core::clock::{Clock, SystemClock};
 use warden_core::config::Settings;
@@ -51,6 +54,8 @@ pub enum ServeError {
         addr: String,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -106,10 +111,25 @@ impl App {
         Ok(app)
     }
 
+    /// Every route the node serves.
     pub fn router(self: &Arc<Self>) -> Router {
-        api::routes(self.clone())
-            .merge(admin::routes(self.clone()))
-            .merge(mcp_http::routes(self.clone()))
+        self.agent_router().merge(admin::routes(self.clone()))
+    }
+
+    /// The agent plane (decision API, MCP gateway) and the health probes.
+    fn agent_router(self: &Arc<Self>) -> Router {
+        api::routes(self.clone()).merge(mcp_http::routes(self.clone()))
+    }
+
+    /// What the admin listener serves when `admin_listen` is set: the admin API and the
+    /// health probes, nothing an agent uses.
+    fn admin_router(self: &Arc<Self>) -> Router {
+        admin::routes(self.clone()).merge(
+            Router::new()
+                .route("/healthz", get(api::healthz))
+                .route("/readyz", get(api::readyz))
+                .with_state(self.clone()),
+        )
     }
 
     /// Re-reads agents, credentials and kill switches if the store changed, and confirms
@@ -196,20 +216,28 @@ pub(crate) async fn blocking<T: Send + 'static>(
 /// A running server.
 pub struct Running {
     pub addr: SocketAddr,
+    /// The admin listener's address, when `admin_listen` is set.
+    pub admin_addr: Option<SocketAddr>,
     pub app: Arc<App>,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Result<(), std::io::Error>>,
+    stop: watch::Sender<listener::Stop>,
+    background: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Running {
-    /// Stops accepting, finishes requests in flight, and waits for the server to end.
-    pub async fn stop(mut self) -> Result<(), std::io::Error> {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
+    /// Stops accepting, gives requests in flight up to the request timeout to finish,
+    /// closes what is left, and waits for the listeners to end.
+    pub async fn stop(self) -> Result<(), std::io::Error> {
+        let _ = self.stop.send(listener::Stop::Drain);
+        let mut result = Ok(());
+        for task in self.tasks {
+            if let Err(e) = task.await {
+                result = Err(std::io::Error::other(e));
+            }
         }
-        self.task
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        let _ = self.stop.send(listener::Stop::Abort);
+        let _ = self.background.send(true);
+        result
     }
 }
 
@@ -229,38 +257,79 @@ pub async fn start_with_clock(
     start_app(app, listener).await
 }
 
-/// Serves an already built node on a bound listener.
+async fn bind(addr: &str) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: addr.to_owned(),
+            source,
+        })
+}
+
+/// Serves an already built node on a bound listener, and on `admin_listen` (bound here)
+/// if the settings name one. TLS, when configured, applies to both.
 pub async fn start_app(app: Arc<App>, listener: TcpListener) -> Result<Running, ServeError> {
     let addr = listener.local_addr()?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    spawn_background(&app, stop_rx);
-    let (tx, rx) = oneshot::channel::<()>();
-    let router = app.router();
-    let task = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = rx.await;
-                let _ = stop_tx.send(true);
-            })
-            .await
-    });
-    tracing::info!(%addr, "warden is serving");
+    let settings = &app.settings;
+    let tls = settings.tls.as_ref().map(tls::acceptor).transpose()?;
+    let admin = match &settings.admin_listen {
+        Some(a) => Some(bind(a).await?),
+        None => None,
+    };
+    let admin_addr = admin.as_ref().map(TcpListener::local_addr).transpose()?;
+    let (stop, stop_rx) = watch::channel(listener::Stop::Run);
+    let mut tasks = Vec::new();
+    let main_router = match admin {
+        Some(admin) => {
+            tasks.push(tokio::spawn(listener::run(
+                listener::Listener {
+                    listener: admin,
+                    router: app.admin_router(),
+                    limits: settings.connections.clone(),
+                    tls: tls.clone(),
+                },
+                stop_rx.clone(),
+            )));
+            app.agent_router()
+        }
+        None => app.router(),
+    };
+    tasks.push(tokio::spawn(listener::run(
+        listener::Listener {
+            listener,
+            router: main_router,
+            limits: settings.connections.clone(),
+            tls,
+        },
+        stop_rx,
+    )));
+    let (background, background_rx) = watch::channel(false);
+    spawn_background(&app, background_rx);
+    let scheme = if settings.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    tracing::info!(%addr, ?admin_addr, scheme, "warden is serving");
     Ok(Running {
         addr,
+        admin_addr,
         app,
-        shutdown: Some(tx),
-        task,
+        stop,
+        background,
+        tasks,
     })
 }
 
 /// Binds the configured address and serves until Ctrl-C or SIGTERM.
 pub async fn serve(settings: Settings) -> Result<(), ServeError> {
-    let listener = TcpListener::bind(&settings.listen)
-        .await
-        .map_err(|source| ServeError::Bind {
-            addr: settings.listen.clone(),
-            source,
-        })?;
+    let open_files = listener::raise_fd_limit();
+    let wanted = settings.connections.max_connections as u64 * 2 + 64;
+    if open_files.is_some_and(|n| n < wanted) {
+        tracing::warn!(?open_files, max_connections = settings.connections.max_connections,
+            "the open-file limit is below what server.max_connections may need; raise it (ulimit -n) or lower the cap");
+    }
+    let listener = bind(&settings.listen).await?;
     let running = start(settings, listener).await?;
     shutdown_signal().await;
     tracing::info!("shutting down");

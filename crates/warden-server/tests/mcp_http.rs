@@ -29,7 +29,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use warden_core::audit::{verify_store, EntryKind, Record};
-use warden_core::clock::SystemClock;
+use warden_core::clock::{SystemClock, NANOS_PER_SEC};
 use warden_core::config::Settings;
 use warden_mcp::message::{CALL_CANCELLED, CALL_TIMED_OUT, PARSE_ERROR, UPSTREAM_UNAVAILABLE};
 use warden_mcp::sse;
@@ -876,6 +876,37 @@ async fn sse_passes_through_as_it_happens_and_a_kill_cancels_the_call() {
         .map(|e| e.2)
         .collect();
     assert_eq!(outcomes, ["cancelled", "cancelled"]);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sse_stream_outlives_the_request_timeout() {
+    let (_fake, url) = start_fake().await;
+    let node = Node::start_with(&url, "30s", |t| {
+        t.replace("[server]\n", "[server]\nrequest_timeout = \"1s\"\n")
+    })
+    .await;
+    assert_eq!(
+        node.app().settings.connections.request_timeout_ns,
+        NANOS_PER_SEC
+    );
+    let token = node.token().await;
+    let r = node.post(Some(&token), None, &initialize(1)).await;
+    let session = r.headers()["mcp-session-id"].to_str().unwrap().to_owned();
+    let mut slow = call(2, "trigger-long-running-operation", json!({}));
+    slow["params"]["_meta"] = json!({"progressToken": "tok"});
+    let r = node.post(Some(&token), Some(&session), &slow).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let mut events = Events::new(r);
+    // Progress comes every 200 ms, so the tenth event arrives twice the request timeout
+    // after the call began.
+    loop {
+        let e = events.next().await.expect("the stream ended early");
+        if e.id.as_deref() == Some("p10") {
+            break;
+        }
+    }
+    drop(events);
     node.stop().await;
 }
 

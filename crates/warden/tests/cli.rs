@@ -43,10 +43,14 @@ impl fmt::Display for Out {
 
 /// A `warden` command with none of the caller's `WARDEN_*` variables leaking in.
 fn command() -> Command {
-    let mut cmd = Command::new(BIN);
+    scrubbed(Command::new(BIN))
+}
+
+fn scrubbed(mut cmd: Command) -> Command {
     for var in [
         "WARDEN_CONFIG",
         "WARDEN_LISTEN",
+        "WARDEN_ADMIN_LISTEN",
         "WARDEN_STORE",
         "WARDEN_OPERATOR_TOKEN",
         "RUST_LOG",
@@ -293,16 +297,35 @@ struct Server {
 impl Server {
     async fn start(dir: &Path) -> Server {
         let log = dir.join("serve.log");
-        Self::start_logging_to(dir, fs::File::create(&log).unwrap(), "warn", log).await
+        Self::start_logging_to(dir, fs::File::create(&log).unwrap(), "warn", log, None).await
     }
 
-    /// Starts `warden serve` with its standard error on `stderr` (read back from `log`).
-    async fn start_logging_to(dir: &Path, stderr: fs::File, level: &str, log: PathBuf) -> Server {
+    /// Starts `warden serve` with its standard error on `stderr` (read back from `log`);
+    /// with `nofile`, under that soft open-file limit (`ulimit -S -n`).
+    async fn start_logging_to(
+        dir: &Path,
+        stderr: fs::File,
+        level: &str,
+        log: PathBuf,
+        nofile: Option<u32>,
+    ) -> Server {
         let addr = {
             let l = TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap()
         };
-        let child = command()
+        let mut cmd = match nofile {
+            None => command(),
+            Some(n) => {
+                let mut sh = Command::new("sh");
+                sh.args([
+                    "-c",
+                    &format!("ulimit -S -n {n} && exec \"$0\" \"$@\""),
+                    BIN,
+                ]);
+                scrubbed(sh)
+            }
+        };
+        let child = cmd
             .args(["serve", "--listen", &addr.to_string()])
             .env("WARDEN_CONFIG", dir.join("warden.toml"))
             .env("RUST_LOG", level)
@@ -676,7 +699,7 @@ async fn serve_with_a_broken_stderr_serves_and_exits_0_on_sigterm() {
         .write(true)
         .open("/dev/full")
         .unwrap();
-    let mut server = Server::start_logging_to(d, full, "debug", d.join("no.log")).await;
+    let mut server = Server::start_logging_to(d, full, "debug", d.join("no.log"), None).await;
     let t = warden_ok(d, &["agent", "token", AGENT])
         .stdout
         .trim()
@@ -710,4 +733,25 @@ async fn serve_with_a_broken_stderr_serves_and_exits_0_on_sigterm() {
     assert_eq!(status.code(), Some(0), "{status}");
     let out = warden_ok(d, &["audit", "verify"]);
     assert!(out.stdout.starts_with("audit verified: "), "{out}");
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn serve_raises_the_open_file_soft_limit_to_the_hard_limit() {
+    let dir = init();
+    let d = dir.path();
+    let log = d.join("serve.log");
+    let server =
+        Server::start_logging_to(d, fs::File::create(&log).unwrap(), "warn", log, Some(64)).await;
+    let limits = fs::read_to_string(format!("/proc/{}/limits", server.child.id())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let soft_hard: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(soft_hard[0], soft_hard[1], "{line}");
+    assert_ne!(
+        soft_hard[0], "64",
+        "the hard limit is 64 as well, so this cannot tell: {line}"
+    );
 }
