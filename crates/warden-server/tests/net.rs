@@ -77,6 +77,34 @@ async fn read_until_closed(s: &mut TcpStream, within: Duration) -> Option<Vec<u8
     .map(|()| all)
 }
 
+/// Reads one response with a `Content-Length` body; its head and body as text.
+async fn read_response(s: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&got).to_string();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len: usize = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .expect("no content-length");
+            if got.len() >= end + 4 + len {
+                return text;
+            }
+        }
+        let n = tokio::time::timeout(GENEROUS, s.read(&mut buf))
+            .await
+            .expect("no response")
+            .unwrap();
+        assert!(n > 0, "closed mid-response: {text}");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
 async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + GENEROUS;
     while !done() {
@@ -107,6 +135,31 @@ async fn a_slowloris_half_header_is_disconnected_after_the_header_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_header_after_a_keep_alive_request_is_held_to_the_header_timeout() {
+    // The idle timeout is long; the header timeout must start at the next request's first
+    // byte, not wait for the idle one.
+    let dir = prepare(
+        "header_timeout = \"1s\"\nidle_timeout = \"1h\"\nrequest_timeout = \"1h\"",
+        "",
+    );
+    let node = start(dir.path()).await;
+    let mut s = TcpStream::connect(node.addr).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: warden\r\n\r\n")
+        .await
+        .unwrap();
+    let first = read_response(&mut s).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: war")
+        .await
+        .unwrap();
+    assert!(
+        read_until_closed(&mut s, GENEROUS).await.is_some(),
+        "a half-sent second header held its connection open"
+    );
+    node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_body_that_never_finishes_gets_408_after_the_request_timeout() {
     let dir = prepare(
         "header_timeout = \"1h\"\nidle_timeout = \"1h\"\nrequest_timeout = \"1s\"",
@@ -126,6 +179,28 @@ async fn a_request_body_that_never_finishes_gets_408_after_the_request_timeout()
     let text = String::from_utf8_lossy(&got).to_lowercase();
     assert!(text.starts_with("http/1.1 408"), "{text}");
     assert!(text.contains("connection: close"), "{text}");
+    node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mcp_request_body_is_held_to_the_request_timeout_too() {
+    let dir = prepare(
+        "header_timeout = \"1h\"\nidle_timeout = \"1h\"\nrequest_timeout = \"1s\"",
+        "",
+    );
+    let node = start(dir.path()).await;
+    let mut s = TcpStream::connect(node.addr).await.unwrap();
+    s.write_all(
+        b"POST /mcp/anything HTTP/1.1\r\nHost: warden\r\nContent-Type: application/json\r\n\
+          Content-Length: 100\r\n\r\n{\"jsonrpc\": ",
+    )
+    .await
+    .unwrap();
+    let got = read_until_closed(&mut s, GENEROUS)
+        .await
+        .expect("a half-sent MCP body held its connection open");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 4"), "{text}");
     node.stop().await.unwrap();
 }
 
@@ -184,6 +259,54 @@ async fn idle_connections_beyond_the_cap_do_not_starve_a_health_prober() {
         closed.load(Ordering::SeqCst) >= 20
     })
     .await;
+    node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_at_its_cap_evicts_only_its_own_connections() {
+    let dir = prepare(
+        "header_timeout = \"1h\"\nidle_timeout = \"1h\"\nmax_connections = 20\nmax_connections_per_ip = 5",
+        "",
+    );
+    let node = start(dir.path()).await;
+    let from = |ip: [u8; 4]| {
+        let addr = node.addr;
+        async move {
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            sock.bind(SocketAddr::from((ip, 0))).unwrap();
+            sock.connect(addr).await.unwrap()
+        }
+    };
+    let mut quiet = Vec::new();
+    for _ in 0..5 {
+        quiet.push(from([127, 0, 0, 1]).await);
+    }
+    let closed = Arc::new(AtomicUsize::new(0));
+    for _ in 0..30 {
+        let mut s = from([127, 0, 0, 2]).await;
+        let closed = closed.clone();
+        tokio::spawn(async move {
+            if read_until_closed(&mut s, Duration::from_secs(3600))
+                .await
+                .is_some()
+            {
+                closed.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+    }
+    wait_for("the flooding address kept more than its cap", || {
+        closed.load(Ordering::SeqCst) >= 25
+    })
+    .await;
+    // Every admission has happened by now; the other address's connections are intact.
+    for s in &quiet {
+        let mut buf = [0u8; 1];
+        let r = s.try_read(&mut buf);
+        assert!(
+            matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "a connection from another address was closed: {r:?}"
+        );
+    }
     node.stop().await.unwrap();
 }
 
