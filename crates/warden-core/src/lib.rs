@@ -20,6 +20,7 @@ pub mod limits;
 pub mod pipeline;
 pub mod policy;
 pub mod store;
+pub mod tool;
 pub mod trace;
 
 pub use decision::{Decision, Effect, Reason};

@@ -23,6 +23,8 @@ use warden_server::ids::random_hex;
 use warden_server::{policy_files, setup};
 use warden_store::SqliteStore;
 
+use crate::terminal::escaped;
+
 #[derive(Parser)]
 #[command(
     name = "warden",
@@ -532,11 +534,11 @@ fn agent(settings: &Settings, config: &Path, cmd: AgentCmd) -> Result<ExitCode> 
                 let scopes: Vec<&str> = a.scopes.iter().map(String::as_str).collect();
                 println!(
                     "{:<28} {:<16} {:>4}  {:<8} {}",
-                    a.id,
-                    a.owner,
+                    escaped(&a.id),
+                    escaped(&a.owner),
                     a.tier,
                     a.status.as_str(),
-                    scopes.join(",")
+                    escaped(&scopes.join(","))
                 );
             }
         }
@@ -546,14 +548,14 @@ fn agent(settings: &Settings, config: &Path, cmd: AgentCmd) -> Result<ExitCode> 
                 .ok_or_else(|| anyhow!("no agent `{id}`"))?;
             println!(
                 "agent     {}\nowner     {}\ntier      {}\nstatus    {}",
-                a.id,
-                a.owner,
+                escaped(&a.id),
+                escaped(&a.owner),
                 a.tier,
                 a.status.as_str()
             );
             println!(
                 "scopes    {}",
-                a.scopes.iter().cloned().collect::<Vec<_>>().join(", ")
+                escaped(&a.scopes.iter().cloned().collect::<Vec<_>>().join(", "))
             );
             println!("rotation  {}d", a.rotation_ns / NANOS_PER_SEC / 86_400);
             for c in store.list_credentials(&id)? {
@@ -566,7 +568,7 @@ fn agent(settings: &Settings, config: &Path, cmd: AgentCmd) -> Result<ExitCode> 
                 };
                 println!(
                     "credential {}  expires {}  {state}",
-                    c.jti,
+                    escaped(&c.jti),
                     c.expires_at_ns / NANOS_PER_SEC
                 );
             }
@@ -574,7 +576,7 @@ fn agent(settings: &Settings, config: &Path, cmd: AgentCmd) -> Result<ExitCode> 
         AgentCmd::Revoke { id, jti } => {
             let what = identity::revoke(&store, &id, jti.as_deref(), now)?;
             audit_control(&store, "revoke", what.clone())?;
-            println!("revoked {what}");
+            println!("revoked {}", escaped(&what));
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -781,6 +783,9 @@ fn audit(settings: &Settings, cmd: AuditCmd) -> Result<ExitCode> {
     }
 }
 
+/// One audit entry as a line. Agent id, action and the rest may be an agent's own
+/// strings (a refused tool name, a forged token's subject): escaped, so a line is one
+/// entry and shows what is stored.
 fn print_record(r: &warden_core::audit::Record) {
     let e = &r.entry;
     println!(
@@ -789,13 +794,13 @@ fn print_record(r: &warden_core::audit::Record) {
         warden_core::clock::format_rfc3339(e.ts_ns),
         e.kind.as_str(),
         if e.agent_id.is_empty() {
-            "-"
+            "-".into()
         } else {
-            &e.agent_id
+            escaped(&e.agent_id)
         },
-        e.action,
-        e.decision,
-        e.reason,
-        e.rules.join(",")
+        escaped(&e.action),
+        escaped(&e.decision),
+        escaped(&e.reason),
+        escaped(&e.rules.join(","))
     );
 }

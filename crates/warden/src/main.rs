@@ -8,6 +8,7 @@
 
 mod commands;
 mod logging;
+mod terminal;
 
 use std::process::ExitCode;
 
@@ -18,9 +19,11 @@ fn main() -> ExitCode {
     match commands::run(cli) {
         Ok(code) => code,
         Err(e) => {
-            logging::eprint_line(format_args!("error: {e}"));
+            // Errors quote what they could not accept, stored strings included.
+            let shown = |e: &dyn std::fmt::Display| terminal::escaped(&e.to_string()).into_owned();
+            logging::eprint_line(format_args!("error: {}", shown(&e)));
             for cause in e.chain().skip(1) {
-                logging::eprint_line(format_args!("  caused by: {cause}"));
+                logging::eprint_line(format_args!("  caused by: {}", shown(&cause)));
             }
             ExitCode::from(2)
         }

@@ -755,3 +755,84 @@ async fn serve_raises_the_open_file_soft_limit_to_the_hard_limit() {
         "the hard limit is 64 as well, so this cannot tell: {line}"
     );
 }
+
+/// Regression: an unauthenticated request drew a forged `permit` row on the operator's
+/// terminal with escape codes in its tool name. Whatever an agent sends, the audit trail
+/// printed by `warden audit tail` holds no raw control character: one line per entry,
+/// the agent's bytes shown escaped.
+#[tokio::test]
+async fn escape_codes_in_a_tool_name_never_reach_the_operators_terminal() {
+    let dir = init();
+    let d = dir.path();
+    let server = Server::start(d).await;
+    let http = reqwest::Client::new();
+    let t = warden_ok(d, &["agent", "token", AGENT])
+        .stdout
+        .trim()
+        .to_owned();
+    let forged_row = "     9  2026-01-01T00:00:00Z  decision claims-processor-v3  get_claim  permit PERMITTED  claims-read";
+    let tool = format!("get_claim\u{1b}[2K\r{forged_row}\n\u{202E}");
+    for token in [None, Some(t.as_str())] {
+        let mut req = http.post(format!("{}/v1/check", server.base)).json(&json!({
+            "tool": tool,
+            "params": {"claim_id": "CLM-1001"},
+            "context": {"rationale": "\u{1b}]0;owned\u{7}\u{1b}[1A"}
+        }));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.unwrap();
+        assert_ne!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    let out = warden_ok(d, &["audit", "tail", "-n", "50"]);
+    for bad in ['\u{1b}', '\r', '\u{7}', '\u{202E}'] {
+        assert!(!out.stdout.contains(bad), "raw {bad:?} in\n{out}");
+    }
+    let shown: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| l.contains("get_claim\\u{1b}[2K\\u{d}"))
+        .collect();
+    assert_eq!(shown.len(), 2, "both attempts, each on one line\n{out}");
+    assert!(
+        !out.stdout.lines().any(|l| l.starts_with("     9  2026")),
+        "a forged row\n{out}"
+    );
+    drop(server);
+}
+
+/// Operators' and agents' strings in `agent list` and `agent show` (and in errors) are
+/// printed escaped too.
+#[test]
+fn agent_listings_escape_control_characters() {
+    let dir = init();
+    let d = dir.path();
+    let owner = "team\u{1b}[2J\u{1b}[31m";
+    warden_ok(
+        d,
+        &[
+            "agent",
+            "register",
+            "painted-bot",
+            "--owner",
+            owner,
+            "--tier",
+            "1",
+            "--scope",
+            "claims:read",
+        ],
+    );
+    for args in [&["agent", "list"][..], &["agent", "show", "painted-bot"]] {
+        let out = warden_ok(d, args);
+        assert!(!out.stdout.contains('\u{1b}'), "{args:?}\n{out}");
+        assert!(
+            out.stdout.contains("team\\u{1b}[2J\\u{1b}[31m"),
+            "{args:?}\n{out}"
+        );
+    }
+    let out = warden(d, &["agent", "show", "nobody\u{1b}[2J"]);
+    assert_eq!(out.code, 2, "{out}");
+    assert!(!out.stderr.contains('\u{1b}'), "{out}");
+    assert!(out.stderr.contains("nobody\\u{1b}[2J"), "{out}");
+}
