@@ -24,7 +24,7 @@ SERVE_PID=""
 cleanup() { [[ -n "$SERVE_PID" ]] && kill "$SERVE_PID" 2>/dev/null; rm -rf "$WORK"; }
 trap cleanup EXIT
 cp -r examples/mcp/. "$WORK/"
-echo "wop_bench_operator_token_0123456789" > "$WORK/operator.token"
+(umask 077 && echo "wop_bench_operator_token_0123456789" > "$WORK/operator.token")
 CONFIG="$WORK/warden.toml"
 export WARDEN_TOKEN=$("$WARDEN" --config "$CONFIG" agent token research-agent)
 PROXY=("$WARDEN" --config "$CONFIG" mcp-proxy --name everything)
@@ -34,7 +34,7 @@ for s in 1 "$SESSIONS"; do
   calls=$CALLS
   [[ "$s" != 1 ]] && calls=$((CALLS / 4))
   echo "== direct, $s session(s)";           "$LAT" --sessions "$s" --calls "$calls" -- "${SERVER[@]}"
-  echo "== proxy embedded, $s session(s)";   "$LAT" --sessions "$s" --calls "$calls" -- "${PROXY[@]}" -- "${SERVER[@]}"
+  echo "== proxy embedded, $s session(s)";   "$LAT" --sessions "$s" --calls "$calls" -- "${PROXY[@]}" --embedded -- "${SERVER[@]}"
 done
 
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')

@@ -1,7 +1,7 @@
 """Drive an MCP server with the official Python SDK, for Warden's gateway tests.
 
     mcp_client.py PLAN.json -- COMMAND [ARGS...]          (stdio)
-    mcp_client.py PLAN.json --url URL [--token TOKEN]     (Streamable HTTP)
+    mcp_client.py PLAN.json --url URL     (Streamable HTTP; bearer token from WARDEN_TOKEN)
 
 PLAN.json is a list of steps; each prints one JSON line with its result:
   {"op": "list_tools"}                      -> {"tools": [names]}
@@ -86,8 +86,9 @@ async def main():
 
         url = args[args.index("--url") + 1]
         headers = {}
-        if "--token" in args:
-            headers["Authorization"] = "Bearer " + args[args.index("--token") + 1]
+        # The token comes from the environment, never argv (where `ps` shows it).
+        if os.environ.get("WARDEN_TOKEN"):
+            headers["Authorization"] = "Bearer " + os.environ["WARDEN_TOKEN"]
         async with httpx2.AsyncClient(headers=headers, timeout=30) as http:
             async with streamable_http_client(url, http_client=http) as streams:
                 read, write = streams[0], streams[1]

@@ -16,7 +16,9 @@ use std::sync::{Arc, RwLock};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine as _;
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier as _, VerifyingKey};
+/// The public half of a signing key: what a process that only checks tokens holds.
+pub use ed25519_dalek::VerifyingKey;
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier as _};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -125,6 +127,20 @@ impl CredentialError {
 pub enum KeyError {
     #[error("key file is not `ed25519:<64 hex digits>`")]
     Format,
+    #[error("public key file is not `ed25519-public:<64 hex digits>`")]
+    PublicFormat,
+}
+
+/// Parses a public key file's text: `ed25519-public:<hex key>`. A host that only checks
+/// tokens (the embedded `warden mcp-proxy`) reads this, never the private key file.
+pub fn public_key_from_file(text: &str) -> Result<VerifyingKey, KeyError> {
+    let hex_key = text
+        .trim()
+        .strip_prefix("ed25519-public:")
+        .ok_or(KeyError::PublicFormat)?;
+    let bytes = hex::decode(hex_key).map_err(|_| KeyError::PublicFormat)?;
+    let bytes: [u8; 32] = bytes.try_into().map_err(|_| KeyError::PublicFormat)?;
+    VerifyingKey::from_bytes(&bytes).map_err(|_| KeyError::PublicFormat)
 }
 
 /// An Ed25519 signing key with its key id (a fingerprint of the public key).
@@ -162,6 +178,14 @@ impl SigningKeyPair {
 
     pub fn to_key_file(&self) -> String {
         format!("ed25519:{}\n", hex::encode(self.key.to_bytes()))
+    }
+
+    /// The text of the public key file that goes beside the key file.
+    pub fn to_public_key_file(&self) -> String {
+        format!(
+            "ed25519-public:{}\n",
+            hex::encode(self.key.verifying_key().to_bytes())
+        )
     }
 
     pub fn kid(&self) -> &str {
@@ -547,6 +571,11 @@ mod tests {
         assert_eq!(k.kid(), k2.kid());
         assert!(SigningKeyPair::from_key_file("ed25519:zz").is_err());
         assert!(SigningKeyPair::from_key_file("rsa:00").is_err());
+        let public = public_key_from_file(&k.to_public_key_file()).unwrap();
+        assert_eq!(public, k.verifying_key());
+        // The private key file is not a public key file, and the other way round.
+        assert!(public_key_from_file(&k.to_key_file()).is_err());
+        assert!(SigningKeyPair::from_key_file(&k.to_public_key_file()).is_err());
     }
 
     #[test]

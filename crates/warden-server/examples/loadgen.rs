@@ -32,7 +32,6 @@ usage: loadgen --url http://127.0.0.1:PORT [options]
 
   --url URL          the Warden node (loopback only); `/v1/check` is used when the URL
                      has no path
-  --token TOKEN      agent token (default: the WARDEN_TOKEN environment variable)
   --concurrency N    concurrent clients (default 64)
   --duration SECS    length of the measured phase (default 10 unless --requests is given)
   --requests N       stop after N measured requests
@@ -96,7 +95,6 @@ fn main() -> ExitCode {
 
 fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut url = None;
-    let mut token = None;
     let mut concurrency = 64usize;
     let mut duration = None;
     let mut requests = None;
@@ -108,7 +106,6 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         let value = it.next().ok_or_else(|| format!("`{flag}` needs a value"))?;
         match flag.as_str() {
             "--url" => url = Some(value),
-            "--token" => token = Some(value),
             "--concurrency" => concurrency = number(&flag, &value)?,
             "--duration" => duration = Some(seconds(&flag, &value)?),
             "--requests" => requests = Some(number(&flag, &value)?),
@@ -120,11 +117,8 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         }
     }
     let url = loopback_url(&url.ok_or("`--url` is required")?)?;
-    let token = match token {
-        Some(t) => t,
-        None => std::env::var("WARDEN_TOKEN")
-            .map_err(|_| "no token: pass `--token` or set WARDEN_TOKEN")?,
-    };
+    // The token comes from the environment only: on the command line `ps` would show it.
+    let token = std::env::var("WARDEN_TOKEN").map_err(|_| "no token: set WARDEN_TOKEN")?;
     let token = token.trim().to_owned();
     if token.is_empty() {
         return Err("the token is empty".into());

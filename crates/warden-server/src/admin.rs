@@ -76,7 +76,13 @@ async fn require_operator(State(app): State<Arc<App>>, req: Request, next: Next)
             "the admin API needs the operator token as `Authorization: Bearer <token>`".into(),
         )
         .into_response(),
-        Some(t) if ct_eq(t.as_bytes(), app.operator_token().as_bytes()) => next.run(req).await,
+        Some(t)
+            if app
+                .operator_token()
+                .is_some_and(|o| ct_eq(t.as_bytes(), o.as_bytes())) =>
+        {
+            next.run(req).await
+        }
         Some(_) => ApiError::Forbidden(
             "this credential may not use the admin API; it needs the operator token".into(),
         )
@@ -165,7 +171,11 @@ struct RegisterBody {
 async fn issue(app: &Arc<App>, agent: Agent) -> Result<Value, ApiError> {
     let jti = random_hex(16).map_err(|e| ApiError::Unavailable(format!("no randomness: {e}")))?;
     let store = app.store.clone();
-    let key = app.key.clone();
+    let key = app.key.clone().ok_or_else(|| {
+        ApiError::Unavailable(
+            "this node holds no signing key, so it cannot issue credentials".into(),
+        )
+    })?;
     let issuer = app.settings.issuer.clone();
     let now = app.pipeline.clock().now_ns();
     let (token, cred) =

@@ -33,7 +33,7 @@ use tokio::sync::{watch, Mutex};
 use warden_core::audit::Entry;
 use warden_core::clock::{Clock, SystemClock};
 use warden_core::config::Settings;
-use warden_core::identity::{SigningKeyPair, Verifier};
+use warden_core::identity::{SigningKeyPair, Verifier, VerifyingKey};
 use warden_core::policy::PolicyError;
 use warden_core::store::{Store, StoreError};
 use warden_core::Pipeline;
@@ -66,8 +66,11 @@ pub struct App {
     pub pipeline: Arc<Pipeline>,
     pub store: Arc<dyn Store>,
     pub audit: AuditWriter,
-    pub key: SigningKeyPair,
-    operator_token: String,
+    /// The token signing key; `None` on a node that only verifies (the embedded
+    /// `warden mcp-proxy`), which then cannot issue credentials.
+    pub key: Option<SigningKeyPair>,
+    /// `None` on a node that only verifies: its admin plane admits nobody.
+    operator_token: Option<String>,
     reload_lock: Mutex<()>,
 }
 
@@ -87,13 +90,45 @@ impl App {
     ) -> Result<Arc<App>, ServeError> {
         let key = setup::load_or_create_key(&settings.key_file)?;
         let operator_token = setup::operator_token(&settings)?;
+        let public = key.verifying_key();
+        Self::assemble(
+            settings,
+            store,
+            clock,
+            public,
+            Some(key),
+            Some(operator_token),
+        )
+    }
+
+    /// Builds a node that verifies agent tokens with the public key file alone and holds
+    /// no operator token, for the embedded `warden mcp-proxy`. It never opens (or
+    /// creates) the signing key. It does write the store (audit, declared agents), so it
+    /// belongs only on a host trusted as much as the governance itself.
+    pub fn build_verify_only(
+        settings: Settings,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Arc<App>, ServeError> {
+        let public = setup::load_public_key(&settings.key_file)?;
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&settings.store_path)?);
+        Self::assemble(settings, store, clock, public, None, None)
+    }
+
+    fn assemble(
+        settings: Settings,
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        public: VerifyingKey,
+        key: Option<SigningKeyPair>,
+        operator_token: Option<String>,
+    ) -> Result<Arc<App>, ServeError> {
         let bundle = policy_files::load(&settings).map_err(ServeError::Policy)?;
         for agent in &settings.agents {
             store.upsert_agent(agent)?;
         }
         let verifier = Verifier::new(
             settings.issuer.clone(),
-            [key.verifying_key()],
+            [public],
             settings.token_cache_entries,
         );
         let pipeline = Arc::new(Pipeline::new(&settings, bundle, verifier, clock));
@@ -199,8 +234,8 @@ impl App {
         tx
     }
 
-    pub(crate) fn operator_token(&self) -> &str {
-        &self.operator_token
+    pub(crate) fn operator_token(&self) -> Option<&str> {
+        self.operator_token.as_deref()
     }
 }
 

@@ -1,13 +1,24 @@
-//! Files a node needs besides its config: the signing key and the operator token.
+//! Files a node needs besides its config: the signing key, its public half and the
+//! operator token.
+//!
+//! The signing key and the operator token are the governance secrets: whoever reads the
+//! key can mint a token for any agent, whoever reads the operator token can clear kill
+//! switches. So they are written readable by their owner only, and a copy that group or
+//! others may read is refused rather than used. The public key file beside the key lets
+//! a process that only checks tokens (the embedded `warden mcp-proxy`) do so without
+//! ever opening the private key.
 
 use std::fs;
-use std::io::Write;
-use std::path::Path;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
 
 use warden_core::config::Settings;
-use warden_core::identity::SigningKeyPair;
+use warden_core::identity::{public_key_from_file, SigningKeyPair, VerifyingKey};
 
 use crate::ids::random_hex;
+
+/// The shortest operator token accepted, however it is given: 128 bits as hex.
+pub const MIN_OPERATOR_TOKEN_LEN: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
@@ -17,6 +28,26 @@ pub enum SetupError {
         "no operator token: set WARDEN_OPERATOR_TOKEN or write one to {0} (`warden init` does)"
     )]
     NoOperatorToken(String),
+    #[error(
+        "the operator token from {0} is shorter than {MIN_OPERATOR_TOKEN_LEN} characters; \
+         use a long random secret (e.g. `openssl rand -hex 32`)"
+    )]
+    ShortOperatorToken(String),
+    #[error(
+        "`{0}` holds a governance secret but group or others may read or change it; \
+         run `chmod 600 {0}`"
+    )]
+    Exposed(String),
+    #[error(
+        "no signing key at `{0}`: `warden init` writes one, and `warden serve` creates one \
+         on its first start"
+    )]
+    NoKey(String),
+    #[error(
+        "no public key at `{0}`: `warden serve` and `warden init` write it beside the \
+         signing key; copy it from the governance host (it is not secret)"
+    )]
+    NoPublicKey(String),
     #[error("cannot get randomness from the OS: {0}")]
     Random(String),
 }
@@ -45,23 +76,102 @@ pub fn write_secret(path: &Path, contents: &str) -> Result<(), SetupError> {
         .map_err(|e| file_err(path, format!("cannot write: {e}")))
 }
 
+/// Reads a secret file, or `None` if it does not exist. A file that group or others may
+/// read or write is refused: the secret may already have leaked, and using it would
+/// hide that.
+pub fn read_secret(path: &Path) -> Result<Option<String>, SetupError> {
+    let mut f = match fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(file_err(path, format!("cannot read: {e}"))),
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // The mode of the file we opened, not of whatever the path names a moment later.
+        let meta = f
+            .metadata()
+            .map_err(|e| file_err(path, format!("cannot read: {e}")))?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            return Err(SetupError::Exposed(path.display().to_string()));
+        }
+    }
+    let mut text = String::new();
+    f.read_to_string(&mut text)
+        .map_err(|e| file_err(path, format!("cannot read: {e}")))?;
+    Ok(Some(text))
+}
+
 pub fn generate_key() -> Result<SigningKeyPair, SetupError> {
     let mut seed = [0u8; 32];
     getrandom::getrandom(&mut seed).map_err(|e| SetupError::Random(e.to_string()))?;
     Ok(SigningKeyPair::from_seed(seed))
 }
 
-/// Loads the signing key, creating it (mode 0600) if the file does not exist.
+/// Where the public half of the key at `key_file` is kept: `warden.key` → `warden.pub`.
+pub fn public_key_path(key_file: &Path) -> PathBuf {
+    let p = key_file.with_extension("pub");
+    if p == key_file {
+        let mut s = key_file.as_os_str().to_owned();
+        s.push(".pub");
+        PathBuf::from(s)
+    } else {
+        p
+    }
+}
+
+/// Loads the signing key; a missing file is an error, never a reason to create one.
+pub fn load_key(path: &Path) -> Result<SigningKeyPair, SetupError> {
+    let text = read_secret(path)?.ok_or_else(|| SetupError::NoKey(path.display().to_string()))?;
+    SigningKeyPair::from_key_file(&text).map_err(|e| file_err(path, e.to_string()))
+}
+
+/// Loads the signing key, creating it (mode 0600) if the file does not exist, and makes
+/// sure its public half is written beside it. Only the processes that sign (`warden
+/// serve`, `warden init`, the CLI's credential commands) call this.
 pub fn load_or_create_key(path: &Path) -> Result<SigningKeyPair, SetupError> {
-    match fs::read_to_string(path) {
-        Ok(text) => SigningKeyPair::from_key_file(&text).map_err(|e| file_err(path, e.to_string())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+    let key = match read_secret(path)? {
+        Some(text) => {
+            SigningKeyPair::from_key_file(&text).map_err(|e| file_err(path, e.to_string()))?
+        }
+        None => {
             let key = generate_key()?;
             write_secret(path, &key.to_key_file())?;
             tracing::info!(path = %path.display(), kid = key.kid(), "created a new signing key");
-            Ok(key)
+            key
         }
-        Err(e) => Err(file_err(path, format!("cannot read: {e}"))),
+    };
+    write_public_key(path, &key)?;
+    Ok(key)
+}
+
+/// Writes the public key file beside `key_file` unless it already holds this key. It is
+/// replaced whole (a temporary file renamed over it), so a reader never sees half a key.
+pub fn write_public_key(key_file: &Path, key: &SigningKeyPair) -> Result<(), SetupError> {
+    let path = public_key_path(key_file);
+    let text = key.to_public_key_file();
+    if fs::read_to_string(&path).is_ok_and(|t| t == text) {
+        return Ok(());
+    }
+    let tmp = path.with_extension(format!("pub.tmp{}", std::process::id()));
+    fs::write(&tmp, &text)
+        .and_then(|()| fs::rename(&tmp, &path))
+        .map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            file_err(&path, format!("cannot write the public key: {e}"))
+        })
+}
+
+/// Loads the public key that verifies the node's tokens, from the file beside the key
+/// file named in the config. Never opens the private key.
+pub fn load_public_key(key_file: &Path) -> Result<VerifyingKey, SetupError> {
+    let path = public_key_path(key_file);
+    match fs::read_to_string(&path) {
+        Ok(text) => public_key_from_file(&text).map_err(|e| file_err(&path, e.to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(SetupError::NoPublicKey(path.display().to_string()))
+        }
+        Err(e) => Err(file_err(&path, format!("cannot read: {e}"))),
     }
 }
 
@@ -71,25 +181,116 @@ pub fn new_operator_token() -> Result<String, SetupError> {
         .map_err(|e| SetupError::Random(e.to_string()))
 }
 
-/// The operator token: `WARDEN_OPERATOR_TOKEN` if set, else the token file.
+/// The operator token: `WARDEN_OPERATOR_TOKEN` if set, else the token file. Either way
+/// it must be at least [`MIN_OPERATOR_TOKEN_LEN`] characters.
 pub fn operator_token(settings: &Settings) -> Result<String, SetupError> {
-    if let Some(t) = settings
+    let (token, from) = match settings
         .operator_token_env
         .as_ref()
         .filter(|t| !t.is_empty())
     {
-        return Ok(t.clone());
-    }
-    let path = &settings.operator_token_file;
-    match fs::read_to_string(path) {
-        Ok(t) if t.trim().len() >= 16 => Ok(t.trim().to_owned()),
-        Ok(_) => Err(file_err(
-            path,
-            "operator token is shorter than 16 characters; use a long random secret",
-        )),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            Err(SetupError::NoOperatorToken(path.display().to_string()))
+        Some(t) => (t.trim().to_owned(), "WARDEN_OPERATOR_TOKEN".to_owned()),
+        None => {
+            let path = &settings.operator_token_file;
+            let text = read_secret(path)?
+                .ok_or_else(|| SetupError::NoOperatorToken(path.display().to_string()))?;
+            (text.trim().to_owned(), format!("`{}`", path.display()))
         }
-        Err(e) => Err(file_err(path, format!("cannot read: {e}"))),
+    };
+    if token.chars().count() < MIN_OPERATOR_TOKEN_LEN {
+        return Err(SetupError::ShortOperatorToken(from));
+    }
+    Ok(token)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+
+    fn settings(dir: &Path, env_token: Option<&str>) -> Settings {
+        let text = "[identity]\nissuer = \"t\"\n[policy]\nschema = \"s\"\npolicies = \"p\"\n";
+        let env = |k: &str| match k {
+            "WARDEN_OPERATOR_TOKEN" => env_token.map(str::to_owned),
+            _ => None,
+        };
+        Settings::from_toml(text, "warden.toml", dir, &env).unwrap()
+    }
+
+    #[cfg(unix)]
+    fn chmod(path: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn secrets_others_may_read_are_refused_naming_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("warden.key");
+        write_secret(&key, &generate_key().unwrap().to_key_file()).unwrap();
+        chmod(&key, 0o644);
+        let e = load_or_create_key(&key).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("run `chmod 600 {}`", key.display())),
+            "{e}"
+        );
+        let e = load_key(&key).unwrap_err().to_string();
+        assert!(e.contains("chmod 600"), "{e}");
+        chmod(&key, 0o600);
+        load_key(&key).unwrap();
+
+        let s = settings(dir.path(), None);
+        write_secret(&s.operator_token_file, &format!("{}\n", "x".repeat(40))).unwrap();
+        chmod(&s.operator_token_file, 0o640);
+        let e = operator_token(&s).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("chmod 600 {}", s.operator_token_file.display())),
+            "{e}"
+        );
+        chmod(&s.operator_token_file, 0o600);
+        assert_eq!(operator_token(&s).unwrap(), "x".repeat(40));
+    }
+
+    #[test]
+    fn a_short_operator_token_is_refused_however_it_is_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let short = "x".repeat(MIN_OPERATOR_TOKEN_LEN - 1);
+        let e = operator_token(&settings(dir.path(), Some(&short)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("WARDEN_OPERATOR_TOKEN") && e.contains("shorter"),
+            "{e}"
+        );
+        let s = settings(dir.path(), None);
+        write_secret(&s.operator_token_file, &format!("{short}\n")).unwrap();
+        let e = operator_token(&s).unwrap_err().to_string();
+        assert!(e.contains("shorter"), "{e}");
+        let long = "y".repeat(MIN_OPERATOR_TOKEN_LEN);
+        assert_eq!(
+            operator_token(&settings(dir.path(), Some(&long))).unwrap(),
+            long
+        );
+    }
+
+    #[test]
+    fn loading_a_key_never_creates_one_and_creating_writes_the_public_half() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("warden.key");
+        let e = load_key(&key).unwrap_err().to_string();
+        assert!(e.contains("no signing key at"), "{e}");
+        assert!(!key.exists());
+        assert!(load_public_key(&key).is_err());
+        assert!(!key.exists());
+
+        let k = load_or_create_key(&key).unwrap();
+        assert_eq!(load_public_key(&key).unwrap(), k.verifying_key());
+        assert_eq!(public_key_path(&key), dir.path().join("warden.pub"));
+        assert_eq!(
+            public_key_path(Path::new("/k/signing.pub")),
+            Path::new("/k/signing.pub.pub")
+        );
     }
 }

@@ -43,8 +43,9 @@ fn copy_example(dir: &Path) {
             .replace("stale_after = \"2s\"", "stale_after = \"600ms\"");
         std::fs::write(dir.join(f), text).unwrap();
     }
-    std::fs::write(
-        dir.join("operator.token"),
+    // Written as `warden init` does (0600): a secret others may read is refused.
+    warden_server::setup::write_secret(
+        &dir.join("operator.token"),
         "wop_test_operator_token_0123456789\n",
     )
     .unwrap();
@@ -244,7 +245,7 @@ async fn refuses_bad_credentials_with_distinct_reasons() {
     assert_decision(&v, "deny", "CREDENTIAL_INVALID");
 
     // our key but another issuer (a token for another server)
-    let key = node.app().key.clone();
+    let key = node.app().key.clone().unwrap();
     let elsewhere = key.sign(&new_claims("other-warden", &agent, "y".into(), now));
     let (_, v) = node.check(Some(&elsewhere), get_claim()).await;
     assert_decision(&v, "deny", "CREDENTIAL_INVALID");
@@ -963,4 +964,62 @@ async fn fails_closed_when_the_store_fails_and_recovers() {
     let report = verify_store(&store.inner).unwrap();
     assert!(report.error.is_none(), "{report:?}");
     node.stop().await;
+}
+
+/// The embedded `warden mcp-proxy` builds its node this way: it must decide with the
+/// public key file alone, never open or create the signing key, and admit nobody to
+/// the admin plane.
+#[tokio::test]
+async fn a_verify_only_node_checks_tokens_with_the_public_key_alone() {
+    let node = Node::start().await;
+    let token = node.token("claims-processor-v3").await;
+    let operator = node.operator.clone();
+    let dir = node.stop().await;
+    let d = dir.path();
+    assert!(
+        d.join("warden.pub").is_file(),
+        "the server writes the public key beside the signing key"
+    );
+    std::fs::remove_file(d.join("warden.key")).unwrap();
+    std::fs::remove_file(d.join("operator.token")).unwrap();
+
+    let app = App::build_verify_only(settings(d), Arc::new(SystemClock)).unwrap();
+    assert!(app.key.is_none());
+    assert!(
+        !d.join("warden.key").exists(),
+        "a verify-only node created a signing key"
+    );
+    let decided = app
+        .decide(
+            Some(&token),
+            "get_claim",
+            &json!({"claim_id": "CLM-1001"}),
+            &warden_core::pipeline::CallContext::default(),
+            None,
+        )
+        .await;
+    assert!(decided.decision.is_permit(), "{:?}", decided.decision);
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let running = warden_server::start_app(app, listener).await.unwrap();
+    let resp = reqwest::Client::new()
+        .get(format!("http://{}/admin/v1/agents", running.addr))
+        .bearer_auth(&operator)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    running.stop().await.unwrap();
+
+    // Without the public key file it refuses to start, saying where the key goes.
+    std::fs::remove_file(d.join("warden.pub")).unwrap();
+    let e = App::build_verify_only(settings(d), Arc::new(SystemClock))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("no public key at") && e.contains("warden.pub"),
+        "{e}"
+    );
+    assert!(!d.join("warden.key").exists());
 }

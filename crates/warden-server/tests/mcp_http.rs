@@ -73,7 +73,11 @@ impl Node {
                 .replace("timeout = \"30s\"", &format!("timeout = \"{timeout}\""));
             std::fs::write(dir.path().join(f), text).unwrap();
         }
-        std::fs::write(dir.path().join("operator.token"), format!("{OPERATOR}\n")).unwrap();
+        warden_server::setup::write_secret(
+            &dir.path().join("operator.token"),
+            &format!("{OPERATOR}\n"),
+        )
+        .unwrap();
         let text = std::fs::read_to_string(dir.path().join("warden.toml")).unwrap();
         let settings = Settings::from_toml(&text, "warden.toml", dir.path(), &|_| None).unwrap();
         assert_eq!(
@@ -1027,7 +1031,8 @@ fn client(url: &str, token: &str, plan: &Value) -> Child {
     let mut child = Command::new(root().join(".venv-test/bin/python"))
         .arg(root().join("tests/mcp/mcp_client.py"))
         .arg("/dev/stdin")
-        .args(["--url", url, "--token", token])
+        .args(["--url", url])
+        .env("WARDEN_TOKEN", token)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

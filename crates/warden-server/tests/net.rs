@@ -38,7 +38,12 @@ fn prepare(server: &str, tables: &str) -> tempfile::TempDir {
             .replace("[store]\n", &format!("{tables}\n[store]\n"));
         std::fs::write(dir.path().join(f), text).unwrap();
     }
-    std::fs::write(dir.path().join("operator.token"), format!("{OPERATOR}\n")).unwrap();
+    // 0600, as `warden init` writes it: a secret others may read is refused.
+    warden_server::setup::write_secret(
+        &dir.path().join("operator.token"),
+        &format!("{OPERATOR}\n"),
+    )
+    .unwrap();
     dir
 }
 

@@ -81,6 +81,7 @@ impl SqliteStore {
     /// A file that is not a SQLite database, belongs to another application, or was
     /// written by a newer Warden is refused with `StoreError::Corrupt` naming the path.
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        create_private(path)?;
         let mut writer = connect(path)?;
         schema::migrate(&mut writer, path)?;
         let file = File::open(path).map_err(|e| {
@@ -92,6 +93,31 @@ impl SqliteStore {
         reader
             .pragma_update(None, "cache_size", READER_CACHE_KIB)
             .at(path)?;
+        Ok(SqliteStore {
+            path: path.to_owned(),
+            file,
+            writer: Mutex::new(writer),
+            reader: Mutex::new(reader),
+        })
+    }
+
+    /// Opens an existing store for reading only, as `warden audit verify` does: a
+    /// missing file is an error (never created), the schema is not migrated, and both
+    /// connections are opened read-only by SQLite itself, so no write can happen
+    /// through this handle whatever the file's permissions or the process's privileges.
+    pub fn open_read_only(path: &Path) -> Result<SqliteStore, StoreError> {
+        let connect_ro = || -> Result<Connection, StoreError> {
+            let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+            let conn = Connection::open_with_flags(path, flags).at(path)?;
+            conn.busy_timeout(BUSY_TIMEOUT).at(path)?;
+            Ok(conn)
+        };
+        let writer = connect_ro()?;
+        schema::check_current(&writer, path)?;
+        let file = File::open(path).map_err(|e| {
+            StoreError::Unavailable(format!("`{}`: cannot open: {e}", path.display()))
+        })?;
+        let reader = connect_ro()?;
         Ok(SqliteStore {
             path: path.to_owned(),
             file,
@@ -242,6 +268,31 @@ impl SqliteStore {
 /// columns.
 fn key(row: &Row<'_>) -> String {
     row.get::<_, String>(0).unwrap_or_else(|_| "?".to_owned())
+}
+
+/// Creates the store file, empty and readable by its owner only, if it does not exist.
+///
+/// SQLite would create it with 0644 less the umask, and it gives the `-wal` and `-shm`
+/// files the database file's mode; creating the file 0600 first keeps all three private
+/// whatever the umask. The store holds every agent's credentials list, the kill switches
+/// and the audit, so no other user of the host has any business reading it.
+fn create_private(path: &Path) -> Result<(), StoreError> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    match opts.open(path) {
+        // An empty file is an empty database to SQLite.
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(StoreError::Unavailable(format!(
+            "`{}`: cannot create the store: {e}",
+            path.display()
+        ))),
+    }
 }
 
 fn connect(path: &Path) -> Result<Connection, StoreError> {

@@ -75,19 +75,27 @@ enum Command {
     #[command(subcommand)]
     Audit(AuditCmd),
     /// Govern an MCP server over stdio: put this in front of the server's command in an
-    /// MCP client's config, e.g. `warden mcp-proxy --name files -- npx server-filesystem /data`.
+    /// MCP client's config, e.g.
+    /// `warden mcp-proxy --server http://127.0.0.1:8480 --name files -- npx server-filesystem /data`.
     McpProxy(McpProxyArgs),
 }
 
 #[derive(Args)]
+#[command(after_long_help = MCP_PROXY_MODES)]
 struct McpProxyArgs {
-    /// The agent's token, or `env:NAME` to read it from that environment variable.
-    #[arg(long, env = "WARDEN_TOKEN", hide_env_values = true)]
-    token: String,
-    /// Ask this running `warden serve` (e.g. http://127.0.0.1:8480). Without it the decision
-    /// path runs in this process, on the store named by the config.
-    #[arg(long)]
+    /// A file holding the agent's token (mode 0600). Without it the token comes from the
+    /// WARDEN_TOKEN environment variable; never from the command line, where `ps` shows it.
+    #[arg(long, value_name = "PATH")]
+    token_file: Option<PathBuf>,
+    /// Ask this running `warden serve` (e.g. http://127.0.0.1:8480). The recommended mode:
+    /// the agent's host then holds only the agent's own token.
+    #[arg(long, env = "WARDEN_SERVER", value_name = "URL")]
     server: Option<String>,
+    /// Decide in this process instead, on the store named by the config. It needs no
+    /// signing key and no operator token, but it writes the store (audit, kill switches):
+    /// only for a host trusted as much as Warden itself.
+    #[arg(long, conflicts_with = "server")]
+    embedded: bool,
     /// The server's name: its tools are the actions `<name>/<tool>` unless the config's
     /// [[mcp_servers]] entry of this name maps them.
     #[arg(long, default_value = "mcp")]
@@ -105,6 +113,19 @@ struct McpProxyArgs {
     #[arg(last = true, required = true, num_args = 1..)]
     command: Vec<String>,
 }
+
+const MCP_PROXY_MODES: &str = "\
+Modes:
+  --server URL   remote (recommended): each call is decided and audited by a running
+                 `warden serve`. This host holds the agent's token and nothing else: it
+                 cannot mint tokens, clear a kill switch or touch the audit.
+  --embedded     the decision path runs in this process. It verifies tokens with the
+                 public key file beside the config's key file (`warden.pub`) and never
+                 reads or creates the signing key; it needs no operator token. But it
+                 opens the store read-write: whoever controls this host can rewrite the
+                 audit and clear kill switches. Use it only on a host trusted as much as
+                 the governance itself (e.g. the machine that runs `warden serve`).
+One of the two must be given.";
 
 #[derive(Subcommand)]
 enum AgentCmd {
@@ -236,6 +257,18 @@ fn open_store(settings: &Settings) -> Result<SqliteStore> {
     Ok(store)
 }
 
+/// Opens the store for reading only; a missing store is an error, never created.
+fn open_existing(settings: &Settings) -> Result<SqliteStore> {
+    let path = &settings.store_path;
+    if !path.exists() {
+        bail!(
+            "no store at `{}`: nothing to read (`warden serve` creates it; check --config or WARDEN_STORE)",
+            path.display()
+        );
+    }
+    Ok(SqliteStore::open_read_only(path)?)
+}
+
 fn audit_control(store: &dyn Store, action: &str, detail: String) -> Result<()> {
     let who = std::env::var("USER").unwrap_or_else(|_| "cli".into());
     let entry = Entry::control(
@@ -317,6 +350,23 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// The agent's token for `mcp-proxy`: from `--token-file` (private to its owner, like
+/// every secret Warden reads) or else `WARDEN_TOKEN`.
+fn agent_token(file: Option<&Path>) -> Result<String> {
+    let token = match file {
+        Some(p) => setup::read_secret(p)?
+            .ok_or_else(|| anyhow!("--token-file `{}` does not exist", p.display()))?,
+        None => std::env::var("WARDEN_TOKEN").map_err(|_| {
+            anyhow!("no agent token: set WARDEN_TOKEN or pass --token-file PATH (tokens are never taken on the command line)")
+        })?,
+    };
+    let token = token.trim().to_owned();
+    if token.is_empty() {
+        bail!("the agent token is empty");
+    }
+    Ok(token)
+}
+
 fn mcp_proxy(config: &Path, args: McpProxyArgs) -> Result<ExitCode> {
     use warden_mcp::stdio::{self, Exit};
     use warden_mcp::tools::ToolMap;
@@ -327,21 +377,32 @@ fn mcp_proxy(config: &Path, args: McpProxyArgs) -> Result<ExitCode> {
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         false,
     );
-    let token = match args.token.strip_prefix("env:") {
-        Some(var) => std::env::var(var)
-            .with_context(|| format!("--token env:{var}: the variable is not set"))?,
-        None => args.token.clone(),
+    let token = agent_token(args.token_file.as_deref())?;
+    let settings = match (&args.server, args.embedded) {
+        (None, false) => bail!(
+            "choose a mode: `--server URL` to ask a running `warden serve` (recommended: this \
+             host then holds only the agent's token), or `--embedded` to decide in this \
+             process, which writes the store and so trusts this host as much as Warden \
+             itself; see `warden mcp-proxy --help`"
+        ),
+        // In remote mode the config is optional: it only supplies the tool-name mapping.
+        (Some(_), _) => load_settings(config).ok(),
+        (None, true) => Some(
+            load_settings(config)
+                .context("the embedded decision path needs the config (or pass --server URL)")?,
+        ),
     };
-    // In remote mode the config is optional: it only supplies the tool-name mapping.
-    let settings = match (&args.server, load_settings(config)) {
-        (_, Ok(s)) => Some(s),
-        (Some(_), Err(_)) => None,
-        (None, Err(e)) => {
-            return Err(
-                e.context("the embedded decision path needs the config (or pass --server URL)")
-            )
-        }
-    };
+    if let (true, Some(s)) = (args.embedded, &settings) {
+        // Not `eprintln!`: a broken stderr must not take the proxy down.
+        let _ = writeln!(
+            std::io::stderr(),
+            "warden mcp-proxy: embedded mode: this process decides and audits on `{}` and can \
+             write it, so whoever controls this host can rewrite the audit and clear kill \
+             switches; it holds no signing key and no operator token. Use --server URL \
+             unless this host is trusted as much as Warden itself",
+            s.store_path.display()
+        );
+    }
     let declared = settings
         .as_ref()
         .and_then(|s| s.mcp_servers.get(&args.name));
@@ -393,7 +454,7 @@ fn mcp_proxy(config: &Path, args: McpProxyArgs) -> Result<ExitCode> {
             }
             (None, Some(settings)) => {
                 let app = tokio::task::spawn_blocking(move || {
-                    warden_server::App::build(settings, Arc::new(SystemClock))
+                    warden_server::App::build_verify_only(settings, Arc::new(SystemClock))
                 })
                 .await??;
                 let _background = app.start_background();
@@ -464,6 +525,8 @@ fn init(dir: &Path, force: bool) -> Result<ExitCode> {
     if !key.exists() {
         setup::write_secret(&key, &setup::generate_key()?.to_key_file())?;
     }
+    // The public half goes beside it, for the processes that only verify tokens.
+    setup::write_public_key(&key, &setup::load_key(&key)?)?;
     let token = dir.join("operator.token");
     if !token.exists() {
         setup::write_secret(&token, &format!("{}\n", setup::new_operator_token()?))?;
@@ -480,8 +543,12 @@ fn init(dir: &Path, force: bool) -> Result<ExitCode> {
 }
 
 fn agent(settings: &Settings, config: &Path, cmd: AgentCmd) -> Result<ExitCode> {
-    let store = open_store(settings)?;
-    let key = setup::load_or_create_key(&settings.key_file)?;
+    // Reading creates nothing: neither a store nor a signing key.
+    let store = match cmd {
+        AgentCmd::List | AgentCmd::Show { .. } => open_existing(settings)?,
+        _ => open_store(settings)?,
+    };
+    let key = || setup::load_or_create_key(&settings.key_file);
     let now = SystemClock.now_ns();
     match cmd {
         AgentCmd::Register {
@@ -508,16 +575,28 @@ fn agent(settings: &Settings, config: &Path, cmd: AgentCmd) -> Result<ExitCode> 
             };
             identity::register_agent(&store, &agent)?;
             audit_control(&store, "agent-register", format!("agent `{}`", agent.id))?;
-            let (token, _) =
-                issue_credential(&store, &key, &settings.issuer, &agent, random_hex(16)?, now)?;
+            let (token, _) = issue_credential(
+                &store,
+                &key()?,
+                &settings.issuer,
+                &agent,
+                random_hex(16)?,
+                now,
+            )?;
             println!("{token}");
         }
         AgentCmd::Token { id } => {
             let agent = store
                 .get_agent(&id)?
                 .ok_or_else(|| anyhow!("no agent `{id}`"))?;
-            let (token, cred) =
-                issue_credential(&store, &key, &settings.issuer, &agent, random_hex(16)?, now)?;
+            let (token, cred) = issue_credential(
+                &store,
+                &key()?,
+                &settings.issuer,
+                &agent,
+                random_hex(16)?,
+                now,
+            )?;
             audit_control(
                 &store,
                 "credential-issue",
@@ -713,7 +792,7 @@ fn policy_test(settings: &Settings, file: &Path) -> Result<ExitCode> {
 }
 
 fn audit(settings: &Settings, cmd: AuditCmd) -> Result<ExitCode> {
-    let store = SqliteStore::open(&settings.store_path)?;
+    let store = open_existing(settings)?;
     match cmd {
         AuditCmd::Verify => {
             let report = verify_store(&store)?;

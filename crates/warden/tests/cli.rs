@@ -102,13 +102,14 @@ fn last_line(s: &str) -> &str {
     s.lines().last().unwrap_or_default()
 }
 
-const SETUP_FILES: [&str; 7] = [
+const SETUP_FILES: [&str; 8] = [
     "warden.toml",
     "policy/warden.cedarschema",
     "policy/claims.cedar",
     "policy/database.cedar",
     "policy-tests.toml",
     "warden.key",
+    "warden.pub",
     "operator.token",
 ];
 
@@ -277,6 +278,182 @@ fn a_missing_config_exits_2_and_points_at_init() {
     let out = run(command().args(["agent", "list"]).current_dir(dir.path()));
     assert_eq!(out.code, 2, "{out}");
     assert!(out.stderr.contains("warden init"), "{out}");
+}
+
+#[test]
+fn mcp_proxy_without_a_mode_refuses_and_explains_both() {
+    let dir = init();
+    let out = run(command()
+        .args(["mcp-proxy", "--name", "x", "--", "true"])
+        .env("WARDEN_CONFIG", dir.path().join("warden.toml"))
+        .env("WARDEN_TOKEN", "a-token")
+        .env_remove("WARDEN_SERVER"));
+    assert_eq!(out.code, 2, "{out}");
+    for words in ["--server URL", "--embedded", "only the agent's token"] {
+        assert!(out.stderr.contains(words), "no `{words}` in\n{out}");
+    }
+    let out = warden(dir.path(), &["mcp-proxy", "--help"]);
+    assert!(
+        out.stdout.contains("trusted as much as") && out.stdout.contains("--token-file"),
+        "{out}"
+    );
+}
+
+#[test]
+fn no_command_takes_a_token_on_the_command_line() {
+    let dir = init();
+    let out = warden(
+        dir.path(),
+        &[
+            "mcp-proxy",
+            "--token",
+            "secret",
+            "--server",
+            "http://127.0.0.1:1",
+            "--",
+            "true",
+        ],
+    );
+    assert_eq!(out.code, 2, "{out}");
+    assert!(
+        out.stderr.contains("unexpected argument '--token'"),
+        "{out}"
+    );
+    // Nor does any other command offer a flag that takes one.
+    for args in [
+        vec!["--help"],
+        vec!["serve", "--help"],
+        vec!["agent", "token", "--help"],
+        vec!["mcp-proxy", "--help"],
+        vec!["kill", "--help"],
+        vec!["audit", "verify", "--help"],
+    ] {
+        let out = warden(dir.path(), &args);
+        assert!(!out.stdout.contains("--token "), "{args:?}\n{out}");
+        assert!(!out.stdout.contains("--operator-token"), "{args:?}\n{out}");
+    }
+}
+
+#[test]
+fn reading_commands_create_neither_store_nor_key() {
+    let dir = init();
+    let d = dir.path();
+    fs::remove_file(d.join("warden.key")).unwrap();
+    for args in [
+        &["agent", "list"][..],
+        &["agent", "show", AGENT],
+        &["audit", "verify"],
+        &["audit", "tail"],
+        &["audit", "export"],
+    ] {
+        let out = warden(d, args);
+        assert_eq!(out.code, 2, "{args:?}\n{out}");
+        assert!(out.stderr.contains("no store at"), "{args:?}\n{out}");
+    }
+    warden_ok(d, &["policy", "validate"]);
+    warden_ok(
+        d,
+        &[
+            "policy",
+            "test",
+            d.join("policy-tests.toml").to_str().unwrap(),
+        ],
+    );
+    assert!(!d.join("warden.db").exists(), "a read created the store");
+    assert!(
+        !d.join("warden.key").exists(),
+        "a read created a signing key"
+    );
+}
+
+#[cfg(unix)]
+#[test]
+fn secrets_others_may_read_are_refused_naming_chmod() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let dir = init();
+    let d = dir.path();
+    let key = d.join("warden.key");
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
+    let out = warden(d, &["agent", "token", AGENT]);
+    assert_eq!(out.code, 2, "{out}");
+    assert!(
+        out.stderr
+            .contains(&format!("run `chmod 600 {}`", key.display())),
+        "{out}"
+    );
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+    let token = d.join("operator.token");
+    fs::set_permissions(&token, fs::Permissions::from_mode(0o604)).unwrap();
+    let out = warden(d, &["serve", "--listen", "127.0.0.1:0"]);
+    assert_eq!(out.code, 2, "{out}");
+    assert!(
+        out.stderr
+            .contains(&format!("run `chmod 600 {}`", token.display())),
+        "{out}"
+    );
+    // However it is given, the operator token must be long.
+    let out = run(command()
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("WARDEN_CONFIG", d.join("warden.toml"))
+        .env("WARDEN_OPERATOR_TOKEN", "short-token"));
+    assert_eq!(out.code, 2, "{out}");
+    assert!(out.stderr.contains("shorter than 32 characters"), "{out}");
+}
+
+/// SQLite would create the store 0644 less the umask, and its -wal and -shm likewise.
+#[cfg(unix)]
+#[tokio::test]
+async fn the_store_and_its_wal_and_shm_are_private_even_under_umask_0() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let dir = init();
+    let d = dir.path();
+    let addr = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let log = d.join("serve.log");
+    let mut sh = Command::new("sh");
+    // The same environment as every other `warden` here (`command()` removes WARDEN_*).
+    for (k, v) in command().get_envs() {
+        match v {
+            Some(v) => sh.env(k, v),
+            None => sh.env_remove(k),
+        };
+    }
+    let child = sh
+        .args(["-c", "umask 000 && exec \"$0\" serve --listen \"$1\""])
+        .arg(BIN)
+        .arg(addr.to_string())
+        .env("WARDEN_CONFIG", d.join("warden.toml"))
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut server = Server {
+        child,
+        base: format!("http://{addr}"),
+        log,
+    };
+    server.wait_ready().await;
+    // A decision makes the server write, so SQLite has its -wal and -shm open.
+    let t = warden_ok(d, &["agent", "token", AGENT])
+        .stdout
+        .trim()
+        .to_owned();
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/check", server.base))
+        .bearer_auth(&t)
+        .json(&json!({"tool": "get_claim", "params": {"claim_id": "CLM-1001"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    for f in ["warden.db", "warden.db-wal", "warden.db-shm"] {
+        let mode = fs::metadata(d.join(f)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{f} has mode {mode:o}");
+    }
 }
 
 #[test]

@@ -86,8 +86,8 @@ impl Setup {
             let text = text.replace("refresh = \"250ms\"", "refresh = \"100ms\"");
             std::fs::write(d.join(f), text).unwrap();
         }
-        std::fs::write(
-            d.join("operator.token"),
+        warden_server::setup::write_secret(
+            &d.join("operator.token"),
             "wop_mcp_test_operator_0123456789\n",
         )
         .unwrap();
@@ -182,6 +182,11 @@ fn rand_suffix() -> u128 {
 
 /// Waits for the client and returns its result lines (after `initialize`).
 fn results(child: Child) -> Vec<Value> {
+    results_and_stderr(child).0
+}
+
+/// Like [`results`], with the client's stderr (which carries the proxy's).
+fn results_and_stderr(child: Child) -> (Vec<Value>, String) {
     let out = wait_with_deadline(child, Duration::from_secs(60));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -194,7 +199,10 @@ fn results(child: Child) -> Vec<Value> {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(lines[0]["op"], "initialize", "{stdout}");
-    lines[1..].to_vec()
+    (
+        lines[1..].to_vec(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn wait_with_deadline(mut child: Child, limit: Duration) -> Output {
@@ -310,21 +318,34 @@ fn check_everything_audit(audit: &[Value]) {
     assert_eq!(outcomes[0]["trace_id"], calls[0]["trace_id"]);
 }
 
+/// Embedded mode verifies with the public key file alone: with the signing key and the
+/// operator token gone from this host it still governs, creates no key, and says on
+/// stderr what it trusts.
 #[test]
-fn embedded_proxy_governs_the_everything_server() {
+fn embedded_proxy_governs_without_signing_key_or_operator_token() {
     let peers = peers_or_skip!();
     let s = Setup::new();
     let token = s.token();
+    std::fs::remove_file(s.path().join("warden.key")).unwrap();
+    std::fs::remove_file(s.path().join("operator.token")).unwrap();
     let server = ["node", peers.everything.to_str().unwrap(), "stdio"];
-    let r = results(s.client(
+    let (r, stderr) = results_and_stderr(s.client(
         &peers,
         &everything_plan(),
-        &["--name", "everything"],
+        &["--name", "everything", "--embedded"],
         &server,
         &token,
     ));
     check_everything(&r);
     check_everything_audit(&s.audit());
+    assert!(
+        !s.path().join("warden.key").exists(),
+        "the embedded proxy created a signing key"
+    );
+    assert!(
+        stderr.contains("embedded mode") && stderr.contains("trusted as much as Warden itself"),
+        "no trust warning on stderr:\n{stderr}"
+    );
 }
 
 struct ServeGuard(Child);
@@ -401,7 +422,13 @@ fn filesystem_reads_stay_in_the_documents_folder() {
         {"op": "call", "name": "write_file", "arguments": {"path": docs.join("new.txt").display().to_string(), "content": "x"}},
         {"op": "call", "name": "read_media_file", "arguments": {"path": docs.join("a.txt").display().to_string()}}
     ]);
-    let r = results(s.client(&peers, &plan, &["--name", "fs"], &server, &token));
+    let r = results(s.client(
+        &peers,
+        &plan,
+        &["--name", "fs", "--embedded"],
+        &server,
+        &token,
+    ));
     assert_eq!(
         r[0]["tools"],
         json!(["list_directory", "read_file", "read_text_file"])
@@ -465,7 +492,13 @@ fn a_kill_stops_the_call_in_flight_and_every_call_after() {
         {"op": "call", "name": "echo", "arguments": {"message": "still there?"}},
         {"op": "wait_background"}
     ]);
-    let child = s.client(&peers, &plan, &["--name", "everything"], &server, &token);
+    let child = s.client(
+        &peers,
+        &plan,
+        &["--name", "everything", "--embedded"],
+        &server,
+        &token,
+    );
     // Once the long call is permitted and running, kill the agent from the CLI: a separate
     // process writing the store, which the proxy's control refresh picks up.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -515,7 +548,8 @@ fn bad_frames_crashes_and_hangs_end_cleanly() {
         Command::new(WARDEN)
             .arg("--config")
             .arg(s.config())
-            .args(["mcp-proxy", "--name", "everything", "--max-frame", "2048"])
+            .args(["mcp-proxy", "--embedded", "--name", "everything"])
+            .args(["--max-frame", "2048"])
             .args(extra)
             .arg("--")
             .args(server)
@@ -673,7 +707,10 @@ fn filesystem_paths_are_judged_and_opened_as_resolved() {
         read(long),
     ]);
     let (_guard, url) = serve(&s);
-    for mode in [vec!["--name", "fs"], vec!["--name", "fs", "--server", &url]] {
+    for mode in [
+        vec!["--name", "fs", "--embedded"],
+        vec!["--name", "fs", "--server", &url],
+    ] {
         let r = results(s.client(&peers, &plan, &mode, &server, &token));
         assert_eq!(r[0]["text"], "claim notes\n", "{mode:?}: {}", r[0]);
         let t = r[1]["text"].as_str().unwrap();

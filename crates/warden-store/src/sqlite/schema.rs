@@ -118,6 +118,25 @@ fn check(path: &Path, user_version: i64, app_id: i32) -> Result<(), StoreError> 
     Ok(())
 }
 
+/// Checks, without writing, that the file at `path` is a Warden store at [`LATEST`]: what
+/// a read-only handle needs, as it cannot migrate.
+pub(crate) fn check_current(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let (user_version, app_id) = versions(conn, path)?;
+    check(path, user_version, app_id)?;
+    match user_version {
+        LATEST => Ok(()),
+        0 => Err(StoreError::Corrupt(format!(
+            "`{}` holds no Warden store (no schema): it is empty or was never opened by Warden",
+            path.display()
+        ))),
+        v => Err(StoreError::Unavailable(format!(
+            "`{}` has schema version {v}, older than this Warden's {LATEST}; open it once with \
+             `warden serve` to migrate it",
+            path.display()
+        ))),
+    }
+}
+
 /// Brings the file at `path` to [`LATEST`], or explains why it cannot.
 pub(crate) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     // The common case, an up-to-date file, takes no write lock: a CLI opening the store

@@ -314,30 +314,67 @@ fn a_missing_directory_is_unavailable_naming_the_path() {
     assert!(m.contains(&path.display().to_string()), "{m}");
 }
 
+/// SQLite's read-only open holds even for root, which writes through file permissions:
+/// so this runs (and can fail) wherever the suite runs, CI's root included.
 #[test]
-fn a_read_only_file_makes_append_unavailable() {
-    use std::os::unix::fs::PermissionsExt;
-
-    let (dir, path) = fresh();
+fn a_store_opened_read_only_reads_but_refuses_every_write() {
+    let (_dir, path) = fresh();
     {
         let store = SqliteStore::open(&path).unwrap();
         store.append_audit(vec![sample_entry(0, "before")]).unwrap();
     }
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444)).unwrap();
-    if std::fs::OpenOptions::new().write(true).open(&path).is_ok() {
-        // Root (or CAP_DAC_OVERRIDE) writes through file permissions, so there is no
-        // read-only file to test against.
-        eprintln!("skipped a_read_only_file_makes_append_unavailable: this process may write to read-only files (running as root?)");
-        return;
-    }
-    let store = SqliteStore::open(&path).unwrap();
-    // Reading still works: `warden audit verify` on a read-only copy is legitimate.
+    let before = std::fs::read(&path).unwrap();
+    let store = SqliteStore::open_read_only(&path).unwrap();
+    // Reading works: `warden audit verify` opens the store this way.
     assert_eq!(verify_chain(&store, 10), Ok(1));
     let m = unavailable_message(store.append_audit(vec![sample_entry(1, "after")]));
     assert!(m.contains(&path.display().to_string()), "{m}");
     assert!(m.contains("readonly"), "{m}");
+    let m = unavailable_message(store.set_kill(&KillSwitch {
+        target: KillTarget::All,
+        reason: "r".into(),
+        set_by: "t".into(),
+        set_at_ns: 1,
+    }));
+    assert!(m.contains("readonly"), "{m}");
     drop(store);
-    drop(dir);
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        before,
+        "the file is unchanged"
+    );
+}
+
+#[test]
+fn opening_read_only_never_creates_a_store() {
+    let (_dir, path) = fresh();
+    assert!(SqliteStore::open_read_only(&path).is_err());
+    assert!(
+        !path.exists(),
+        "a read-only open created `{}`",
+        path.display()
+    );
+    // An empty file (what a failed earlier run might leave) is no store either.
+    std::fs::write(&path, "").unwrap();
+    let m = corrupt_message(SqliteStore::open_read_only(&path));
+    assert!(m.contains("holds no Warden store"), "{m}");
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+}
+
+#[cfg(unix)]
+#[test]
+fn the_store_and_its_wal_and_shm_are_private_to_their_owner() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let (_dir, path) = fresh();
+    let store = SqliteStore::open(&path).unwrap();
+    store.append_audit(vec![sample_entry(0, "x")]).unwrap();
+    // While the store is open, SQLite keeps its -wal and -shm beside it.
+    for suffix in ["", "-wal", "-shm"] {
+        let p = PathBuf::from(format!("{}{suffix}", path.display()));
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{} has mode {mode:o}", p.display());
+    }
 }
 
 #[test]
