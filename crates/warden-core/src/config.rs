@@ -166,6 +166,7 @@ struct RawTls {
 #[serde(deny_unknown_fields)]
 struct RawStore {
     path: Option<String>,
+    min_free_bytes: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -353,6 +354,9 @@ pub struct Settings {
     pub operator_token_env: Option<String>,
     pub max_body_bytes: usize,
     pub store_path: PathBuf,
+    /// Below this much free space on the store's filesystem the node reports itself
+    /// unready. `None`: the smaller of 256 MiB and 1% of the filesystem; `Some(0)`: never.
+    pub store_min_free_bytes: Option<u64>,
     pub issuer: String,
     pub key_file: PathBuf,
     pub token_cache_entries: usize,
@@ -684,6 +688,7 @@ impl Settings {
             operator_token_env: env("WARDEN_OPERATOR_TOKEN"),
             max_body_bytes,
             store_path,
+            store_min_free_bytes: raw.store.min_free_bytes,
             issuer,
             key_file: path(raw.identity.key_file.as_deref().unwrap_or("warden.key")),
             token_cache_entries: raw.identity.token_cache_entries.unwrap_or(100_000).max(16),
@@ -745,6 +750,15 @@ window = "1m"
             s.tools["get_claim"].classification,
             Classification::Confidential
         );
+    }
+
+    #[test]
+    fn store_min_free_bytes_defaults_to_the_proportional_rule() {
+        let s = Settings::from_toml(MINIMAL, "warden.toml", Path::new("."), &no_env).unwrap();
+        assert_eq!(s.store_min_free_bytes, None);
+        let text = format!("[store]\nmin_free_bytes = 1048576\n{MINIMAL}");
+        let s = Settings::from_toml(&text, "warden.toml", Path::new("."), &no_env).unwrap();
+        assert_eq!(s.store_min_free_bytes, Some(1 << 20));
     }
 
     #[test]

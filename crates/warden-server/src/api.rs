@@ -428,22 +428,14 @@ pub(crate) async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
-/// Ready when the policy is loaded and the control view is fresh, i.e. when this node
-/// would decide calls rather than fail closed.
+/// Ready when this node would decide calls rather than fail closed; otherwise 503 with
+/// every reason (see [`crate::health`]).
 pub(crate) async fn readyz(State(app): State<Arc<App>>) -> Response {
-    let fresh = app.pipeline.is_fresh();
-    let policy = app.pipeline.policy().map(|p| p.digest().to_owned());
-    let ready = fresh && policy.is_some();
-    let status = if ready {
+    let readiness = app.readiness();
+    let status = if readiness.ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let body = json!({
-        "ready": ready,
-        "control_view_fresh": fresh,
-        "control_view_age_ms": app.pipeline.staleness().map(|s| s / NANOS_PER_MILLI),
-        "policy_digest": policy,
-    });
-    (status, Json(body)).into_response()
+    (status, Json(readiness)).into_response()
 }

@@ -4,13 +4,22 @@
 //! everything queued (up to a batch limit), appends it in one durable transaction, and
 //! answers every waiter. Under load one fsync covers many calls, so "no audit, no action"
 //! costs little more than a channel round trip per call.
+//!
+//! A failed batch is answered with the error (its calls are denied) and the thread goes
+//! on with the next: a store fault lasts as long as the fault, never longer. A panic in
+//! the store is caught and treated as a failed batch, since the thread ending would deny
+//! every later call. Failures and recoveries are reported to [`Health`], so the node is
+//! unready while appends fail.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::thread;
 
 use tokio::sync::{mpsc, oneshot};
 use warden_core::audit::{Entry, Record};
 use warden_core::store::Store;
+
+use crate::health::Health;
 
 type Reply = oneshot::Sender<Result<Record, String>>;
 
@@ -21,41 +30,32 @@ pub struct AuditWriter {
 
 impl AuditWriter {
     /// Starts the writer thread. It stops when every `AuditWriter` clone is dropped.
-    pub fn start(store: Arc<dyn Store>, max_batch: usize) -> std::io::Result<AuditWriter> {
+    pub fn start(
+        store: Arc<dyn Store>,
+        max_batch: usize,
+        health: Arc<Health>,
+    ) -> std::io::Result<AuditWriter> {
         let (tx, mut rx) = mpsc::channel::<(Entry, Reply)>(max_batch.saturating_mul(8).max(1024));
-        thread::Builder::new().name("warden-audit".into()).spawn(move || {
-            let mut batch = Vec::with_capacity(max_batch);
-            while let Some(first) = rx.blocking_recv() {
-                batch.push(first);
-                while batch.len() < max_batch {
-                    match rx.try_recv() {
-                        Ok(item) => batch.push(item),
-                        Err(_) => break,
+        thread::Builder::new()
+            .name("warden-audit".into())
+            .spawn(move || {
+                let mut batch = Vec::with_capacity(max_batch);
+                while let Some(first) = rx.blocking_recv() {
+                    batch.push(first);
+                    while batch.len() < max_batch {
+                        match rx.try_recv() {
+                            Ok(item) => batch.push(item),
+                            Err(_) => break,
+                        }
+                    }
+                    let (entries, replies): (Vec<Entry>, Vec<Reply>) = batch.drain(..).unzip();
+                    let answers = append(store.as_ref(), entries, replies.len());
+                    report(&health, &answers);
+                    for (answer, reply) in answers.into_iter().zip(replies) {
+                        let _ = reply.send(answer);
                     }
                 }
-                let (entries, replies): (Vec<Entry>, Vec<Reply>) = batch.drain(..).unzip();
-                match store.append_audit(entries) {
-                    Ok(records) if records.len() == replies.len() => {
-                        for (r, reply) in records.into_iter().zip(replies) {
-                            let _ = reply.send(Ok(r));
-                        }
-                    }
-                    Ok(records) => {
-                        let msg = format!("store returned {} records for {} entries", records.len(), replies.len());
-                        for reply in replies {
-                            let _ = reply.send(Err(msg.clone()));
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "audit append failed; denying the calls in this batch");
-                        let msg = e.to_string();
-                        for reply in replies {
-                            let _ = reply.send(Err(msg.clone()));
-                        }
-                    }
-                }
-            }
-        })?;
+            })?;
         Ok(AuditWriter { tx })
     }
 
@@ -68,5 +68,54 @@ impl AuditWriter {
             .map_err(|_| "audit writer has stopped".to_owned())?;
         rx.await
             .map_err(|_| "audit writer dropped the entry".to_owned())?
+    }
+
+    /// False once the writer thread has ended, after which every append fails.
+    pub fn is_running(&self) -> bool {
+        !self.tx.is_closed()
+    }
+}
+
+/// Appends one batch; one answer per entry, in order.
+fn append(store: &dyn Store, entries: Vec<Entry>, n: usize) -> Vec<Result<Record, String>> {
+    // The store's own state survives a panic (SQLite rolls back the open transaction and
+    // the connection's mutex is recovered on the next lock), so carrying on is safe.
+    let failed = |msg: String| (0..n).map(|_| Err(msg.clone())).collect();
+    match catch_unwind(AssertUnwindSafe(|| store.append_audit(entries))) {
+        Ok(Ok(records)) if records.len() == n => records.into_iter().map(Ok).collect(),
+        Ok(Ok(records)) => failed(format!(
+            "store returned {} records for {n} entries",
+            records.len()
+        )),
+        Ok(Err(e)) => failed(e.to_string()),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            failed(format!("the store panicked while appending: {what}"))
+        }
+    }
+}
+
+/// Tells [`Health`] how the batch went, logging only changes: under a flood of calls a
+/// line per failed batch would bury the one that matters.
+fn report(health: &Health, answers: &[Result<Record, String>]) {
+    let failure = match answers.first() {
+        Some(Err(e)) => Some(e),
+        Some(Ok(_)) => None,
+        None => return,
+    };
+    let changed = match failure {
+        Some(e) => health.audit_failed(e.clone()),
+        None => health.audit_succeeded(),
+    };
+    match (changed, failure) {
+        (true, Some(e)) => {
+            tracing::error!(error = %e, "audit append failed; denying calls until appends work again");
+        }
+        (true, None) => tracing::info!("audit appends work again"),
+        (false, _) => {}
     }
 }

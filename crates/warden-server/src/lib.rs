@@ -15,6 +15,7 @@ pub mod api;
 pub mod audit_writer;
 pub mod error;
 pub mod gate;
+pub mod health;
 pub mod ids;
 pub mod listener;
 pub mod mcp_http;
@@ -66,6 +67,7 @@ pub struct App {
     pub pipeline: Arc<Pipeline>,
     pub store: Arc<dyn Store>,
     pub audit: AuditWriter,
+    pub health: Arc<health::Health>,
     /// The token signing key; `None` on a node that only verifies (the embedded
     /// `warden mcp-proxy`), which then cannot issue credentials.
     pub key: Option<SigningKeyPair>,
@@ -132,12 +134,14 @@ impl App {
             settings.token_cache_entries,
         );
         let pipeline = Arc::new(Pipeline::new(&settings, bundle, verifier, clock));
-        let audit = AuditWriter::start(store.clone(), settings.audit_max_batch)?;
+        let health = Arc::new(health::Health::default());
+        let audit = AuditWriter::start(store.clone(), settings.audit_max_batch, health.clone())?;
         let app = Arc::new(App {
             settings,
             pipeline,
             store,
             audit,
+            health,
             key,
             operator_token,
             reload_lock: Mutex::new(()),
@@ -395,6 +399,8 @@ async fn shutdown_signal() {
 }
 
 fn spawn_background(app: &Arc<App>, stop: tokio::sync::watch::Receiver<bool>) {
+    health::spawn_watch(app, stop.clone());
+
     // Control view refresh: the freshness bound in the pipeline turns a store that stops
     // answering into denials, so this loop only has to keep trying.
     let a = app.clone();
@@ -409,10 +415,16 @@ fn spawn_background(app: &Arc<App>, stop: tokio::sync::watch::Receiver<bool>) {
             }
             let app = a.clone();
             let res = tokio::task::spawn_blocking(move || app.refresh_state()).await;
-            match res {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "cannot refresh the control view"),
-                Err(e) => tracing::warn!(error = %e, "control refresh task failed"),
+            let error = match res {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(format!("cannot refresh the control view: {e}")),
+                Err(e) => Some(format!("control refresh task failed: {e}")),
+            };
+            // Logged when it starts and ends, not every refresh.
+            match (a.health.store_read(error.clone()), error) {
+                (true, Some(e)) => tracing::warn!("{e}"),
+                (true, None) => tracing::info!("the control view refreshes again"),
+                (false, _) => {}
             }
         }
     });

@@ -62,9 +62,17 @@ impl Node {
     }
 
     async fn start_with(make_store: impl FnOnce(&Settings) -> Arc<dyn Store>) -> Node {
+        Self::start_configured(|_| {}, make_store).await
+    }
+
+    async fn start_configured(
+        configure: impl FnOnce(&mut Settings),
+        make_store: impl FnOnce(&Settings) -> Arc<dyn Store>,
+    ) -> Node {
         let dir = tempfile::tempdir().unwrap();
         copy_example(dir.path());
-        let s = settings(dir.path());
+        let mut s = settings(dir.path());
+        configure(&mut s);
         let store = make_store(&s);
         let app = App::build_with_store(s, store, Arc::new(SystemClock)).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -128,6 +136,33 @@ impl Node {
         let resp = req.send().await.unwrap();
         let status = resp.status();
         (status, resp.json().await.unwrap())
+    }
+
+    async fn readiness(&self) -> (StatusCode, Value) {
+        let resp = self
+            .http
+            .get(format!("{}/readyz", self.base))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        (status, resp.json().await.unwrap())
+    }
+
+    /// Polls `/readyz` until it answers `want`, and returns its body.
+    async fn until_readiness(&self, want: StatusCode) -> Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let (status, v) = self.readiness().await;
+            if status == want {
+                return v;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "/readyz still {status}, not {want}: {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
     }
 
     async fn stop(mut self) -> tempfile::TempDir {
@@ -775,6 +810,7 @@ struct FaultyStore {
     /// Hold each snapshot a moment after reading it, as a refresh on a busy machine does.
     slow_snapshots: AtomicBool,
     snapshots: std::sync::atomic::AtomicU64,
+    panic_audit: AtomicBool,
 }
 
 impl FaultyStore {
@@ -832,6 +868,9 @@ impl Store for FaultyStore {
         self.inner.clear_kill(t)
     }
     fn append_audit(&self, e: Vec<Entry>) -> Result<Vec<Record>, StoreError> {
+        if self.panic_audit.load(Ordering::SeqCst) {
+            panic!("injected fault: the store panicked");
+        }
         self.down(&self.fail_audit)?;
         self.inner.append_audit(e)
     }
@@ -846,6 +885,7 @@ impl Store for FaultyStore {
     }
 }
 
+/// A node on a [`FaultyStore`], and a handle on that store.
 async fn faulty_node() -> (Node, Arc<FaultyStore>) {
     let faulty: Arc<std::sync::OnceLock<Arc<FaultyStore>>> = Arc::new(std::sync::OnceLock::new());
     let slot = faulty.clone();
@@ -856,6 +896,7 @@ async fn faulty_node() -> (Node, Arc<FaultyStore>) {
             fail_reads: AtomicBool::new(false),
             slow_snapshots: AtomicBool::new(false),
             snapshots: Default::default(),
+            panic_audit: AtomicBool::new(false),
         });
         let _ = slot.set(f.clone());
         f
@@ -911,6 +952,16 @@ async fn slow_refreshes_racing_a_kill_never_undo_it() {
         r.join().unwrap();
     }
     node.stop().await;
+}
+
+/// The codes of the reasons a `/readyz` body gives for not being ready.
+fn unready_codes(v: &Value) -> Vec<&str> {
+    v["reasons"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no reasons in {v}"))
+        .iter()
+        .map(|r| r["code"].as_str().unwrap())
+        .collect()
 }
 
 #[tokio::test]
@@ -1022,4 +1073,170 @@ async fn a_verify_only_node_checks_tokens_with_the_public_key_alone() {
         "{e}"
     );
     assert!(!d.join("warden.key").exists());
+}
+
+#[tokio::test]
+async fn failing_audit_appends_deny_and_make_the_node_unready_until_appends_work() {
+    let (node, store) = faulty_node().await;
+    let t = node.token("claims-processor-v3").await;
+    let v = node.until_readiness(StatusCode::OK).await;
+    assert_eq!(v["reasons"], json!([]), "{v}");
+
+    store.fail_audit.store(true, Ordering::SeqCst);
+    let (st, v) = node.check(Some(&t), get_claim()).await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
+    assert_decision(&v, "deny", "INTERNAL");
+    let (st, v) = node.readiness().await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert_eq!(v["ready"], false);
+    assert_eq!(unready_codes(&v), ["AUDIT_APPEND_FAILING"], "{v}");
+    assert!(
+        v["reasons"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("injected fault"),
+        "{v}"
+    );
+
+    // Appends work again: the node notices by itself, with no call to prove it.
+    store.fail_audit.store(false, Ordering::SeqCst);
+    let v = node.until_readiness(StatusCode::OK).await;
+    assert_eq!(v["ready"], true, "{v}");
+    let (st, v) = node.check(Some(&t), get_claim()).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_decision(&v, "permit", "PERMITTED");
+    node.stop().await;
+}
+
+/// A panic inside the store used to end the audit writer's thread, after which every
+/// call was denied "audit writer has stopped" for the life of the process.
+#[tokio::test]
+async fn a_store_that_panics_mid_append_does_not_stop_the_audit_writer() {
+    let (node, store) = faulty_node().await;
+    let t = node.token("claims-processor-v3").await;
+
+    store.panic_audit.store(true, Ordering::SeqCst);
+    for _ in 0..2 {
+        let (st, v) = node.check(Some(&t), get_claim()).await;
+        assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
+        assert_decision(&v, "deny", "INTERNAL");
+        assert!(v["message"].as_str().unwrap().contains("panicked"), "{v}");
+    }
+    let v = node.until_readiness(StatusCode::SERVICE_UNAVAILABLE).await;
+    assert!(unready_codes(&v).contains(&"AUDIT_APPEND_FAILING"), "{v}");
+
+    store.panic_audit.store(false, Ordering::SeqCst);
+    let (st, v) = node.check(Some(&t), get_claim()).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_decision(&v, "permit", "PERMITTED");
+    node.until_readiness(StatusCode::OK).await;
+    node.stop().await;
+}
+
+/// Another process holding SQLite's write lock for longer than the busy timeout (5 s):
+/// the calls waiting on it are denied, the node is unready, and both recover once the
+/// lock is released.
+#[tokio::test]
+async fn a_write_lock_held_past_the_busy_timeout_denies_then_the_node_recovers() {
+    let node = Node::start().await;
+    let t = node.token("claims-processor-v3").await;
+    let db = node.app().settings.store_path.clone();
+    let blocker = rusqlite::Connection::open(&db).unwrap();
+    blocker
+        .execute_batch("BEGIN IMMEDIATE; INSERT INTO state (k, v) VALUES ('held', 1);")
+        .unwrap();
+
+    let (st, v) = node.check(Some(&t), get_claim()).await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
+    assert_decision(&v, "deny", "INTERNAL");
+    assert!(v["message"].as_str().unwrap().contains("locked"), "{v}");
+    let (st, v) = node.readiness().await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert!(unready_codes(&v).contains(&"AUDIT_APPEND_FAILING"), "{v}");
+
+    blocker.execute_batch("ROLLBACK").unwrap();
+    node.until_readiness(StatusCode::OK).await;
+    let (st, v) = node.check(Some(&t), get_claim()).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_decision(&v, "permit", "PERMITTED");
+    let report = verify_store(node.app().store.as_ref()).unwrap();
+    assert!(report.error.is_none(), "{report:?}");
+    node.stop().await;
+}
+
+/// Once the node has noticed (it polls), no call is permitted: `/readyz` is 503 naming the
+/// store, and every check is denied INTERNAL, however often it is tried.
+async fn assert_fails_closed_on_a_lost_store(node: &Node, token: &str, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let v = loop {
+        let (st, v) = node.readiness().await;
+        if st == StatusCode::SERVICE_UNAVAILABLE && v.to_string().contains(what) {
+            break v;
+        }
+        assert!(std::time::Instant::now() < deadline, "{st} {v}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert!(unready_codes(&v).contains(&"STORE_UNAVAILABLE"), "{v}");
+    let db = node.app().settings.store_path.display().to_string();
+    assert!(v.to_string().contains(&db), "{v}");
+    for _ in 0..5 {
+        let (st, v) = node.check(Some(token), get_claim()).await;
+        assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+        assert_decision(&v, "deny", "INTERNAL");
+        assert!(v["message"].as_str().unwrap().contains(what), "{v}");
+    }
+    let (st, _) = node.readiness().await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
+}
+
+#[tokio::test]
+async fn deleting_the_store_file_while_serving_fails_closed() {
+    let node = Node::start().await;
+    let t = node.token("claims-processor-v3").await;
+    let (_, v) = node.check(Some(&t), get_claim()).await;
+    assert_decision(&v, "permit", "PERMITTED");
+
+    let db = node.app().settings.store_path.clone();
+    std::fs::remove_file(&db).unwrap();
+    assert_fails_closed_on_a_lost_store(&node, &t, "deleted").await;
+
+    // A CLI that then creates a fresh store at the path (and writes a kill there) does
+    // not bring the node back to permitting from a file it never opened.
+    drop(SqliteStore::open(&db).unwrap());
+    assert_fails_closed_on_a_lost_store(&node, &t, "replaced").await;
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn replacing_the_store_file_while_serving_fails_closed() {
+    let node = Node::start().await;
+    let t = node.token("claims-processor-v3").await;
+    let (_, v) = node.check(Some(&t), get_claim()).await;
+    assert_decision(&v, "permit", "PERMITTED");
+
+    let db = node.app().settings.store_path.clone();
+    let other = node.path().join("other.db");
+    drop(SqliteStore::open(&other).unwrap());
+    std::fs::rename(&other, &db).unwrap();
+    assert_fails_closed_on_a_lost_store(&node, &t, "replaced").await;
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn free_space_below_the_threshold_makes_the_node_unready() {
+    let node = Node::start_configured(
+        |s| s.store_min_free_bytes = Some(u64::MAX),
+        |s| Arc::new(SqliteStore::open(&s.store_path).unwrap()),
+    )
+    .await;
+    let v = node.until_readiness(StatusCode::SERVICE_UNAVAILABLE).await;
+    assert_eq!(unready_codes(&v), ["LOW_DISK_SPACE"], "{v}");
+    assert!(
+        v["reasons"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("min_free_bytes"),
+        "{v}"
+    );
+    node.stop().await;
 }
