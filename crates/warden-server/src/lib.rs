@@ -343,6 +343,7 @@ pub async fn start_app(app: Arc<App>, listener: TcpListener) -> Result<Running, 
         stop_rx,
     )));
     let (background, background_rx) = watch::channel(false);
+    spawn_head_log(&app, background_rx.clone());
     spawn_background(&app, background_rx);
     let scheme = if settings.tls.is_some() {
         "https"
@@ -372,7 +373,9 @@ pub async fn serve(settings: Settings) -> Result<(), ServeError> {
     let running = start(settings, listener).await?;
     shutdown_signal().await;
     tracing::info!("shutting down");
+    let app = running.app.clone();
     running.stop().await?;
+    log_chain_head(&app, "at shutdown").await;
     Ok(())
 }
 
@@ -395,6 +398,45 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// How often a serving node logs its audit chain head.
+const HEAD_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Logs the audit chain head at start and every [`HEAD_LOG_EVERY`], so that a copy of
+/// it exists outside the store (in whatever collects the logs). The chain alone cannot
+/// show a rewrite by someone who can write the store; a head kept elsewhere can, with
+/// `warden audit verify --expect-head SEQ:HASH`.
+fn spawn_head_log(app: &Arc<App>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let a = app.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(HEAD_LOG_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => break,
+            }
+            log_chain_head(&a, "periodic").await;
+        }
+    });
+}
+
+/// One info line with the last entry's sequence number and hash (`pin`, in the form
+/// `--expect-head` takes).
+async fn log_chain_head(app: &Arc<App>, when: &'static str) {
+    let store = app.store.clone();
+    match blocking(move || store.tail_audit(1)).await {
+        Ok(last) => match last.last() {
+            Some(r) => {
+                let head = hex::encode(r.hash);
+                tracing::info!(seq = r.seq, %head, pin = %format_args!("{}:{head}", r.seq), when,
+                    "audit chain head; keep a copy where this host cannot write it");
+            }
+            None => tracing::info!(when, "audit chain head: the audit is empty"),
+        },
+        Err(e) => tracing::warn!(error = %e, when, "cannot read the audit chain head"),
     }
 }
 

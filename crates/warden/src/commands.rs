@@ -199,7 +199,22 @@ struct KillArgs {
 #[derive(Subcommand)]
 enum AuditCmd {
     /// Recompute the hash chain and report the first broken or missing entry.
-    Verify,
+    ///
+    /// The chain shows that entries were not edited, removed or reordered since they were
+    /// written, but it is plain SHA-256 in the store: whoever can write the store file can
+    /// rewrite history and recompute every hash after the change, or cut entries off the
+    /// end. Against that, pin history from outside: keep the `SEQ:HASH` this command
+    /// prints (or that `warden serve` logs every minute) somewhere the store's host cannot
+    /// write, and pass it back with --expect-head.
+    Verify {
+        /// Fail unless entry SEQ has hash HASH (an earlier verify's or the server log's
+        /// chain head); a bare HASH must be the current head. Repeat for several.
+        #[arg(long = "expect-head", value_name = "SEQ:HASH")]
+        expect_head: Vec<String>,
+        /// Fail unless the chain holds at least N entries (an empty audit proves nothing).
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        min_entries: u64,
+    },
     /// Print the last entries; with --follow, keep printing new ones.
     Tail {
         #[arg(short = 'n', default_value_t = 20)]
@@ -794,25 +809,10 @@ fn policy_test(settings: &Settings, file: &Path) -> Result<ExitCode> {
 fn audit(settings: &Settings, cmd: AuditCmd) -> Result<ExitCode> {
     let store = open_existing(settings)?;
     match cmd {
-        AuditCmd::Verify => {
-            let report = verify_store(&store)?;
-            match report.error {
-                None => {
-                    println!(
-                        "audit verified: {} entries, chain head {}",
-                        report.verified, report.head
-                    );
-                    Ok(ExitCode::SUCCESS)
-                }
-                Some(e) => {
-                    println!(
-                        "audit BROKEN: {e} ({} entries before it verified)",
-                        report.verified
-                    );
-                    Ok(ExitCode::from(1))
-                }
-            }
-        }
+        AuditCmd::Verify {
+            expect_head,
+            min_entries,
+        } => verify(&store, &expect_head, min_entries),
         AuditCmd::Tail { lines, follow } => {
             let mut last = 0;
             for r in store.tail_audit(lines)? {
@@ -865,6 +865,96 @@ fn audit(settings: &Settings, cmd: AuditCmd) -> Result<ExitCode> {
 /// One audit entry as a line. Agent id, action and the rest may be an agent's own
 /// strings (a refused tool name, a forged token's subject): escaped, so a line is one
 /// entry and shows what is stored.
+/// A pinned chain position: `SEQ:HASH`, or a bare `HASH` for the current head.
+struct Pin {
+    seq: Option<u64>,
+    hash: String,
+}
+
+fn parse_pin(text: &str) -> Result<Pin> {
+    let (seq, hash) = match text.split_once(':') {
+        Some((seq, hash)) => {
+            let seq =
+                seq.parse::<u64>().ok().filter(|&n| n > 0).ok_or_else(|| {
+                    anyhow!("--expect-head `{text}`: `{seq}` is not an entry number")
+                })?;
+            (Some(seq), hash)
+        }
+        None => (None, text),
+    };
+    if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+        bail!("--expect-head `{text}`: the hash must be 64 hex digits (as `warden audit verify` prints it)");
+    }
+    Ok(Pin {
+        seq,
+        hash: hash.to_ascii_lowercase(),
+    })
+}
+
+fn hex(hash: &[u8]) -> String {
+    hash.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `warden audit verify`: the whole chain, then the operator's outside knowledge of it.
+fn verify(store: &SqliteStore, expect_head: &[String], min_entries: u64) -> Result<ExitCode> {
+    // Bad pins are usage errors, found before the (possibly long) walk of the chain.
+    let pins = expect_head
+        .iter()
+        .map(|p| parse_pin(p))
+        .collect::<Result<Vec<_>>>()?;
+    let report = verify_store(store)?;
+    if let Some(e) = report.error {
+        println!(
+            "audit BROKEN: {e} ({} entries before it verified)",
+            report.verified
+        );
+        return Ok(ExitCode::from(1));
+    }
+    let n = report.verified;
+    let mut problems = Vec::new();
+    if n < min_entries {
+        problems.push(if n == 0 {
+            "the audit is empty: an empty or emptied log proves nothing".to_owned()
+        } else {
+            format!("the chain holds {n} entries, fewer than the {min_entries} expected (entries cut off the end?)")
+        });
+    }
+    for pin in &pins {
+        let seq = pin.seq.unwrap_or(n);
+        let found = match seq {
+            0 => None,
+            _ => store
+                .read_audit(seq - 1, 1)?
+                .into_iter()
+                .next()
+                .filter(|r| r.seq == seq),
+        };
+        match found {
+            None => problems.push(format!(
+                "entry {seq} is missing: the chain ends at entry {n} (entries cut off the end?)"
+            )),
+            Some(r) if hex(&r.hash) != pin.hash => problems.push(format!(
+                "entry {seq} has hash {}, not the expected {}: history up to it was rewritten",
+                hex(&r.hash),
+                pin.hash
+            )),
+            Some(_) => {}
+        }
+    }
+    if problems.is_empty() {
+        println!(
+            "audit verified: {n} entries, chain head {n}:{}",
+            report.head
+        );
+        Ok(ExitCode::SUCCESS)
+    } else {
+        for p in &problems {
+            println!("audit NOT VERIFIED: {p}");
+        }
+        Ok(ExitCode::from(1))
+    }
+}
+
 fn print_record(r: &warden_core::audit::Record) {
     let e = &r.entry;
     println!(

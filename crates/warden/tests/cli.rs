@@ -1013,3 +1013,130 @@ fn agent_listings_escape_control_characters() {
     assert!(!out.stderr.contains('\u{1b}'), "{out}");
     assert!(out.stderr.contains("nobody\\u{1b}[2J"), "{out}");
 }
+
+#[test]
+fn audit_verify_fails_on_a_missing_or_empty_store_and_creates_nothing() {
+    let dir = init();
+    let d = dir.path();
+    let out = warden(d, &["audit", "verify"]);
+    assert_ne!(out.code, 0, "{out}");
+    assert!(out.stderr.contains("no store at"), "{out}");
+    assert!(!d.join("warden.db").exists(), "verify created the store");
+
+    // A store with no entries is no evidence of anything either.
+    drop(warden_store::SqliteStore::open(&d.join("warden.db")).unwrap());
+    let out = warden(d, &["audit", "verify"]);
+    assert_eq!(out.code, 1, "{out}");
+    assert!(out.stdout.contains("the audit is empty"), "{out}");
+    let out = warden(d, &["audit", "verify", "--expect-head", "1:zz"]);
+    assert_eq!(out.code, 2, "{out}");
+    assert!(out.stderr.contains("64 hex digits"), "{out}");
+}
+
+/// What the chain cannot show alone (a log cut short, or rewritten with every hash
+/// recomputed) a head kept outside the store does: the server logs it, `--expect-head`
+/// checks it.
+#[tokio::test]
+async fn the_logged_chain_head_pins_history_against_truncation_and_rewrites() {
+    use warden_core::audit::{chain_hash, GENESIS};
+
+    let dir = init();
+    let d = dir.path();
+    let log = d.join("serve.log");
+    let mut server =
+        Server::start_logging_to(d, fs::File::create(&log).unwrap(), "info", log, None).await;
+    let t = warden_ok(d, &["agent", "token", AGENT])
+        .stdout
+        .trim()
+        .to_owned();
+    let mut agent = Caller {
+        http: reqwest::Client::new(),
+        base: server.base.clone(),
+        calls: Vec::new(),
+    };
+    for _ in 0..3 {
+        agent
+            .check(&t, get_claim())
+            .await
+            .assert("permit", "PERMITTED");
+    }
+    let pid = server.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "warden serve ignored SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = server.log();
+    let line = text
+        .lines()
+        .rfind(|l| l.contains("audit chain head") && l.contains("at shutdown"))
+        .unwrap_or_else(|| panic!("no chain head logged at shutdown:\n{text}"));
+    let pin = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("pin="))
+        .unwrap_or_else(|| panic!("no pin in `{line}`"))
+        .to_owned();
+    let (seq, _) = pin.split_once(':').unwrap();
+    let n: u64 = seq.parse().unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l.contains("audit chain head") && l.contains("periodic")),
+        "no chain head logged at start:\n{text}"
+    );
+
+    let out = warden_ok(d, &["audit", "verify", "--expect-head", &pin]);
+    assert!(
+        out.stdout.ends_with(&format!("chain head {pin}\n")),
+        "{out}"
+    );
+    warden_ok(d, &["audit", "verify", "--min-entries", seq]);
+    let earlier = last_line(&warden_ok(d, &["audit", "verify"]).stdout).to_owned();
+    assert!(earlier.contains(&pin), "{earlier}");
+
+    // Cut the last entry off: the chain alone still verifies, the pins do not.
+    let db = rusqlite::Connection::open(d.join("warden.db")).unwrap();
+    assert_eq!(
+        db.execute("DELETE FROM audit WHERE seq = ?1", [n]).unwrap(),
+        1
+    );
+    warden_ok(d, &["audit", "verify"]);
+    let out = warden(d, &["audit", "verify", "--expect-head", &pin]);
+    assert_eq!(out.code, 1, "{out}");
+    assert!(
+        out.stdout.contains(&format!("entry {n} is missing")),
+        "{out}"
+    );
+    let out = warden(d, &["audit", "verify", "--min-entries", seq]);
+    assert_eq!(out.code, 1, "{out}");
+
+    // Rewrite the first entry and recompute every hash after it: the chain verifies, the
+    // head of the shortened log pinned beforehand does not.
+    let short = warden_ok(d, &["audit", "verify"]).stdout;
+    let short_pin = short.trim().rsplit(' ').next().unwrap().to_owned();
+    let store = warden_store::SqliteStore::open_read_only(&d.join("warden.db")).unwrap();
+    let records = warden_core::store::Store::read_audit(&store, 0, 10_000).unwrap();
+    drop(store);
+    let mut prev = GENESIS;
+    for mut r in records {
+        if r.seq == 1 {
+            r.entry.decision = format!("{}-rewritten", r.entry.decision);
+        }
+        let hash = chain_hash(&prev, r.seq, &r.entry);
+        db.execute(
+            "UPDATE audit SET decision = ?1, prev_hash = ?2, hash = ?3 WHERE seq = ?4",
+            rusqlite::params![r.entry.decision, prev.to_vec(), hash.to_vec(), r.seq],
+        )
+        .unwrap();
+        prev = hash;
+    }
+    drop(db);
+    warden_ok(d, &["audit", "verify"]);
+    let out = warden(d, &["audit", "verify", "--expect-head", &short_pin]);
+    assert_eq!(out.code, 1, "{out}");
+    assert!(out.stdout.contains("was rewritten"), "{out}");
+}
