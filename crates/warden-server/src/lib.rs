@@ -364,7 +364,9 @@ pub async fn start_app(app: Arc<App>, listener: TcpListener) -> Result<Running, 
 /// Binds the configured address and serves until Ctrl-C or SIGTERM.
 pub async fn serve(settings: Settings) -> Result<(), ServeError> {
     let open_files = listener::raise_fd_limit();
-    let wanted = settings.connections.max_connections as u64 * 2 + 64;
+    // Each listener may hold max_connections sockets; the store and logs need a few more.
+    let listeners = 1 + u64::from(settings.admin_listen.is_some());
+    let wanted = settings.connections.max_connections as u64 * listeners + 64;
     if open_files.is_some_and(|n| n < wanted) {
         tracing::warn!(?open_files, max_connections = settings.connections.max_connections,
             "the open-file limit is below what server.max_connections may need; raise it (ulimit -n) or lower the cap");
