@@ -272,6 +272,22 @@ fn open_store(settings: &Settings) -> Result<SqliteStore> {
     Ok(store)
 }
 
+/// Opens the store for a kill or a revive, which only mean something to a node serving
+/// that store: a missing file is an error, never created. If the node's store was
+/// deleted under it, a kill written to a new file there would report success while the
+/// node never read it (the node itself fails closed once its file is gone).
+fn open_served_store(settings: &Settings) -> Result<SqliteStore> {
+    let path = &settings.store_path;
+    if !path.exists() {
+        bail!(
+            "no store at `{}`: no node serves it, so there is nothing to stop or revive \
+             (`warden serve` creates it; check --config or WARDEN_STORE)",
+            path.display()
+        );
+    }
+    open_store(settings)
+}
+
 /// Opens the store for reading only; a missing store is an error, never created.
 fn open_existing(settings: &Settings) -> Result<SqliteStore> {
     let path = &settings.store_path;
@@ -333,7 +349,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Kill(k) => {
             let settings = load_settings(&cli.config)?;
-            let store = open_store(&settings)?;
+            let store = open_served_store(&settings)?;
             let target = k.target.target()?;
             let who = std::env::var("USER").unwrap_or_else(|_| "cli".into());
             store.set_kill(&KillSwitch {
@@ -351,7 +367,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Revive(t) => {
             let settings = load_settings(&cli.config)?;
-            let store = open_store(&settings)?;
+            let store = open_served_store(&settings)?;
             let target = t.target()?;
             if !store.clear_kill(&target)? {
                 bail!("no kill switch is set for {target}");

@@ -459,9 +459,26 @@ async fn the_store_and_its_wal_and_shm_are_private_even_under_umask_0() {
 #[test]
 fn reviving_what_is_not_killed_exits_2() {
     let dir = init();
+    warden_ok(dir.path(), &["agent", "token", AGENT]);
     let out = warden(dir.path(), &["revive", AGENT]);
     assert_eq!(out.code, 2, "{out}");
     assert!(out.stderr.contains("no kill switch is set"), "{out}");
+}
+
+/// A store deleted under a running node: a kill written to a new file at its path would
+/// report success while no node ever reads it.
+#[test]
+fn kill_and_revive_refuse_a_missing_store_and_create_none() {
+    let dir = init();
+    let d = dir.path();
+    warden_ok(d, &["agent", "token", AGENT]);
+    fs::remove_file(d.join("warden.db")).unwrap();
+    for args in [&["kill", AGENT][..], &["revive", AGENT], &["kill", "--all"]] {
+        let out = warden(d, args);
+        assert_eq!(out.code, 2, "{args:?}: {out}");
+        assert!(out.stderr.contains("no store at"), "{args:?}: {out}");
+        assert!(!d.join("warden.db").exists(), "{args:?} created a store");
+    }
 }
 
 /// A `warden serve` subprocess, killed when dropped (so also when a test panics).
