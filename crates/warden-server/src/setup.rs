@@ -34,7 +34,7 @@ pub enum SetupError {
     )]
     ShortOperatorToken(String),
     #[error(
-        "`{0}` holds a governance secret but group or others may read or change it; \
+        "`{0}` holds a secret but group or others may read or change it; \
          run `chmod 600 {0}`"
     )]
     Exposed(String),

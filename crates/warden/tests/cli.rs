@@ -1157,3 +1157,43 @@ async fn the_logged_chain_head_pins_history_against_truncation_and_rewrites() {
     assert_eq!(out.code, 1, "{out}");
     assert!(out.stdout.contains("was rewritten"), "{out}");
 }
+
+#[cfg(unix)]
+#[test]
+fn mcp_proxy_reads_the_agent_token_from_a_private_file_or_the_environment() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let dir = init();
+    let d = dir.path();
+    let file = d.join("agent.token");
+    fs::write(&file, "an-agent-token\n").unwrap();
+    fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap();
+    // `true` as the MCP server and no client: the proxy starts, finds both gone, ends.
+    let proxy = |token_file: Option<&Path>| {
+        let mut cmd = command();
+        cmd.args(["mcp-proxy", "--server", "http://127.0.0.1:1"])
+            .env("WARDEN_CONFIG", d.join("warden.toml"))
+            .env_remove("WARDEN_TOKEN")
+            .stdin(Stdio::null());
+        if let Some(f) = token_file {
+            cmd.arg("--token-file").arg(f);
+        }
+        run(cmd.args(["--", "true"]))
+    };
+    let out = proxy(Some(&file));
+    assert_eq!(out.code, 2, "{out}");
+    assert!(
+        out.stderr
+            .contains(&format!("run `chmod 600 {}`", file.display())),
+        "{out}"
+    );
+    fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).unwrap();
+    let out = proxy(Some(&file));
+    assert_eq!(out.code, 0, "{out}");
+    let out = proxy(None);
+    assert_eq!(out.code, 2, "{out}");
+    assert!(
+        out.stderr.contains("set WARDEN_TOKEN or pass --token-file"),
+        "{out}"
+    );
+}
