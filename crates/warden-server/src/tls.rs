@@ -5,7 +5,6 @@
 //! rustls with the ring provider: ring builds from its bundled C and assembly with `cc`
 //! alone, where aws-lc-rs needs cmake and takes several times as long on a small machine.
 
-use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -22,6 +21,8 @@ pub enum TlsError {
     File { path: String, message: String },
     #[error("tls setup: {0}")]
     Config(String),
+    #[error(transparent)]
+    Secret(#[from] crate::setup::SetupError),
 }
 
 fn file_err(path: &Path, message: impl Into<String>) -> TlsError {
@@ -35,35 +36,17 @@ fn read(path: &Path, what: &str) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|e| file_err(path, format!("cannot read the {what}: {e}")))
 }
 
-/// Reads the private key, refusing a file that group or others may read: the key may
-/// already have leaked, and serving with it would hide that.
-// TODO(issue 13): use setup::read_secret (helper B) once it lands; this is the same check.
+/// Reads the private key, refusing a file that group or others may read (the shared
+/// check for every secret file).
 fn read_key(path: &Path) -> Result<Vec<u8>, TlsError> {
-    let mut f = std::fs::File::open(path)
-        .map_err(|e| file_err(path, format!("cannot read the tls key: {e}")))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = f
-            .metadata()
-            .map_err(|e| file_err(path, format!("cannot read the tls key: {e}")))?
-            .permissions()
-            .mode();
-        if mode & 0o077 != 0 {
-            return Err(file_err(
+    crate::setup::read_secret(path)?
+        .map(String::into_bytes)
+        .ok_or_else(|| {
+            file_err(
                 path,
-                format!(
-                    "the tls key is readable by group or others (mode {:o}); run `chmod 600 {}`",
-                    mode & 0o777,
-                    path.display()
-                ),
-            ));
-        }
-    }
-    let mut bytes = Vec::new();
-    f.read_to_end(&mut bytes)
-        .map_err(|e| file_err(path, format!("cannot read the tls key: {e}")))?;
-    Ok(bytes)
+                "the tls key does not exist; name the certificate's private key (PEM)",
+            )
+        })
 }
 
 fn certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
