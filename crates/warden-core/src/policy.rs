@@ -17,7 +17,7 @@
 //! against the schema; the caller swaps bundles whole, so there is never a moment with
 //! no policy.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::{Arc, RwLock};
 
@@ -85,8 +85,9 @@ pub struct PolicyBundle {
     actions: HashSet<String>,
     action_entities: Vec<Entity>,
     zero_cost: RestrictedExpression,
-    /// Argument shapes (see [`shape_of`]) that passed schema validation, per tool.
-    valid_shapes: RwLock<HashSet<String>>,
+    /// Keys of the argument shapes (see [`shape_of`]) that passed schema validation, per
+    /// tool. Fixed-size keys keep an entry's cost independent of the arguments' size.
+    valid_shapes: RwLock<HashSet<ShapeKey>>,
     /// Each agent's entity store, rebuilt only when the agent's attributes change.
     entities: RwLock<HashMap<String, (Agent, Arc<Entities>)>>,
     authorizer: Authorizer,
@@ -411,13 +412,7 @@ impl PolicyBundle {
         let request = match Request::new(principal.clone(), action, resource, context, schema) {
             Ok(r) => {
                 if !known {
-                    if let Ok(mut v) = self.valid_shapes.write() {
-                        // Bounded: a client inventing shapes only gets full checks.
-                        if v.len() >= 10_000 {
-                            v.clear();
-                        }
-                        v.insert(shape);
-                    }
+                    self.note_valid_shape(shape);
                 }
                 r
             }
@@ -489,6 +484,24 @@ impl PolicyBundle {
 }
 
 impl PolicyBundle {
+    /// Remembers a shape that passed the schema check. Bounded by bytes: a client
+    /// inventing shapes only gets full checks, and the cache starts over when full.
+    fn note_valid_shape(&self, shape: ShapeKey) {
+        if let Ok(mut v) = self.valid_shapes.write() {
+            if (v.len() + 1) * SHAPE_ENTRY_BYTES > SHAPE_CACHE_BYTES {
+                v.clear();
+            }
+            v.insert(shape);
+        }
+    }
+
+    /// What the shape cache holds, in bytes (keys plus the table's overhead per entry).
+    pub fn shape_cache_bytes(&self) -> usize {
+        self.valid_shapes
+            .read()
+            .map_or(0, |v| v.len() * SHAPE_ENTRY_BYTES)
+    }
+
     fn in_file_order(&self, mut rules: Vec<String>) -> Vec<String> {
         rules.sort_by_key(|r| self.meta.get(r).map_or(usize::MAX, |m| m.order));
         rules.dedup();
@@ -561,47 +574,104 @@ pub struct CallFacts {
     pub cost_estimate: f64,
 }
 
-/// The type shape of a call's arguments, prefixed by the tool: object keys (sorted, as
-/// JSON escapes them) with the shapes of their values; `s` string, `l` integer, `d`
-/// decimal, `b` boolean, `[..]` an array with the shape of each element, `n` null.
-/// Two argument values with the same shape pass or fail Cedar's schema check alike.
-fn shape_of(v: &serde_json::Value, tool: &str) -> String {
-    fn walk(v: &serde_json::Value, out: &mut String) {
-        use serde_json::Value;
-        match v {
-            Value::Null => out.push('n'),
-            Value::Bool(_) => out.push('b'),
-            Value::Number(n) => out.push(if n.as_i64().is_some() { 'l' } else { 'd' }),
-            Value::String(_) => out.push('s'),
-            Value::Array(items) => {
-                out.push('[');
-                for x in items {
-                    walk(x, out);
-                    out.push(',');
-                }
-                out.push(']');
-            }
-            Value::Object(m) => {
-                let mut keys: Vec<&String> = m.keys().collect();
-                keys.sort();
-                out.push('{');
-                for k in keys {
-                    out.push_str(&serde_json::Value::String(k.clone()).to_string());
-                    out.push(':');
-                    if let Some(x) = m.get(k) {
-                        walk(x, out);
-                    }
-                    out.push(',');
-                }
-                out.push('}');
-            }
-        }
+/// A 128-bit digest of an argument shape (see [`shape_of`]).
+type ShapeKey = [u8; 16];
+/// The shape cache's budget: 1 MiB, about 32,000 shapes.
+const SHAPE_CACHE_BYTES: usize = 1 << 20;
+/// What one cached shape costs: its key plus the hash table's control byte and spare
+/// capacity, rounded up.
+const SHAPE_ENTRY_BYTES: usize = 32;
+
+/// The type shape of a call's arguments, with the tool, as a SHA-256 digest cut to 128
+/// bits: object keys (sorted) with the shapes of their values; `s` string, `l` integer,
+/// `d` decimal, `b` boolean, `n` null, and an array as the set of its elements' distinct
+/// shapes, so `[1, 2, ..., 10000]` has the shape of `[1]`. Two argument values with the
+/// same shape pass or fail Cedar's schema check alike: a Cedar set conforms when each of
+/// its elements does, so only which element shapes occur matters, not how often or in
+/// what order. A collision-resistant digest, because a collision would skip the schema
+/// check for a shape never checked (Cedar would then still fail closed on a type error,
+/// but the cache should not be what an attacker aims at).
+fn shape_of(v: &serde_json::Value, tool: &str) -> ShapeKey {
+    let mut h = Sha256::new();
+    h.update(b"warden.shape.v1\0");
+    h.update((tool.len() as u64).to_be_bytes());
+    h.update(tool.as_bytes());
+    feed_shape(v, &mut h);
+    cut(h)
+}
+
+fn cut(h: Sha256) -> ShapeKey {
+    let full = h.finalize();
+    let mut key = [0u8; 16];
+    key.copy_from_slice(&full[..16]);
+    key
+}
+
+/// An array element's shape: scalars by their tag (no hashing), the rest by digest.
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+enum ElementShape {
+    Scalar(u8),
+    Nested(ShapeKey),
+}
+
+fn scalar_tag(v: &serde_json::Value) -> Option<u8> {
+    use serde_json::Value;
+    match v {
+        Value::Null => Some(b'n'),
+        Value::Bool(_) => Some(b'b'),
+        Value::Number(n) => Some(if n.as_i64().is_some() { b'l' } else { b'd' }),
+        Value::String(_) => Some(b's'),
+        Value::Array(_) | Value::Object(_) => None,
     }
-    let mut out = String::with_capacity(64);
-    out.push_str(tool);
-    out.push('\0');
-    walk(v, &mut out);
-    out
+}
+
+fn feed_shape(v: &serde_json::Value, h: &mut Sha256) {
+    use serde_json::Value;
+    if let Some(tag) = scalar_tag(v) {
+        h.update([tag]);
+        return;
+    }
+    match v {
+        Value::Array(items) => {
+            let distinct: BTreeSet<ElementShape> = items
+                .iter()
+                .map(|x| match scalar_tag(x) {
+                    Some(tag) => ElementShape::Scalar(tag),
+                    None => {
+                        let mut sub = Sha256::new();
+                        feed_shape(x, &mut sub);
+                        ElementShape::Nested(cut(sub))
+                    }
+                })
+                .collect();
+            h.update(b"[");
+            for e in &distinct {
+                match e {
+                    ElementShape::Scalar(tag) => h.update([0, *tag]),
+                    ElementShape::Nested(key) => {
+                        h.update([1]);
+                        h.update(key);
+                    }
+                }
+            }
+            h.update(b"]");
+        }
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            h.update(b"{");
+            for k in keys {
+                // Length-prefixed, so no key can imitate the bytes of another's shape.
+                h.update((k.len() as u64).to_be_bytes());
+                h.update(k.as_bytes());
+                if let Some(x) = m.get(k) {
+                    feed_shape(x, h);
+                }
+            }
+            h.update(b"}");
+        }
+        _ => {}
+    }
 }
 
 /// Converts JSON arguments to Cedar values. Integers become `Long`; numbers with at most
@@ -692,6 +762,7 @@ entity Tool;
 type Call = { classification: String, hour: Long, weekday: Long, delegation_depth: Long, cost_estimate: decimal };
 action get_claim appliesTo { principal: Agent, resource: Tool, context: { params: { claim_id: String }, call: Call } };
 action update_claim appliesTo { principal: Agent, resource: Tool, context: { params: { claim_id: String, amount: Long }, call: Call } };
+action tag_claim appliesTo { principal: Agent, resource: Tool, context: { params: { claim_id: String, tags: Set<Long> }, call: Call } };
 "#;
 
     fn src(name: &str, text: &str) -> Source {
@@ -735,7 +806,7 @@ action update_claim appliesTo { principal: Agent, resource: Tool, context: { par
 
     const POLICIES: &str = r#"
 @id("permit-claims")
-permit (principal, action in [Action::"get_claim", Action::"update_claim"], resource)
+permit (principal, action in [Action::"get_claim", Action::"update_claim", Action::"tag_claim"], resource)
 when { principal.scopes.contains("claims:read") };
 
 @id("big-updates-need-review")
@@ -891,6 +962,99 @@ when { context.params.amount > 10000 };
                 }
             }
         }
+    }
+
+    /// Arrays are described by their distinct element shapes, so the cache must still
+    /// tell a homogeneous set from a mixed one, an empty one, and nested ones.
+    mod shape_cache_arrays {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn element() -> impl Strategy<Value = serde_json::Value> {
+            prop_oneof![
+                (0i64..5).prop_map(|i| json!(i)),
+                Just(json!("x")),
+                Just(json!(1.5)),
+                Just(json!(null)),
+                Just(json!([1])),
+                Just(json!([])),
+                Just(json!({"a": 1})),
+            ]
+        }
+
+        fn params() -> impl Strategy<Value = serde_json::Value> {
+            (proptest::collection::vec(element(), 0..5), any::<bool>()).prop_map(
+                |(tags, with_claim)| {
+                    if with_claim {
+                        json!({"claim_id": "c", "tags": tags})
+                    } else {
+                        json!({"tags": tags})
+                    }
+                },
+            )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(24))]
+            #[test]
+            fn cached_and_fresh_bundles_agree_on_arrays(calls in proptest::collection::vec(params(), 1..40)) {
+                let warm = bundle();
+                for p in calls {
+                    let fresh = bundle();
+                    prop_assert_eq!(eval(&warm, &agent(), "tag_claim", p.clone()), eval(&fresh, &agent(), "tag_claim", p));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_long_array_has_the_shape_of_one_element() {
+        let long: Vec<i64> = (0..10_000).collect();
+        assert_eq!(
+            shape_of(&json!({"tags": long}), "tag_claim"),
+            shape_of(&json!({"tags": [1]}), "tag_claim")
+        );
+        assert_ne!(
+            shape_of(&json!({"tags": [1, "x"]}), "tag_claim"),
+            shape_of(&json!({"tags": [1]}), "tag_claim")
+        );
+        assert_ne!(
+            shape_of(&json!({"tags": []}), "tag_claim"),
+            shape_of(&json!({"tags": [1]}), "tag_claim")
+        );
+        assert_ne!(
+            shape_of(&json!({"tags": [1]}), "get_claim"),
+            shape_of(&json!({"tags": [1]}), "tag_claim")
+        );
+    }
+
+    /// Regression: the cache kept each shape as a full string, so array arguments grew
+    /// it by their length (563 MB RSS measured).
+    #[test]
+    fn a_ten_thousand_element_array_adds_a_small_bounded_amount_to_the_shape_cache() {
+        let b = bundle();
+        let before = b.shape_cache_bytes();
+        let long: Vec<i64> = (0..10_000).collect();
+        assert!(matches!(
+            eval(
+                &b,
+                &agent(),
+                "tag_claim",
+                json!({"claim_id": "c", "tags": long})
+            ),
+            Verdict::Permit { .. }
+        ));
+        let grown = b.shape_cache_bytes() - before;
+        assert!(grown > 0 && grown <= 64, "grew by {grown} bytes");
+    }
+
+    #[test]
+    fn the_shape_cache_stays_within_its_byte_budget() {
+        let b = bundle();
+        for i in 0..(SHAPE_CACHE_BYTES / SHAPE_ENTRY_BYTES + 100) {
+            b.note_valid_shape(shape_of(&json!({ format!("v{i}"): 1 }), "get_claim"));
+        }
+        assert!(b.shape_cache_bytes() <= SHAPE_CACHE_BYTES);
     }
 
     /// Regression (found by fuzzing): with two forbid rules matching, the reason code and
