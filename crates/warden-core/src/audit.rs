@@ -22,6 +22,9 @@ pub enum EntryKind {
     Outcome,
     /// An operator action on the governance plane (kill, revive, revoke, policy reload).
     Control,
+    /// Denials of unauthenticated callers that were counted rather than recorded one by
+    /// one (a flood), for one source, reason and window: see [`Entry::summary`].
+    Summary,
 }
 
 impl EntryKind {
@@ -30,6 +33,7 @@ impl EntryKind {
             EntryKind::Decision => "decision",
             EntryKind::Outcome => "outcome",
             EntryKind::Control => "control",
+            EntryKind::Summary => "summary",
         }
     }
     pub fn parse(s: &str) -> Option<EntryKind> {
@@ -37,6 +41,7 @@ impl EntryKind {
             "decision" => Some(EntryKind::Decision),
             "outcome" => Some(EntryKind::Outcome),
             "control" => Some(EntryKind::Control),
+            "summary" => Some(EntryKind::Summary),
             _ => None,
         }
     }
@@ -45,6 +50,7 @@ impl EntryKind {
             EntryKind::Decision => 1,
             EntryKind::Outcome => 2,
             EntryKind::Control => 3,
+            EntryKind::Summary => 4,
         }
     }
 }
@@ -101,6 +107,99 @@ impl Entry {
             rationale: Some(detail),
         }
     }
+}
+
+impl Entry {
+    /// `count` denials for `reason` from `source` in the `window_ns` just ended that have
+    /// no entry of their own. The count leads the rationale, which reads as a sentence:
+    /// "412 more UNAUTHENTICATED from 10.0.0.1 in the last 10 s".
+    pub fn summary(
+        ts_ns: Nanos,
+        id: String,
+        source: &str,
+        reason: &str,
+        count: u64,
+        window_ns: Nanos,
+    ) -> Entry {
+        let secs = window_ns.div_ceil(crate::clock::NANOS_PER_SEC);
+        Entry {
+            ts_ns,
+            kind: EntryKind::Summary,
+            call_id: id,
+            trace_id: String::new(),
+            span_id: String::new(),
+            agent_id: String::new(),
+            delegation_id: None,
+            action: String::new(),
+            input_hash: None,
+            output_hash: None,
+            decision: "deny".to_owned(),
+            reason: reason.to_owned(),
+            rules: vec![SAMPLED_RULE.to_owned()],
+            cost: None,
+            duration_ns: Some(window_ns),
+            rationale: Some(format!(
+                "{count} more {reason} from {source} in the last {secs} s"
+            )),
+        }
+    }
+
+    /// How many denials a summary entry stands for.
+    pub fn summarised(&self) -> Option<u64> {
+        if self.kind != EntryKind::Summary {
+            return None;
+        }
+        self.rationale.as_deref()?.split(' ').next()?.parse().ok()
+    }
+}
+
+/// The rule id on summary entries.
+pub const SAMPLED_RULE: &str = "warden.audit.sampled";
+
+/// Bounds on what callers can make the audit store, in one place (`[audit]` in the
+/// config): how much agent-supplied text an entry keeps, and how floods of failures from
+/// unauthenticated callers are sampled.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AuditLimits {
+    /// Longest rationale kept, in bytes; see [`cap_text`].
+    pub max_rationale_bytes: usize,
+    /// Length of a sampling window.
+    pub failure_window_ns: Nanos,
+    /// Failures per source and reason recorded in full per window; the rest are counted.
+    pub failure_full_entries: u32,
+}
+
+pub const DEFAULT_MAX_RATIONALE: usize = 2048;
+/// Longest tool name kept in an entry of a refused (invalid) request.
+pub const MAX_ACTION_KEPT: usize = 256;
+
+impl Default for AuditLimits {
+    fn default() -> Self {
+        Self {
+            max_rationale_bytes: DEFAULT_MAX_RATIONALE,
+            failure_window_ns: 10 * crate::clock::NANOS_PER_SEC,
+            failure_full_entries: 20,
+        }
+    }
+}
+
+/// Agent-supplied text as an entry keeps it: at most `max` bytes (cut at a character
+/// boundary), and if cut, a marker with the original length. Cut rather than refused:
+/// the text explains a call but does not decide it, so a long explanation should not
+/// turn into a denied call, while the store must not grow with what a caller sends.
+pub fn cap_text(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!(
+        "{}… [truncated from {} bytes]",
+        s.get(..end).unwrap_or_default(),
+        s.len()
+    )
 }
 
 /// An entry with its place in the chain.

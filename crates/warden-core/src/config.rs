@@ -10,6 +10,7 @@ use std::str::FromStr;
 
 use serde::Deserialize;
 
+use crate::audit::AuditLimits;
 use crate::clock::{Nanos, NANOS_PER_MILLI, NANOS_PER_SEC};
 use crate::identity::{Agent, AgentStatus};
 
@@ -196,6 +197,9 @@ struct RawControl {
 #[serde(deny_unknown_fields)]
 struct RawAudit {
     max_batch: Option<usize>,
+    max_rationale_bytes: Option<usize>,
+    failure_window: Option<String>,
+    failure_full_entries: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -366,6 +370,8 @@ pub struct Settings {
     pub control_refresh_ns: Nanos,
     pub control_stale_after_ns: Nanos,
     pub audit_max_batch: usize,
+    /// Caps on agent-supplied text and sampling of failure floods.
+    pub audit_limits: AuditLimits,
     /// Highest data class each trust tier may touch.
     pub tiers: BTreeMap<u8, Classification>,
     pub tools: BTreeMap<String, Tool>,
@@ -515,6 +521,35 @@ impl Settings {
                 "must be at least twice control.refresh, or every missed refresh would deny".into(),
             ));
         }
+
+        let audit_limits = {
+            let d = AuditLimits::default();
+            let max_rationale_bytes = raw
+                .audit
+                .max_rationale_bytes
+                .unwrap_or(d.max_rationale_bytes);
+            if !(64..=65_536).contains(&max_rationale_bytes) {
+                return Err(field(
+                    "audit.max_rationale_bytes",
+                    format!("{max_rationale_bytes} is out of range; use 64 to 65536"),
+                ));
+            }
+            let failure_window_ns = dur("audit.failure_window", raw.audit.failure_window, "10s")?;
+            if !(100 * NANOS_PER_MILLI..=3600 * NANOS_PER_SEC).contains(&failure_window_ns) {
+                return Err(field(
+                    "audit.failure_window",
+                    "is out of range; use 100ms to 1h".into(),
+                ));
+            }
+            AuditLimits {
+                max_rationale_bytes,
+                failure_window_ns,
+                failure_full_entries: raw
+                    .audit
+                    .failure_full_entries
+                    .unwrap_or(d.failure_full_entries),
+            }
+        };
 
         let mut tiers = BTreeMap::new();
         for (i, t) in raw.tiers.into_iter().enumerate() {
@@ -698,6 +733,7 @@ impl Settings {
             control_refresh_ns,
             control_stale_after_ns,
             audit_max_batch: raw.audit.max_batch.unwrap_or(512).clamp(1, 10_000),
+            audit_limits,
             tiers,
             tools,
             agents,

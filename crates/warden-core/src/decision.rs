@@ -46,13 +46,16 @@ pub enum Reason {
     CredentialRevoked,
     /// The credential names an agent this server does not know.
     UnknownAgent,
+    /// The request was well-formed JSON but not a valid call (an unknown data class, a
+    /// negative cost, an unusable tool name). Answered 400, and audited like any deny.
+    InvalidRequest,
     /// Warden could not decide safely (store down, audit write failed, stale kill-switch
     /// view): fail closed.
     Internal,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 14] = [
         Reason::Permitted,
         Reason::ToolNotPermitted,
         Reason::ConstraintViolation,
@@ -65,6 +68,7 @@ impl Reason {
         Reason::CredentialExpired,
         Reason::CredentialRevoked,
         Reason::UnknownAgent,
+        Reason::InvalidRequest,
         Reason::Internal,
     ];
 
@@ -82,6 +86,7 @@ impl Reason {
             Reason::CredentialExpired => "CREDENTIAL_EXPIRED",
             Reason::CredentialRevoked => "CREDENTIAL_REVOKED",
             Reason::UnknownAgent => "UNKNOWN_AGENT",
+            Reason::InvalidRequest => "INVALID_REQUEST",
             Reason::Internal => "INTERNAL",
         }
     }

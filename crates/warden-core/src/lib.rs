@@ -16,6 +16,7 @@ pub mod config;
 pub mod control;
 pub mod decision;
 pub mod identity;
+pub mod json;
 pub mod limits;
 pub mod pipeline;
 pub mod policy;

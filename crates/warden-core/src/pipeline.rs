@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use crate::audit::{hash_json, Entry, EntryKind};
+use crate::audit::{cap_text, hash_json, Entry, EntryKind, MAX_ACTION_KEPT};
 use crate::clock::{Clock, Nanos, NANOS_PER_MILLI, NANOS_PER_SEC};
 use crate::config::{Classification, Settings, Tool};
 use crate::control::KillSet;
@@ -30,6 +30,7 @@ pub mod rules {
     pub const DATA_BOUNDARY: &str = "warden.data-boundary";
     pub const POLICY_DEFAULT_DENY: &str = "warden.policy.default-deny";
     pub const GATEWAY_REFUSAL: &str = "warden.gateway.arguments";
+    pub const REQUEST: &str = "warden.request";
 }
 
 /// What the caller says about the call beyond tool and arguments.
@@ -46,6 +47,9 @@ pub struct CallContext {
     /// does not resolve): the call is denied `CONSTRAINT_VIOLATION` with this message,
     /// after authentication, so the audit entry names the agent.
     pub refusal: Option<String>,
+    /// The network peer that sent the call, if it came over a network. It decides
+    /// nothing; floods of failures are sampled per peer.
+    pub peer: Option<std::net::IpAddr>,
 }
 
 /// One tool call to decide.
@@ -70,6 +74,8 @@ pub struct CallIds {
 pub struct Checked {
     pub decision: Decision,
     pub entry: Entry,
+    /// Whether the caller proved who it is (its failures are never sampled).
+    pub authenticated: bool,
 }
 
 /// An authenticated agent that no kill switch covers, as its credential lets it act: its
@@ -104,6 +110,7 @@ pub struct Pipeline {
     tools: HashMap<String, Tool>,
     tiers: BTreeMap<u8, Classification>,
     stale_after_ns: Nanos,
+    max_rationale: usize,
     verifier: Verifier,
     limiter: Limiter,
     policy: RwLock<Arc<PolicyBundle>>,
@@ -128,6 +135,7 @@ impl Pipeline {
                 .collect(),
             tiers: settings.tiers.clone(),
             stale_after_ns: settings.control_stale_after_ns,
+            max_rationale: settings.audit_limits.max_rationale_bytes,
             verifier,
             limiter: Limiter::new(settings.limits.clone()),
             policy: RwLock::new(Arc::new(policy)),
@@ -229,34 +237,93 @@ impl Pipeline {
             rules: Vec::new(),
             cost: req.context.cost_estimate,
             duration_ns: None,
-            rationale: req.context.rationale.clone(),
+            rationale: req
+                .context
+                .rationale
+                .as_deref()
+                .map(|r| cap_text(r, self.max_rationale)),
         };
-        let decision = self.decide(req, now, &mut entry.agent_id);
+        let (decision, authenticated) = self.decide(req, now, &mut entry.agent_id);
         entry.decision = decision.effect.as_str().to_owned();
         entry.reason = decision.reason.code().to_owned();
         entry.rules = decision.rules.clone();
-        Checked { decision, entry }
+        Checked {
+            decision,
+            entry,
+            authenticated,
+        }
     }
 
-    fn decide(&self, req: &CallRequest<'_>, now: Nanos, agent_out: &mut String) -> Decision {
+    /// The entry for a request that was refused before it could be decided because it is
+    /// invalid: a deny `INVALID_REQUEST` with `problem` as its message, for the agent
+    /// the credential names if it is valid. Never fails, like [`Pipeline::check`].
+    pub fn refuse_invalid(&self, req: &CallRequest<'_>, ids: CallIds, problem: &str) -> Checked {
+        let now = self.clock.now_ns();
+        let agent = self.state().and_then(|s| {
+            self.authenticate_in(&s, req.credential, now)
+                .ok()
+                .map(|(_, a)| a.id.clone())
+        });
+        let decision = Decision::deny_builtin(Reason::InvalidRequest, rules::REQUEST, problem);
+        let entry = Entry {
+            ts_ns: now,
+            kind: EntryKind::Decision,
+            call_id: ids.call_id,
+            trace_id: ids.trace_id,
+            span_id: ids.span_id,
+            agent_id: agent.clone().unwrap_or_default(),
+            delegation_id: req.context.delegation_id.clone(),
+            action: cap_text(req.tool, MAX_ACTION_KEPT),
+            input_hash: Some(hash_json(req.params)),
+            output_hash: None,
+            decision: decision.effect.as_str().to_owned(),
+            reason: decision.reason.code().to_owned(),
+            rules: decision.rules.clone(),
+            cost: req.context.cost_estimate,
+            duration_ns: None,
+            rationale: req
+                .context
+                .rationale
+                .as_deref()
+                .map(|r| cap_text(r, self.max_rationale)),
+        };
+        Checked {
+            decision,
+            entry,
+            authenticated: agent.is_some(),
+        }
+    }
+
+    /// The decision, and whether the caller authenticated.
+    fn decide(
+        &self,
+        req: &CallRequest<'_>,
+        now: Nanos,
+        agent_out: &mut String,
+    ) -> (Decision, bool) {
         let agent = match self.standing_at(req.credential, now) {
             Ok(a) => a,
             Err((d, sub)) => {
+                // A kill aimed at the agent is found after its credential was verified.
+                let authenticated = d.reason == Reason::Killed && sub.is_some();
                 if let Some(sub) = sub {
                     *agent_out = sub;
                 }
-                return d;
+                return (d, authenticated);
             }
         };
         *agent_out = agent.agent.id.clone();
         if let Some(why) = &req.context.refusal {
-            return Decision::deny_builtin(
-                Reason::ConstraintViolation,
-                rules::GATEWAY_REFUSAL,
-                why.clone(),
+            return (
+                Decision::deny_builtin(
+                    Reason::ConstraintViolation,
+                    rules::GATEWAY_REFUSAL,
+                    why.clone(),
+                ),
+                true,
             );
         }
-        self.authorize(&agent.agent, req, now)
+        (self.authorize(&agent.agent, req, now), true)
     }
 
     /// Whether this credential may act at all right now: the control view is fresh, no

@@ -85,7 +85,10 @@ pub fn parse_frame(bytes: &[u8], limit: usize) -> Result<(Value, bool), FrameErr
     if bytes.len() > limit {
         return Err(FrameError::TooLarge(bytes.len(), limit));
     }
-    let v: Value = serde_json::from_slice(bytes).map_err(|e| FrameError::Parse(e.to_string()))?;
+    // Duplicate keys are refused: the policy and the tool server must not read
+    // different values out of one message.
+    let v: Value = warden_core::json::from_slice_strict(bytes)
+        .map_err(|e| FrameError::Parse(e.to_string()))?;
     match &v {
         Value::Array(items) if items.is_empty() => Err(FrameError::Invalid("empty batch".into())),
         Value::Array(_) => Ok((v, true)),
@@ -180,6 +183,10 @@ mod tests {
             Err(FrameError::Invalid(_))
         ));
         assert!(parse_frame(b"[{}]", 100).unwrap().1);
+        assert!(matches!(
+            parse_frame(br#"{"params":{"arguments":{"a":1,"a":2}}}"#, 100),
+            Err(FrameError::Parse(m)) if m.contains("duplicate key")
+        ));
         assert_ne!(id_key(&json!(1)), id_key(&json!("1")));
     }
 }

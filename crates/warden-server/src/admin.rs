@@ -23,7 +23,7 @@ use warden_core::identity::{self, issue_credential, validate_agent_id, Agent, Ag
 use warden_core::store::Credential;
 
 use crate::api::{bearer, json_body};
-use crate::error::ApiError;
+use crate::error::{close_connection, declares_body, ApiError};
 use crate::ids::random_hex;
 use crate::{blocking, App};
 
@@ -71,7 +71,7 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn require_operator(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
-    match bearer(req.headers()) {
+    let mut refused = match bearer(req.headers()) {
         None => ApiError::Unauthorized(
             "the admin API needs the operator token as `Authorization: Bearer <token>`".into(),
         )
@@ -81,13 +81,19 @@ async fn require_operator(State(app): State<Arc<App>>, req: Request, next: Next)
                 .operator_token()
                 .is_some_and(|o| ct_eq(t.as_bytes(), o.as_bytes())) =>
         {
-            next.run(req).await
+            return next.run(req).await;
         }
         Some(_) => ApiError::Forbidden(
             "this credential may not use the admin API; it needs the operator token".into(),
         )
         .into_response(),
+    };
+    // Refused before the body was read (an unauthenticated peer's body is not worth
+    // reading), so this connection ends here.
+    if declares_body(req.headers()) {
+        close_connection(&mut refused);
     }
+    refused
 }
 
 /// After a change to agents, credentials or kill switches: reload the control view now,

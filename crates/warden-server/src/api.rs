@@ -8,7 +8,10 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use std::net::IpAddr;
+
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, Path, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -18,11 +21,12 @@ use serde_json::{json, Value};
 use warden_core::audit::{hash_json, Entry, EntryKind};
 use warden_core::clock::{Nanos, NANOS_PER_MILLI};
 use warden_core::config::Classification;
-use warden_core::pipeline::{CallContext, CallIds, CallRequest};
+use warden_core::pipeline::{CallContext, CallIds, CallRequest, Checked};
 use warden_core::{Decision, Reason};
 
 use crate::error::ApiError;
-use crate::ids::{call_id, random_hex};
+use crate::flood::{Admit, Source, Suppressed};
+use crate::ids::{self, call_id, random_hex};
 use crate::{blocking, App};
 use warden_core::trace::parse_traceparent;
 
@@ -60,8 +64,21 @@ pub(crate) fn json_body<T: serde::de::DeserializeOwned>(
             ApiError::BadRequest(format!("cannot read the request body: {r}"))
         }
     })?;
-    serde_json::from_slice(&bytes)
+    warden_core::json::parse_strict(&bytes)
         .map_err(|e| ApiError::BadRequest(format!("request body is not valid: {e}")))
+}
+
+/// The network peer of a request, as the listener records it (absent when a router is
+/// called directly, as some unit tests do).
+pub struct Peer(pub Option<IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Peer {
+    type Rejection = std::convert::Infallible;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Peer(
+            parts.extensions.get::<ConnectInfo<IpAddr>>().map(|c| c.0),
+        ))
+    }
 }
 
 #[derive(Deserialize)]
@@ -122,36 +139,39 @@ fn decision_status(d: &Decision) -> StatusCode {
 
 async fn check(
     State(app): State<Arc<App>>,
+    Peer(peer): Peer,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body: CheckBody = json_body(body, app.settings.max_body_bytes)?;
+    let mut problems = Vec::new();
     if body.tool.is_empty() || body.tool.len() > 256 {
-        return Err(ApiError::BadRequest(
-            "`tool` must be 1 to 256 characters".into(),
-        ));
+        problems.push("`tool` must be 1 to 256 characters".to_owned());
     }
-    let classification = body
-        .context
-        .classification
-        .as_deref()
-        .map(str::parse::<Classification>)
-        .transpose()
-        .map_err(|m| ApiError::BadRequest(format!("context.classification: {m}")))?;
-    if let Some(c) = body.context.cost_estimate {
-        if !c.is_finite() || c < 0.0 {
-            return Err(ApiError::BadRequest(
-                "context.cost_estimate must be a non-negative number".into(),
-            ));
+    let classification = match body.context.classification.as_deref() {
+        None => None,
+        Some(c) => match c.parse::<Classification>() {
+            Ok(c) => Some(c),
+            Err(m) => {
+                problems.push(format!("context.classification: {m}"));
+                None
+            }
+        },
+    };
+    let cost_estimate = match body.context.cost_estimate {
+        Some(c) if !c.is_finite() || c < 0.0 => {
+            problems.push("context.cost_estimate must be a non-negative number".to_owned());
+            None
         }
-    }
+        c => c,
+    };
     let ctx = CallContext {
         classification,
-        cost_estimate: body.context.cost_estimate,
+        cost_estimate,
         rationale: body.context.rationale,
-        delegation_id: None,
-        delegation_depth: 0,
         refusal: body.context.refusal,
+        peer,
+        ..CallContext::default()
     };
     let trace_hint = headers
         .get("traceparent")
@@ -159,17 +179,33 @@ async fn check(
         .and_then(parse_traceparent)
         .map(|(t, _)| t)
         .or(body.context.trace_id);
-    let d = app
-        .decide(
-            bearer(&headers),
-            &body.tool,
-            &body.params,
-            &ctx,
-            trace_hint.as_deref(),
-        )
-        .await;
+    let call = Call {
+        credential: bearer(&headers),
+        tool: &body.tool,
+        params: &body.params,
+        ctx: &ctx,
+        trace_hint: trace_hint.as_deref(),
+    };
+    if !problems.is_empty() {
+        // A body that parses but asks for something invalid is still an attempt: it is
+        // audited as a deny like any other call, and answered 400.
+        let message = problems.join("; ");
+        app.refuse_invalid(call, &message).await;
+        return Err(ApiError::BadRequest(message));
+    }
+    let d = app.decide_call(call).await;
     let status = decision_status(&d.decision);
     Ok((status, Json(decision_body(&d))).into_response())
+}
+
+/// One call as a transport received it, before it is decided.
+#[derive(Clone, Copy)]
+pub struct Call<'a> {
+    pub credential: Option<&'a str>,
+    pub tool: &'a str,
+    pub params: &'a Value,
+    pub ctx: &'a CallContext,
+    pub trace_hint: Option<&'a str>,
 }
 
 /// A decided and durably recorded call.
@@ -192,7 +228,30 @@ impl App {
         ctx: &CallContext,
         trace_hint: Option<&str>,
     ) -> Decided {
-        let ids = match new_ids(trace_hint, self.pipeline.clock().now_ns()) {
+        self.decide_call(Call {
+            credential,
+            tool,
+            params,
+            ctx,
+            trace_hint,
+        })
+        .await
+    }
+
+    /// [`App::decide`] with the call in one struct.
+    pub async fn decide_call(&self, call: Call<'_>) -> Decided {
+        self.judge(call, None).await
+    }
+
+    /// Records a call whose request was well-formed JSON but invalid (an unknown data
+    /// class, a negative cost, an unusable tool name) as a deny `INVALID_REQUEST`, through
+    /// the same path as every decision. The caller answers 400.
+    pub async fn refuse_invalid(&self, call: Call<'_>, problem: &str) -> Decided {
+        self.judge(call, Some(problem)).await
+    }
+
+    async fn judge(&self, call: Call<'_>, invalid: Option<&str>) -> Decided {
+        let ids = match new_ids(call.trace_hint, self.pipeline.clock().now_ns()) {
             Ok(ids) => ids,
             Err(e) => {
                 return Decided {
@@ -209,34 +268,78 @@ impl App {
             }
         };
         let req = CallRequest {
-            credential,
-            tool,
-            params,
-            context: ctx,
+            credential: call.credential,
+            tool: call.tool,
+            params: call.params,
+            context: call.ctx,
         };
-        let checked = self.pipeline.check(&req, ids);
-        let entry = checked.entry;
-        let (call_id, trace_id, span_id, agent_id) = (
-            entry.call_id.clone(),
-            entry.trace_id.clone(),
-            entry.span_id.clone(),
-            entry.agent_id.clone(),
-        );
+        let checked = match invalid {
+            None => self.pipeline.check(&req, ids),
+            Some(problem) => self.pipeline.refuse_invalid(&req, ids, problem),
+        };
+        self.record(checked, call.ctx.peer).await
+    }
+
+    /// Makes a decision durable (no audit, no action), or, for a failure of an
+    /// unauthenticated caller past its group's quota, counts it for a summary entry.
+    async fn record(&self, checked: Checked, peer: Option<IpAddr>) -> Decided {
+        let Checked {
+            decision,
+            entry,
+            authenticated,
+        } = checked;
+        let mut out = Decided {
+            decision,
+            call_id: entry.call_id.clone(),
+            trace_id: entry.trace_id.clone(),
+            span_id: entry.span_id.clone(),
+            agent_id: entry.agent_id.clone(),
+        };
+        if let Some(reason) = sampled(&out.decision, authenticated) {
+            let (admit, ended) = self.failures.admit(Source::of(peer), reason, entry.ts_ns);
+            if let Some(s) = ended {
+                self.record_suppressed(s).await;
+            }
+            if admit == Admit::Count {
+                // Denied either way; the count reaches the audit in the window's summary.
+                return out;
+            }
+        }
         // No audit, no action: the answer waits for the entry to be durable.
-        let decision = match self.audit.append(entry).await {
-            Ok(_) => checked.decision,
-            Err(e) => Decision::deny_builtin(
+        if let Err(e) = self.audit.append(entry).await {
+            out.decision = Decision::deny_builtin(
                 Reason::Internal,
                 "warden.audit",
                 format!("the decision could not be recorded ({e}); no audit, no action"),
-            ),
-        };
-        Decided {
-            decision,
-            call_id,
-            trace_id,
-            span_id,
-            agent_id,
+            );
+        }
+        out
+    }
+
+    /// Appends the summary of failures that were counted, not recorded one by one. If it
+    /// cannot be appended the counts are kept for the next try.
+    pub(crate) async fn record_suppressed(&self, s: Suppressed) {
+        let id = ids::random_hex(16).unwrap_or_default();
+        let entry = Entry::summary(
+            self.pipeline.clock().now_ns(),
+            id,
+            &s.source.to_string(),
+            s.reason.code(),
+            s.count,
+            s.window_ns,
+        );
+        if let Err(e) = self.audit.append(entry).await {
+            tracing::error!(error = %e, count = s.count, reason = %s.reason, "could not record a summary of failures; keeping the counts");
+            self.failures.restore(s);
+        }
+    }
+
+    /// Records the failure counts of windows that have ended (of all windows with
+    /// `all`, at shutdown).
+    pub async fn flush_failure_counts(&self, all: bool) {
+        let now = self.pipeline.clock().now_ns();
+        for s in self.failures.due(now, all) {
+            self.record_suppressed(s).await;
         }
     }
 
@@ -294,6 +397,13 @@ impl App {
             .map(|r| r.seq)
             .map_err(|e| ApiError::Unavailable(format!("outcome could not be recorded: {e}")))
     }
+}
+
+/// The reason under which a decision is sampled rather than always recorded: failures of
+/// callers that did not authenticate (bad or missing credentials, invalid requests).
+fn sampled(d: &Decision, authenticated: bool) -> Option<Reason> {
+    let r = d.reason;
+    (!authenticated && (r.is_authentication_failure() || r == Reason::InvalidRequest)).then_some(r)
 }
 
 /// What happened to a permitted call.

@@ -14,6 +14,7 @@ pub mod admin;
 pub mod api;
 pub mod audit_writer;
 pub mod error;
+pub mod flood;
 pub mod gate;
 pub mod health;
 pub mod ids;
@@ -74,6 +75,8 @@ pub struct App {
     /// `None` on a node that only verifies: its admin plane admits nobody.
     operator_token: Option<String>,
     reload_lock: Mutex<()>,
+    /// Floods of failures from unauthenticated callers, sampled (see [`flood`]).
+    failures: flood::FailureSampler,
 }
 
 impl App {
@@ -136,7 +139,9 @@ impl App {
         let pipeline = Arc::new(Pipeline::new(&settings, bundle, verifier, clock));
         let health = Arc::new(health::Health::default());
         let audit = AuditWriter::start(store.clone(), settings.audit_max_batch, health.clone())?;
+        let failures = flood::FailureSampler::new(&settings.audit_limits);
         let app = Arc::new(App {
+            failures,
             settings,
             pipeline,
             store,
@@ -152,18 +157,25 @@ impl App {
 
     /// Every route the node serves.
     pub fn router(self: &Arc<Self>) -> Router {
-        self.agent_router().merge(admin::routes(self.clone()))
+        self.agent_router().merge(self.admin_routes())
     }
 
     /// The agent plane (decision API, MCP gateway) and the health probes.
     fn agent_router(self: &Arc<Self>) -> Router {
-        api::routes(self.clone()).merge(mcp_http::routes(self.clone()))
+        api::routes(self.clone())
+            .merge(mcp_http::routes(self.clone()))
+            .layer(axum::middleware::from_fn(error::require_json))
+    }
+
+    /// The admin API, taking JSON bodies only.
+    fn admin_routes(self: &Arc<Self>) -> Router {
+        admin::routes(self.clone()).layer(axum::middleware::from_fn(error::require_json))
     }
 
     /// What the admin listener serves when `admin_listen` is set: the admin API and the
     /// health probes, nothing an agent uses.
     fn admin_router(self: &Arc<Self>) -> Router {
-        admin::routes(self.clone()).merge(
+        self.admin_routes().merge(
             Router::new()
                 .route("/healthz", get(api::healthz))
                 .route("/readyz", get(api::readyz))
@@ -274,6 +286,8 @@ impl Running {
                 result = Err(std::io::Error::other(e));
             }
         }
+        // Failures counted in windows that have not ended yet still reach the audit.
+        self.app.flush_failure_counts(true).await;
         let _ = self.stop.send(listener::Stop::Abort);
         let _ = self.background.send(true);
         result
@@ -470,6 +484,23 @@ fn spawn_background(app: &Arc<App>, stop: tokio::sync::watch::Receiver<bool>) {
                 (true, None) => tracing::info!("the control view refreshes again"),
                 (false, _) => {}
             }
+        }
+    });
+
+    // Failure counts: each window's summary entry is appended soon after it ends.
+    let a = app.clone();
+    let mut stop_rx = stop.clone();
+    tokio::spawn(async move {
+        let every = Duration::from_nanos(a.settings.audit_limits.failure_window_ns / 4)
+            .clamp(Duration::from_millis(50), Duration::from_secs(1));
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop_rx.changed() => break,
+            }
+            a.flush_failure_counts(false).await;
         }
     });
 

@@ -27,6 +27,7 @@
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -55,7 +56,8 @@ use warden_mcp::tools::{
     trace_headers, ToolMap,
 };
 
-use crate::api::bearer;
+use crate::api::{bearer, Peer};
+use crate::error::close_connection;
 use crate::gate::EmbeddedGate;
 use crate::ids::random_hex;
 use crate::App;
@@ -153,6 +155,9 @@ impl IntoResponse for GatewayError {
             }
         };
         let mut resp = (status, Json(body)).into_response();
+        if matches!(self, GatewayError::TooLarge(_)) {
+            close_connection(&mut resp);
+        }
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -284,13 +289,14 @@ struct Target {
 async fn handle(
     State(gw): State<Arc<Gateway>>,
     Path(name): Path<String>,
+    Peer(peer): Peer,
     method: Method,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     // Detached from the client's connection: a client that hangs up mid-call must not
     // cut the decision, the forwarding or the outcome record short.
-    let task = tokio::spawn(serve(gw, name, method, headers, body));
+    let task = tokio::spawn(serve(gw, name, peer, method, headers, body));
     match task.await {
         Ok(resp) => resp,
         Err(e) => {
@@ -303,6 +309,7 @@ async fn handle(
 async fn serve(
     gw: Arc<Gateway>,
     name: String,
+    peer: Option<IpAddr>,
     method: Method,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -318,7 +325,7 @@ async fn serve(
                     resolve_paths: server.resolve_paths.clone(),
                 };
                 if method == Method::POST {
-                    post_messages(gw, target, headers, body).await
+                    post_messages(gw, target, peer, headers, body).await
                 } else {
                     open_or_end(gw, target, method, headers).await
                 }
@@ -616,6 +623,7 @@ fn bytes_reply(status: StatusCode, mut headers: HeaderMap, body: Vec<u8>) -> Res
 async fn post_messages(
     gw: Arc<Gateway>,
     target: Target,
+    peer: Option<IpAddr>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, GatewayError> {
@@ -627,39 +635,48 @@ async fn post_messages(
             GatewayError::BadBody(format!("cannot read the request body: {r}"))
         }
     })?;
-    let (value, batch) = parse_frame(&bytes, limit).map_err(GatewayError::Frame)?;
-    let items = into_messages(value);
     let token = bearer(&headers).map(str::to_owned);
     let header_trace = header_str(&headers, "traceparent")
         .and_then(parse_traceparent)
         .map(|(t, _)| t);
     let is_call = |m: &Value| m.get("method").and_then(Value::as_str) == Some("tools/call");
 
+    // Authenticate before decoding: a caller without a valid credential gets its first
+    // message read and nothing more, so a batch of N calls costs one audit entry (and
+    // one parse of one message), not N.
     let standing = gw.app.pipeline.standing(token.as_deref());
+    if let Err(d) = &standing {
+        if d.reason.is_authentication_failure() {
+            // Refused, but the attempted tool call is still on the audit trail, as it is
+            // on the decision API.
+            let first = first_message(&bytes);
+            if let Some((_, call)) = first
+                .as_ref()
+                .filter(|m| is_call(m))
+                .and_then(|m| tool_call(&target.map, m, header_trace.as_deref()))
+            {
+                let ctx = CallContext {
+                    rationale: call.rationale,
+                    peer,
+                    ..Default::default()
+                };
+                gw.app
+                    .decide(
+                        token.as_deref(),
+                        &call.action,
+                        &call.arguments,
+                        &ctx,
+                        call.trace_id.as_deref(),
+                    )
+                    .await;
+            }
+            return Err(refused(d.clone()));
+        }
+    }
+    let (value, batch) = parse_frame(&bytes, limit).map_err(GatewayError::Frame)?;
+    let items = into_messages(value);
     let stopped = match standing {
         Ok(s) => Ok(s),
-        Err(d) if d.reason.is_authentication_failure() => {
-            // Refused, but every attempted tool call is still on the audit trail, as
-            // it is on the decision API.
-            for m in items.iter().filter(|m| is_call(m)) {
-                if let Some((_, call)) = tool_call(&target.map, m, header_trace.as_deref()) {
-                    let ctx = CallContext {
-                        rationale: call.rationale,
-                        ..Default::default()
-                    };
-                    gw.app
-                        .decide(
-                            token.as_deref(),
-                            &call.action,
-                            &call.arguments,
-                            &ctx,
-                            call.trace_id.as_deref(),
-                        )
-                        .await;
-                }
-            }
-            return Err(refused(d));
-        }
         Err(d) => {
             if !items.iter().any(is_call) {
                 return Err(refused(d));
@@ -835,6 +852,20 @@ async fn post_messages(
     }
     answers.extend(errors);
     Ok(json_reply(StatusCode::OK, rh, answers, batch))
+}
+
+/// The first message of a frame, decoded without reading further: the object itself, or
+/// a batch's first element (the rest of the batch is not parsed at all).
+fn first_message(bytes: &[u8]) -> Option<Value> {
+    let start = bytes.iter().position(|b| !b.is_ascii_whitespace())?;
+    let rest = bytes.get(start..)?;
+    match rest.first() {
+        Some(b'[') => serde_json::Deserializer::from_slice(rest.get(1..)?)
+            .into_iter::<Value>()
+            .next()?
+            .ok(),
+        _ => serde_json::from_slice(rest).ok(),
+    }
 }
 
 /// The client gave up on a call: if it is one of this agent's calls in flight here, its

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use warden_core::audit::{verify_store, Entry, Record};
+use warden_core::audit::{verify_store, Entry, EntryKind, Record};
 use warden_core::clock::{Clock, SystemClock, NANOS_PER_SEC};
 use warden_core::config::Settings;
 use warden_core::control::{KillSwitch, KillTarget};
@@ -1239,4 +1239,333 @@ async fn free_space_below_the_threshold_makes_the_node_unready() {
         "{v}"
     );
     node.stop().await;
+}
+
+fn sqlite(s: &Settings) -> Arc<dyn Store> {
+    Arc::new(SqliteStore::open(&s.store_path).unwrap())
+}
+
+fn read_all(dir: &Path) -> Vec<Record> {
+    SqliteStore::open(&dir.join("warden.db"))
+        .unwrap()
+        .read_audit(0, 1_000_000)
+        .unwrap()
+}
+
+/// Regression: a client without a token wrote a full audit entry per request (30 MB/s
+/// with large rationales). Now the first K failures per source, reason and window get
+/// entries and the rest are counted in a summary entry, so the record stays complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_unauthenticated_checks_write_k_entries_and_a_summary_that_counts_the_rest() {
+    let node = Node::start_configured(
+        |s| {
+            s.audit_limits.failure_window_ns = 3600 * NANOS_PER_SEC;
+            s.audit_limits.failure_full_entries = 7;
+        },
+        sqlite,
+    )
+    .await;
+    for _ in 0..1000 {
+        let (st, v) = node.check(None, get_claim()).await;
+        assert_eq!(st, StatusCode::UNAUTHORIZED);
+        assert_decision(&v, "deny", "UNAUTHENTICATED");
+    }
+    let dir = node.stop().await;
+    let records = read_all(dir.path());
+    let full: Vec<&Record> = records
+        .iter()
+        .filter(|r| r.entry.kind == EntryKind::Decision)
+        .collect();
+    let summaries: Vec<&Record> = records
+        .iter()
+        .filter(|r| r.entry.kind == EntryKind::Summary)
+        .collect();
+    assert_eq!(full.len(), 7);
+    assert!(full.iter().all(|r| r.entry.reason == "UNAUTHENTICATED"));
+    assert_eq!(summaries.len(), 1, "{summaries:?}");
+    let s = &summaries[0].entry;
+    assert_eq!(s.reason, "UNAUTHENTICATED");
+    assert_eq!(s.summarised(), Some(993));
+    assert!(
+        s.rationale.as_deref().unwrap().contains("from 127.0.0.1"),
+        "{s:?}"
+    );
+    assert_eq!(full.len() as u64 + s.summarised().unwrap(), 1000);
+}
+
+/// A window's summary is written when the window ends, while the node keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_window_is_summarised_when_it_ends() {
+    let node = Node::start_configured(
+        |s| {
+            s.audit_limits.failure_window_ns = NANOS_PER_SEC / 5;
+            s.audit_limits.failure_full_entries = 2;
+        },
+        sqlite,
+    )
+    .await;
+    for _ in 0..5 {
+        node.check(Some("not-a-token"), get_claim()).await;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let recs = node.app().store.read_audit(0, 1000).unwrap();
+        let counted: u64 = recs.iter().filter_map(|r| r.entry.summarised()).sum();
+        let full = recs
+            .iter()
+            .filter(|r| r.entry.kind == EntryKind::Decision)
+            .count() as u64;
+        if counted > 0 {
+            assert_eq!(full + counted, 5, "{recs:?}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no summary: {recs:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    node.stop().await;
+}
+
+/// Authenticated agents' calls are never sampled: each keeps its own entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authenticated_denials_are_never_sampled() {
+    let node = Node::start_configured(|s| s.audit_limits.failure_full_entries = 1, sqlite).await;
+    let t = node.token("claims-processor-v3").await;
+    for _ in 0..30 {
+        let (_, v) = node
+            .check(Some(&t), json!({"tool": "nope", "params": {}}))
+            .await;
+        assert_decision(&v, "deny", "TOOL_NOT_PERMITTED");
+    }
+    let dir = node.stop().await;
+    let records = read_all(dir.path());
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| r.entry.reason == "TOOL_NOT_PERMITTED")
+            .count(),
+        30
+    );
+    assert!(records.iter().all(|r| r.entry.kind != EntryKind::Summary));
+}
+
+/// Regression: rationales were stored whole (64 KiB each).
+#[tokio::test]
+async fn a_64_kib_rationale_is_stored_capped() {
+    let node = Node::start_configured(|s| s.max_body_bytes = 262_144, sqlite).await;
+    let t = node.token("claims-processor-v3").await;
+    let rationale = "é".repeat(32 * 1024); // 64 KiB of two-byte characters
+    let body = json!({"tool": "get_claim", "params": {"claim_id": "C"}, "context": {"rationale": rationale}});
+    let (_, v) = node.check(Some(&t), body.clone()).await;
+    assert_decision(&v, "permit", "PERMITTED");
+    let (_, v) = node.check(None, body).await;
+    assert_decision(&v, "deny", "UNAUTHENTICATED");
+    let dir = node.stop().await;
+    let decisions: Vec<Record> = read_all(dir.path())
+        .into_iter()
+        .filter(|r| r.entry.kind == EntryKind::Decision)
+        .collect();
+    assert_eq!(decisions.len(), 2);
+    for r in decisions {
+        let kept = r.entry.rationale.unwrap();
+        assert!(kept.len() <= 2048 + 64, "{} bytes kept", kept.len());
+        assert!(kept.starts_with("éé"));
+        assert!(kept.ends_with("[truncated from 65536 bytes]"), "{kept}");
+    }
+}
+
+/// A web page can POST `text/plain` or a form across origins without a preflight.
+#[tokio::test]
+async fn a_post_that_is_not_json_is_refused_with_415() {
+    let node = Node::start().await;
+    let t = node.token("claims-processor-v3").await;
+    let body = serde_json::to_string(&get_claim()).unwrap();
+    for (path, token) in [("/v1/check", &t), ("/admin/v1/kills", &node.operator)] {
+        for ct in [
+            None,
+            Some("text/plain"),
+            Some("application/x-www-form-urlencoded"),
+            Some("multipart/form-data; boundary=x"),
+            Some("application/jsonx"),
+        ] {
+            let mut req = node
+                .http
+                .post(format!("{}{path}", node.base))
+                .bearer_auth(token)
+                .body(body.clone());
+            if let Some(ct) = ct {
+                req = req.header("content-type", ct);
+            }
+            let r = req.send().await.unwrap();
+            assert_eq!(
+                r.status(),
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "{path} {ct:?}"
+            );
+            let v: Value = r.json().await.unwrap();
+            assert_eq!(v["error"], "UNSUPPORTED_MEDIA_TYPE", "{v}");
+        }
+    }
+    // JSON with parameters is JSON
+    let r = node
+        .http
+        .post(format!("{}/v1/check", node.base))
+        .bearer_auth(&t)
+        .header("content-type", "Application/JSON; charset=utf-8")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    node.stop().await;
+}
+
+/// Regression: a body that parsed but failed validation was answered 400 with no audit
+/// entry. It is a deny `INVALID_REQUEST` on the record now, still answered 400.
+#[tokio::test]
+async fn invalid_requests_are_audited_and_still_400() {
+    let node = Node::start().await;
+    let t = node.token("claims-processor-v3").await;
+    let long = "t".repeat(5000);
+    let bad = [
+        json!({"tool": "get_claim", "params": {"claim_id": "C"}, "context": {"classification": "secret"}}),
+        json!({"tool": "get_claim", "params": {"claim_id": "C"}, "context": {"cost_estimate": -1}}),
+        json!({"tool": "", "params": {}}),
+        json!({"tool": long, "params": {}}),
+    ];
+    for b in &bad {
+        let (st, v) = node.check(Some(&t), b.clone()).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+        assert_eq!(v["error"], "BAD_REQUEST");
+    }
+    let (st, _) = node.check(None, bad[0].clone()).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    let dir = node.stop().await;
+    let entries: Vec<Entry> = read_all(dir.path())
+        .into_iter()
+        .map(|r| r.entry)
+        .filter(|e| e.kind == EntryKind::Decision)
+        .collect();
+    assert_eq!(entries.len(), 5, "{entries:?}");
+    for e in &entries {
+        assert_eq!(
+            (e.decision.as_str(), e.reason.as_str()),
+            ("deny", "INVALID_REQUEST")
+        );
+        assert_eq!(e.rules, ["warden.request"]);
+    }
+    assert!(entries[..4]
+        .iter()
+        .all(|e| e.agent_id == "claims-processor-v3"));
+    assert_eq!(entries[4].agent_id, "");
+    assert_eq!(entries[0].action, "get_claim");
+    assert!(entries[3].action.len() < 400, "{}", entries[3].action.len());
+}
+
+/// Regression: duplicate keys inside `params` were accepted and the last one won
+/// (`payout` 50000 then 5 was permitted), while duplicate top-level keys were refused.
+#[tokio::test]
+async fn duplicate_keys_are_refused_at_any_depth() {
+    let node = Node::start().await;
+    let t = node.token("claims-processor-v3").await;
+    let post = |path: &str, token: &str, body: &str| {
+        node.http
+            .post(format!("{}{path}", node.base))
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+    };
+    for body in [
+        r#"{"tool": "update_claim", "params": {"claim_id": "C", "status": "approved", "payout": 50000, "payout": 5}}"#,
+        r#"{"tool": "get_claim", "tool": "get_claim", "params": {"claim_id": "C"}}"#,
+        r#"{"tool": "get_claim", "params": {"claim_id": "C"}, "context": {"rationale": "a", "rationale": "b"}}"#,
+        r#"{"tool": "get_claim", "params": {"claim_id": "C", "x": [{"k": 1, "k": 2}]}}"#,
+    ] {
+        let r = post("/v1/check", &t, body).await.unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{body}");
+        let v: Value = r.json().await.unwrap();
+        assert!(
+            v["message"].as_str().unwrap().contains("duplicate key"),
+            "{v}"
+        );
+    }
+    let r = post(
+        "/admin/v1/kills",
+        &node.operator,
+        r#"{"target": "agent:claims-processor-v3", "target": "all"}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let (_, v) = node.check(Some(&t), get_claim()).await;
+    assert_decision(&v, "permit", "PERMITTED");
+    node.stop().await;
+}
+
+/// Regression: an admin request refused before its body was read closed the connection
+/// without `Connection: close`, so a client's next request on it failed.
+#[tokio::test]
+async fn an_admin_request_refused_before_its_body_does_not_break_the_next_request() {
+    use tokio::io::AsyncWriteExt;
+    let node = Node::start().await;
+    let addr = node.base.trim_start_matches("http://").to_owned();
+    let body = "{\"target\": \"all\"}".repeat(2000);
+    for auth in ["", "Authorization: Bearer wrong\r\n"] {
+        let mut sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        // The headers first; the body follows once the refusal is already on its way.
+        let head = format!(
+            "POST /admin/v1/kills HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        sock.write_all(head.as_bytes()).await.unwrap();
+        let first = read_response(&mut sock).await;
+        assert!(
+            first.starts_with("HTTP/1.1 401") || first.starts_with("HTTP/1.1 403"),
+            "{first}"
+        );
+        let closes = first
+            .lines()
+            .any(|l| l.eq_ignore_ascii_case("connection: close"));
+        // Either the server said it closes, or the connection still works.
+        if !closes {
+            let _ = sock.write_all(body.as_bytes()).await;
+            let _ = sock
+                .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await;
+            let second = read_response(&mut sock).await;
+            assert!(
+                second.starts_with("HTTP/1.1 200"),
+                "second answer: {second:?}"
+            );
+        }
+    }
+    node.stop().await;
+}
+
+/// One HTTP/1.1 response with a Content-Length body, or what arrived before the
+/// connection closed.
+async fn read_response(sock: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                return String::from_utf8_lossy(&buf[..end + 4 + len]).to_string();
+            }
+        }
+        match tokio::time::timeout(Duration::from_secs(10), sock.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return String::from_utf8_lossy(&buf).to_string(),
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
 }

@@ -1236,3 +1236,60 @@ async fn the_official_client_through_the_gateway_to_the_reference_server() {
     assert_eq!(outcomes, ["ok", "ok", "ok", "cancelled"]);
     node.stop().await;
 }
+
+/// Regression: one unauthenticated MCP batch of 650 calls wrote 650 audit entries. The
+/// gateway authenticates first and reads no further than the first message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unauthenticated_batch_yields_one_entry_and_is_read_no_further() {
+    let (fake, url) = start_fake().await;
+    let node = Node::start(&url, "30s").await;
+    let batch: Vec<Value> = (0..200)
+        .map(|i| call(i, "echo", json!({"message": "x"})))
+        .collect();
+    let r = node.post(None, None, &Value::Array(batch)).await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let entries = node.tool_entries();
+    assert_eq!(
+        entries,
+        vec![(
+            EntryKind::Decision,
+            "everything/echo".to_owned(),
+            "deny".to_owned(),
+            "UNAUTHENTICATED".to_owned()
+        )]
+    );
+
+    // The rest of the batch is not parsed at all: a tail that is not JSON changes nothing.
+    let mut raw = b"[".to_vec();
+    raw.extend(serde_json::to_vec(&call(1, "echo", json!({"message": "x"}))).unwrap());
+    raw.extend_from_slice(b", this is { not json");
+    let r = node.post_raw(Some("garbage"), None, raw).await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(node.tool_entries().len(), 2);
+    assert!(fake.lock().unwrap().posts.is_empty());
+    node.stop().await;
+}
+
+/// A web page can POST `text/plain` across origins without a preflight; the gateway takes
+/// JSON only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_refuses_a_post_that_is_not_json_with_415() {
+    let (fake, url) = start_fake().await;
+    let node = Node::start(&url, "30s").await;
+    let token = node.token().await;
+    for ct in ["text/plain", "application/x-www-form-urlencoded"] {
+        let r = node
+            .http
+            .post(node.mcp_url())
+            .bearer_auth(&token)
+            .header("accept", ACCEPT)
+            .header("content-type", ct)
+            .body(serde_json::to_vec(&initialize(1)).unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE, "{ct}");
+    }
+    assert!(fake.lock().unwrap().posts.is_empty());
+    node.stop().await;
+}

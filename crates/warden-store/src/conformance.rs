@@ -53,10 +53,11 @@ pub fn sample_agent(id: &str) -> Agent {
 pub fn sample_entry(i: u64, call_id: &str) -> Entry {
     Entry {
         ts_ns: NOW + i,
-        kind: match i % 3 {
+        kind: match i % 4 {
             0 => EntryKind::Decision,
             1 => EntryKind::Outcome,
-            _ => EntryKind::Control,
+            2 => EntryKind::Control,
+            _ => EntryKind::Summary,
         },
         call_id: call_id.to_owned(),
         trace_id: format!("trace-{i}"),

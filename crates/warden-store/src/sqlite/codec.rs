@@ -55,7 +55,7 @@ pub(crate) enum DecodeError {
     },
     #[error("column `{column}` holds {value}, which is out of range")]
     Range { column: &'static str, value: i64 },
-    #[error("kind `{0}` is not `decision`, `outcome` or `control`")]
+    #[error("kind `{0}` is not `decision`, `outcome`, `control` or `summary`")]
     Kind(String),
     #[error("status `{0}` is not `active` or `revoked`")]
     Status(String),
