@@ -50,7 +50,8 @@ impl AuditWriter {
                     }
                     let (entries, replies): (Vec<Entry>, Vec<Reply>) = batch.drain(..).unzip();
                     let answers = append(store.as_ref(), entries, replies.len());
-                    report(&health, &answers);
+                    // Nor may a log subscriber that panics end the thread.
+                    let _ = catch_unwind(AssertUnwindSafe(|| report(&health, &answers)));
                     for (answer, reply) in answers.into_iter().zip(replies) {
                         let _ = reply.send(answer);
                     }

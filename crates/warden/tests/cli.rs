@@ -913,6 +913,18 @@ async fn serve_with_a_broken_stderr_serves_and_exits_0_on_sigterm() {
         .await
         .assert("deny", "TOOL_NOT_PERMITTED");
 
+    // A store fault the node logs: another process holds the write lock past the busy
+    // timeout. The calls waiting on it are denied; once it is released, calls are
+    // permitted again (the audit writer used to die logging the fault).
+    let blocker = rusqlite::Connection::open(d.join("warden.db")).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let a = agent.check(&t, get_claim()).await;
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
+    a.assert("deny", "INTERNAL");
+    blocker.execute_batch("ROLLBACK").unwrap();
+    drop(blocker);
+    agent.check_until(&t, get_claim(), "PERMITTED").await;
+
     let pid = server.child.id().to_string();
     let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert!(sent.success());
