@@ -170,8 +170,9 @@ pub struct AuditLimits {
 }
 
 pub const DEFAULT_MAX_RATIONALE: usize = 2048;
-/// Longest tool name kept in an entry of a refused (invalid) request.
-pub const MAX_ACTION_KEPT: usize = 256;
+/// Longest tool name kept in an entry of a refused (invalid) request: the longest a
+/// valid one may be.
+pub const MAX_ACTION_KEPT: usize = crate::tool::MAX_NAME_BYTES;
 
 impl Default for AuditLimits {
     fn default() -> Self {

@@ -567,7 +567,11 @@ impl Settings {
 
         let mut tools = BTreeMap::new();
         for (i, t) in raw.tools.into_iter().enumerate() {
-            if t.name.is_empty() || t.name.contains('"') {
+            // The name every edge accepts from agents, so a declared tool can be called.
+            if let Err(e) = crate::tool::check_name(&t.name) {
+                return Err(field(&format!("tools[{i}].name"), e.to_string()));
+            }
+            if t.name.contains('"') {
                 return Err(field(
                     &format!("tools[{i}].name"),
                     format!("`{}` is not a usable tool name", t.name),

@@ -22,6 +22,7 @@ use warden_core::audit::{hash_json, Entry, EntryKind};
 use warden_core::clock::{Nanos, NANOS_PER_MILLI};
 use warden_core::config::Classification;
 use warden_core::pipeline::{CallContext, CallIds, CallRequest, Checked};
+use warden_core::tool::check_name;
 use warden_core::{Decision, Reason};
 
 use crate::error::ApiError;
@@ -145,8 +146,8 @@ async fn check(
 ) -> Result<Response, ApiError> {
     let body: CheckBody = json_body(body, app.settings.max_body_bytes)?;
     let mut problems = Vec::new();
-    if body.tool.is_empty() || body.tool.len() > 256 {
-        problems.push("`tool` must be 1 to 256 characters".to_owned());
+    if let Err(e) = check_name(&body.tool) {
+        problems.push(e.to_string());
     }
     let classification = match body.context.classification.as_deref() {
         None => None,
@@ -273,7 +274,14 @@ impl App {
             params: call.params,
             context: call.ctx,
         };
-        let checked = match invalid {
+        // Every transport's tool name passes the one check here, so the MCP gateways
+        // refuse (and record) a name that could not be shown or stored safely exactly
+        // as /v1/check does.
+        let bad_name = match invalid {
+            Some(_) => None,
+            None => check_name(call.tool).err().map(|e| e.to_string()),
+        };
+        let checked = match invalid.or(bad_name.as_deref()) {
             None => self.pipeline.check(&req, ids),
             Some(problem) => self.pipeline.refuse_invalid(&req, ids, problem),
         };

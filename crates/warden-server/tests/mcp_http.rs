@@ -790,6 +790,46 @@ async fn path_arguments_are_resolved_and_forwarded_as_judged() {
     node.stop().await;
 }
 
+/// A tool name with a control character is refused at the gateway, on the audit trail
+/// (`INVALID_REQUEST`), and never reaches the server: the name would otherwise be stored
+/// and shown to operators as sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_name_with_control_characters_is_refused_and_audited() {
+    let (fake, url) = start_fake().await;
+    let node = Node::start(&url, "5s").await;
+    let token = node.token().await;
+    let r = node.post(Some(&token), None, &initialize(1)).await;
+    let session = r.headers()["mcp-session-id"].to_str().unwrap().to_owned();
+    for (id, name) in [(2, "echo\u{1b}[2K\r"), (3, "ec\u{202E}ho")] {
+        let r = node
+            .post(
+                Some(&token),
+                Some(&session),
+                &call(id, name, json!({"message": "hi"})),
+            )
+            .await;
+        let a = answer(r).await;
+        assert_eq!(a["result"]["isError"], true, "{a}");
+        let text = a["result"]["content"][0]["text"].as_str().unwrap();
+        assert!(
+            text.contains("INVALID_REQUEST") && text.contains("a control or formatting character"),
+            "{text}"
+        );
+    }
+    assert!(
+        seen_calls(&fake).is_empty(),
+        "a refused call reached the server"
+    );
+    let reasons: Vec<_> = node
+        .tool_entries()
+        .into_iter()
+        .filter(|e| e.0 == EntryKind::Decision)
+        .map(|e| e.3)
+        .collect();
+    assert_eq!(reasons, ["INVALID_REQUEST", "INVALID_REQUEST"]);
+    node.stop().await;
+}
+
 async fn wait_for_cancel(fake: &Fake, id: i64) -> HeaderMap {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

@@ -705,6 +705,8 @@ fn filesystem_paths_are_judged_and_opened_as_resolved() {
         read(docs.join("out").display().to_string()),
         read(docs.join("loop").display().to_string()),
         read(long),
+        // a tool name that would redraw an operator's terminal is refused at the edge
+        {"op": "call", "name": "read_text_file\u{1b}[2K", "arguments": {"path": "docs/a.txt"}},
     ]);
     let (_guard, url) = serve(&s);
     for mode in [
@@ -728,24 +730,30 @@ fn filesystem_paths_are_judged_and_opened_as_resolved() {
             );
             assert!(!t.contains("vault"), "{what} leaked the secret");
         }
+        let t = r[4]["text"].as_str().unwrap();
+        assert!(
+            t.contains("Warden denied") && t.contains("a control or formatting character"),
+            "{mode:?}: {t}"
+        );
     }
     assert!(!d.join("secret/new.txt").exists());
     let audit = s.audit();
     let calls = tool_calls(&audit);
-    assert_eq!(calls.len(), 8, "every call is on the audit trail");
+    assert_eq!(calls.len(), 10, "every call is on the audit trail");
     let reasons: Vec<&str> = calls
         .iter()
         .map(|e| e["reason"].as_str().unwrap())
         .collect();
     assert_eq!(
-        reasons[..4],
+        reasons[..5],
         [
             "PERMITTED",
             "TOOL_NOT_PERMITTED",
             "CONSTRAINT_VIOLATION",
-            "CONSTRAINT_VIOLATION"
+            "CONSTRAINT_VIOLATION",
+            "INVALID_REQUEST"
         ]
     );
-    assert_eq!(reasons[..4], reasons[4..]);
+    assert_eq!(reasons[..5], reasons[5..]);
     assert!(calls.iter().all(|e| e["agent_id"] == "research-agent"));
 }
