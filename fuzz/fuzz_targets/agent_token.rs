@@ -8,7 +8,7 @@
 //!   canonical and Ed25519 signatures are not malleable, so no other text can carry a
 //!   valid signature;
 //! - `Sign`: arbitrary claims signed by the trusted key verify exactly when the model
-//!   says (issuer, audience, size, validity window) and round-trip unchanged; signed by
+//!   says (issuer, audience, size, validity window with `nbf`) and round-trip unchanged; signed by
 //!   another key, or by another key under the trusted key's id, they never verify.
 //!
 //! Every verification runs twice on a fresh verifier, so the cached path must agree with
@@ -47,6 +47,7 @@ fn fixture() -> &'static Fixture {
             aud: AGENT_AUDIENCE.into(),
             iat: NOW_S - 10,
             exp: NOW_S + 3600,
+            nbf: None,
             jti: "j-1".into(),
             owner: "claims-team".into(),
             tier: 2,
@@ -105,6 +106,7 @@ struct ArbClaims {
     aud: String,
     iat: u64,
     exp: u64,
+    nbf: Option<u64>,
     /// Near now (so the validity window is exercised), else as given.
     times_near_now: bool,
     jti: String,
@@ -115,11 +117,11 @@ struct ArbClaims {
 
 impl ArbClaims {
     fn claims(self) -> Claims {
-        let (iat, exp) = if self.times_near_now {
+        let (iat, exp, nbf) = if self.times_near_now {
             let near = |x: u64| NOW_S.wrapping_add(x % 8192).wrapping_sub(4096);
-            (near(self.iat), near(self.exp))
+            (near(self.iat), near(self.exp), self.nbf.map(near))
         } else {
-            (self.iat, self.exp)
+            (self.iat, self.exp, self.nbf)
         };
         Claims {
             iss: if self.iss_is_ours {
@@ -135,6 +137,7 @@ impl ArbClaims {
             },
             iat,
             exp,
+            nbf,
             jti: self.jti,
             owner: self.owner,
             tier: self.tier,
@@ -179,7 +182,10 @@ fn expected(token: &str, c: &Claims, now: u64) -> Result<Claims, Reason> {
         Err(Reason::CredentialMalformed)
     } else if c.iss != ISSUER || c.aud != AGENT_AUDIENCE {
         Err(Reason::CredentialInvalid)
-    } else if now_s >= c.exp || c.iat > now_s.saturating_add(LEEWAY_S) {
+    } else if now_s >= c.exp
+        || c.iat > now_s.saturating_add(LEEWAY_S)
+        || c.nbf.is_some_and(|nbf| now_s < nbf)
+    {
         Err(Reason::CredentialExpired)
     } else {
         Ok(c.clone())

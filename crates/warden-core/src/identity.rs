@@ -6,10 +6,17 @@
 //! id (`jti`) so it can be revoked. Only EdDSA is accepted, whatever the header says, so
 //! `alg: none` and algorithm-confusion tokens are refused before any key is touched.
 //!
+//! A valid signature is not enough: a token is accepted only if the store issued its
+//! `jti` to the agent it names, with the same issue and expiry times ([`check_issued`]),
+//! and only while its lifetime fits the agent's rotation period. So whoever holds the key
+//! cannot mint a token the store never recorded, and every accepted token can be revoked.
+//! Header parameters marked critical (`crit`) are refused, as RFC 7515 requires of a
+//! verifier that implements none of them.
+//!
 //! Verifying a signature costs tens of microseconds; the [`Verifier`] caches tokens whose
 //! signature it has checked, keyed by the whole token text, so the check path pays a hash
-//! lookup. Expiry, revocation and the agent's status are checked on every call, cached
-//! or not.
+//! lookup. Expiry, issuance, revocation and the agent's status are checked on every call,
+//! cached or not.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
@@ -24,12 +31,13 @@ use sha2::{Digest, Sha256};
 
 use crate::clock::{Nanos, NANOS_PER_SEC};
 use crate::decision::Reason;
+use crate::store::{Acting, ControlChange, Credential};
 
 /// The audience every agent token carries; a token for another audience is refused.
 pub const AGENT_AUDIENCE: &str = "warden-agent";
 /// Tokens longer than this are refused unread.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
-/// Clock skew tolerated on `iat`/`nbf`.
+/// Clock skew tolerated on `iat` (the issuing host's clock may run a little ahead).
 const LEEWAY_SECS: u64 = 60;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,6 +99,10 @@ pub struct Claims {
     /// Seconds since the epoch, as JWT has it.
     pub iat: u64,
     pub exp: u64,
+    /// Not valid before (seconds since the epoch). Warden does not set it; a token that
+    /// carries it is held to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
     pub jti: String,
     pub owner: String,
     pub tier: u8,
@@ -104,6 +116,19 @@ struct Header {
     kid: Option<String>,
     #[serde(default)]
     typ: Option<String>,
+    /// Present (with any value, `null` included) means refused: see [`present`].
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    crit: Option<serde_json::Value>,
+}
+
+/// `Some` whenever the field is there, even as `null`, which serde's default for `Option`
+/// would read as absent.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<serde_json::Value>, D::Error> {
+    serde_json::Value::deserialize(d).map(Some)
 }
 
 /// Why a credential was refused.
@@ -202,6 +227,7 @@ impl SigningKeyPair {
             alg: "EdDSA".into(),
             kid: Some(self.kid.clone()),
             typ: Some("JWT".into()),
+            crit: None,
         };
         // Serializing these plain structs cannot fail; an empty object would only make
         // the token unverifiable, never more permissive.
@@ -211,6 +237,14 @@ impl SigningKeyPair {
         let sig = self.key.sign(signing_input.as_bytes());
         format!("{signing_input}.{}", B64.encode(sig.to_bytes()))
     }
+}
+
+/// How audit entries and kill switches name the holder of an operator token:
+/// `operator:` and the first 8 hex digits of the token's SHA-256. Stable for one token,
+/// tells tokens apart once there are several, and reveals nothing usable of the token.
+pub fn operator_id(token: &str) -> String {
+    let digest = Sha256::digest(token.as_bytes());
+    format!("operator:{}", hex::encode(&digest[..4]))
 }
 
 fn key_id(key: &VerifyingKey) -> String {
@@ -228,6 +262,7 @@ pub fn new_claims(issuer: &str, agent: &Agent, jti: String, now: Nanos) -> Claim
         aud: AGENT_AUDIENCE.to_owned(),
         iat,
         exp: iat.saturating_add(agent.rotation_ns / NANOS_PER_SEC),
+        nbf: None,
         jti,
         owner: agent.owner.clone(),
         tier: agent.tier,
@@ -301,6 +336,12 @@ impl Verifier {
             .map_err(|_| malformed("header is not base64url"))?;
         let header: Header = serde_json::from_slice(&header_bytes)
             .map_err(|_| malformed("header is not a JSON object"))?;
+        if header.crit.is_some() {
+            return Err(CredentialError::new(
+                Reason::CredentialInvalid,
+                "credential header marks extensions critical (`crit`), which this server does not implement; issue a new token with `warden agent token`",
+            ));
+        }
         if header.alg != "EdDSA" {
             return Err(CredentialError::new(
                 Reason::CredentialInvalid,
@@ -357,16 +398,19 @@ impl Verifier {
     }
 }
 
-/// Issues a new credential for a registered, active agent: records it in the store (so it
-/// can be listed and revoked) and returns the signed token.
+/// Issues a new credential for a registered, active agent: records it in the store,
+/// together with the audit entry of `by`, so it can be listed and revoked and so tokens
+/// are accepted only for what was recorded, and returns the signed token.
 pub fn issue_credential(
     store: &dyn crate::store::Store,
     key: &SigningKeyPair,
     issuer: &str,
     agent: &Agent,
     jti: String,
-    now: Nanos,
+    by: &Acting,
 ) -> Result<(String, crate::store::Credential), crate::store::StoreError> {
+    // The store checks again inside its transaction; this early answer saves a signature
+    // and names the status.
     if agent.status != AgentStatus::Active {
         return Err(crate::store::StoreError::Conflict(format!(
             "agent `{}` is {}; it cannot be issued credentials",
@@ -374,60 +418,121 @@ pub fn issue_credential(
             agent.status.as_str()
         )));
     }
-    let claims = new_claims(issuer, agent, jti, now);
+    let claims = new_claims(issuer, agent, jti, by.at);
     let cred = crate::store::Credential {
         jti: claims.jti.clone(),
         agent_id: agent.id.clone(),
         issued_at_ns: claims.iat * NANOS_PER_SEC,
-        expires_at_ns: claims.exp * NANOS_PER_SEC,
+        expires_at_ns: claims.exp.saturating_mul(NANOS_PER_SEC),
         revoked_at_ns: None,
     };
-    store.insert_credential(&cred)?;
+    let entry = by.entry(
+        "credential-issue",
+        format!("credential `{}` of agent `{}`", cred.jti, agent.id),
+    );
+    store.apply_control(&ControlChange::IssueCredential(cred.clone()), entry)?;
     Ok((key.sign(&claims), cred))
 }
 
-/// Registers a new agent; one already registered is refused (it keeps its status and
-/// credentials, and gets new ones with [`issue_credential`]).
+/// Registers a new agent, with the audit entry of `by`; one already registered is refused
+/// (it keeps its status and credentials, and gets new ones with [`issue_credential`]).
 pub fn register_agent(
     store: &dyn crate::store::Store,
     agent: &Agent,
+    by: &Acting,
 ) -> Result<(), crate::store::StoreError> {
-    if store.get_agent(&agent.id)?.is_some() {
-        return Err(crate::store::StoreError::Conflict(format!(
-            "agent `{}` is already registered; issue it a new credential instead",
-            agent.id
-        )));
-    }
-    store.upsert_agent(agent)
+    let entry = by.entry("agent-register", format!("agent `{}`", agent.id));
+    store
+        .apply_control(&ControlChange::RegisterAgent(agent.clone()), entry)
+        .map(|_| ())
 }
 
 /// Revokes one credential of an agent (`jti`), or, without one, the agent itself and so
-/// every credential it holds. Returns what was revoked, for the audit trail and the
-/// operator. A credential must belong to the agent named: an operator revoking
+/// every credential it holds, with the audit entry of `by`. Returns what was revoked, for
+/// the operator. A credential must belong to the agent named: an operator revoking
 /// `agent-a`'s token by mistake with `agent-b`'s id revokes nothing.
 pub fn revoke(
     store: &dyn crate::store::Store,
     agent_id: &str,
     jti: Option<&str>,
-    now: Nanos,
+    by: &Acting,
 ) -> Result<String, crate::store::StoreError> {
-    use crate::store::StoreError::NotFound;
-    match jti {
-        Some(j) => {
-            let owned = store.list_credentials(agent_id)?.iter().any(|c| c.jti == j);
-            if owned && store.revoke_credential(j, now)? {
-                Ok(format!("credential `{j}` of agent `{agent_id}`"))
-            } else {
-                Err(NotFound(format!(
-                    "agent `{agent_id}` has no unrevoked credential `{j}`"
-                )))
-            }
-        }
-        None if store.set_agent_status(agent_id, AgentStatus::Revoked, now)? => {
-            Ok(format!("agent `{agent_id}` and all its credentials"))
-        }
-        None => Err(NotFound(format!("no agent `{agent_id}`"))),
+    let (change, what) = match jti {
+        Some(j) => (
+            ControlChange::RevokeCredential {
+                agent_id: agent_id.to_owned(),
+                jti: j.to_owned(),
+                at: by.at,
+            },
+            format!("credential `{j}` of agent `{agent_id}`"),
+        ),
+        None => (
+            ControlChange::SetAgentStatus {
+                agent_id: agent_id.to_owned(),
+                status: AgentStatus::Revoked,
+                at: by.at,
+            },
+            format!("agent `{agent_id}` and all its credentials"),
+        ),
+    };
+    store.apply_control(&change, by.entry("revoke", what.clone()))?;
+    Ok(what)
+}
+
+/// Checks a verified token against the credential the store recorded for its `jti`
+/// (`None`: the store issued no such credential, or it has expired) and against the
+/// agent's rotation period as it stands now. The agent must be the one the token names.
+pub fn check_issued(
+    claims: &Claims,
+    issued: Option<&Credential>,
+    agent: &Agent,
+    now: Nanos,
+) -> Result<(), CredentialError> {
+    let id = &agent.id;
+    let reissue = format!("issue a new one with `warden agent token {id}`");
+    let Some(c) = issued else {
+        return Err(CredentialError::new(
+            Reason::CredentialInvalid,
+            format!(
+                "credential `{}` of agent `{id}` was never issued by this server's store (or was deleted from it); {reissue}",
+                claims.jti
+            ),
+        ));
+    };
+    if c.agent_id != claims.sub
+        || c.issued_at_ns / NANOS_PER_SEC != claims.iat
+        || c.expires_at_ns / NANOS_PER_SEC != claims.exp
+    {
+        return Err(CredentialError::new(
+            Reason::CredentialInvalid,
+            format!(
+                "credential `{}` does not match the one the store issued (agent, issue or expiry time differ); {reissue}",
+                claims.jti
+            ),
+        ));
     }
+    if c.revoked_at_ns.is_some() {
+        return Err(CredentialError::new(
+            Reason::CredentialRevoked,
+            format!(
+                "credential `{}` of agent `{id}` was revoked; {reissue}",
+                claims.jti
+            ),
+        ));
+    }
+    let rotation = agent.rotation_ns / NANOS_PER_SEC;
+    let lifetime = claims.exp.saturating_sub(claims.iat);
+    let remaining = claims.exp.saturating_sub(now / NANOS_PER_SEC);
+    if lifetime > rotation || remaining > rotation.saturating_add(LEEWAY_SECS) {
+        return Err(CredentialError::new(
+            Reason::CredentialInvalid,
+            format!(
+                "credential `{}` lives {lifetime}s, longer than agent `{id}`'s rotation period of {rotation}s (shortened since it was issued?); {reissue}",
+                claims.jti
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn check_window(claims: &Claims, now: Nanos) -> Result<(), CredentialError> {
@@ -447,6 +552,17 @@ fn check_window(claims: &Claims, now: Nanos) -> Result<(), CredentialError> {
         return Err(CredentialError::new(
             Reason::CredentialExpired,
             "credential is not valid yet (issued in the future); check the clocks",
+        ));
+    }
+    // No leeway: `exp` has none either, and Warden issues no `nbf` of its own.
+    if let Some(nbf) = claims.nbf.filter(|nbf| now_s < *nbf) {
+        return Err(CredentialError::new(
+            Reason::CredentialExpired,
+            format!(
+                "credential of agent `{}` is not valid for another {}s (`nbf`); wait, or check the clocks",
+                claims.sub,
+                nbf - now_s
+            ),
         ));
     }
     Ok(())
@@ -562,6 +678,38 @@ mod tests {
             v.verify(trunc, T0).unwrap_err().reason,
             Reason::CredentialMalformed
         );
+    }
+
+    #[test]
+    fn not_before_is_honoured() {
+        let k = SigningKeyPair::from_seed([7; 32]);
+        let v = Verifier::new("w", [k.verifying_key()], 16);
+        let mut claims = new_claims("w", &agent(), "j1".into(), T0);
+        claims.nbf = Some(T0 / NANOS_PER_SEC + 30);
+        let tok = k.sign(&claims);
+        let e = v.verify(&tok, T0 + 29 * NANOS_PER_SEC).unwrap_err();
+        assert_eq!(e.reason, Reason::CredentialExpired);
+        assert!(e.message.contains("nbf"), "{e}");
+        assert!(v.verify(&tok, T0 + 30 * NANOS_PER_SEC).is_ok());
+    }
+
+    #[test]
+    fn a_critical_header_is_refused_whatever_it_names() {
+        let k = SigningKeyPair::from_seed([7; 32]);
+        let v = Verifier::new("w", [k.verifying_key()], 16);
+        let claims =
+            B64.encode(serde_json::to_vec(&new_claims("w", &agent(), "j1".into(), T0)).unwrap());
+        for crit in [r#"["exp"]"#, "[]", "null", r#""b64""#] {
+            let h = B64.encode(format!(
+                r#"{{"alg":"EdDSA","kid":"{}","crit":{crit}}}"#,
+                k.kid()
+            ));
+            let input = format!("{h}.{claims}");
+            let sig = B64.encode(k.key.sign(input.as_bytes()).to_bytes());
+            let e = v.verify(&format!("{input}.{sig}"), T0).unwrap_err();
+            assert_eq!(e.reason, Reason::CredentialInvalid, "{crit}");
+            assert!(e.message.contains("crit"), "{e}");
+        }
     }
 
     #[test]

@@ -15,16 +15,19 @@ use crate::clock::{Clock, Nanos, NANOS_PER_MILLI, NANOS_PER_SEC};
 use crate::config::{Classification, Settings, Tool};
 use crate::control::KillSet;
 use crate::decision::{Decision, Reason};
-use crate::identity::{Agent, AgentStatus, Claims, Verifier};
+use crate::identity::{check_issued, Agent, AgentStatus, Claims, Verifier};
 use crate::limits::{LimitError, Limiter};
 use crate::policy::{CallFacts, PolicyBundle, Verdict};
-use crate::store::StateSnapshot;
+use crate::store::{Credential, StateSnapshot};
 
 /// Built-in rule ids, reported in decisions like Cedar policy ids.
 pub mod rules {
     pub const CONTROL_STALE: &str = "warden.control.stale";
     pub const KILL_SWITCH: &str = "warden.control.kill-switch";
     pub const IDENTITY: &str = "warden.identity";
+    /// A validly signed token whose jti this node's view does not hold: never issued, or
+    /// issued after the view was loaded (see [`super::Pipeline::needs_newer_view`]).
+    pub const UNISSUED_CREDENTIAL: &str = "warden.identity.unissued";
     pub const TOOL_CATALOG: &str = "warden.tool-catalog";
     pub const SCOPE: &str = "warden.scope";
     pub const DATA_BOUNDARY: &str = "warden.data-boundary";
@@ -85,12 +88,13 @@ pub struct Standing {
     pub agent: Agent,
 }
 
-/// The in-memory view of agents, revocations and kill switches.
+/// The in-memory view of agents, issued credentials and kill switches.
 #[derive(Debug, Default)]
 pub struct ControlState {
     pub version: u64,
     pub agents: HashMap<String, Agent>,
-    pub revoked_jtis: HashSet<String>,
+    /// Credentials not yet expired when the view was read, revoked or not, by jti.
+    pub credentials: HashMap<String, Credential>,
     pub kills: KillSet,
 }
 
@@ -99,7 +103,7 @@ impl From<StateSnapshot> for ControlState {
         ControlState {
             version: s.version,
             agents: s.agents.into_iter().map(|a| (a.id.clone(), a)).collect(),
-            revoked_jtis: s.revoked_jtis,
+            credentials: s.credentials,
             kills: KillSet::new(s.kills),
         }
     }
@@ -216,6 +220,19 @@ impl Pipeline {
 
     pub fn is_fresh(&self) -> bool {
         self.staleness().is_some_and(|s| s <= self.stale_after_ns)
+    }
+
+    /// Whether a deny may be only this node's view lagging the store: a validly signed
+    /// token naming an agent or a credential the view does not hold yet (registered or
+    /// issued by another process since the last refresh). A caller that can reach the
+    /// store refreshes once and decides again; the second answer stands. Only holders of
+    /// the signing key can produce such a token, so this is no lever for anyone else.
+    pub fn needs_newer_view(decision: &Decision) -> bool {
+        decision.reason == Reason::UnknownAgent
+            || decision
+                .rules
+                .iter()
+                .any(|r| r == rules::UNISSUED_CREDENTIAL)
     }
 
     /// Decides one call. Never fails: every problem is a deny with a reason code.
@@ -453,14 +470,17 @@ impl Pipeline {
                 ),
             );
         }
-        if state.revoked_jtis.contains(&claims.jti) {
-            return fail(
-                Reason::CredentialRevoked,
-                format!(
-                    "credential `{}` of agent `{}` was revoked; issue a new one",
-                    claims.jti, agent.id
-                ),
-            );
+        let issued = state.credentials.get(&claims.jti);
+        if let Err(e) = check_issued(&claims, issued, agent, now) {
+            let rule = if issued.is_none() {
+                rules::UNISSUED_CREDENTIAL
+            } else {
+                rules::IDENTITY
+            };
+            return Err((
+                Decision::deny_builtin(e.reason, rule, e.message),
+                Some(claims.sub.clone()),
+            ));
         }
         Ok((claims, agent))
     }
@@ -648,6 +668,8 @@ action write appliesTo { principal: Agent, resource: Tool, context: { params: { 
         pipeline: Pipeline,
         key: SigningKeyPair,
         settings: Settings,
+        /// What the store has issued, as `token` records it.
+        issued: std::sync::Mutex<HashMap<String, Credential>>,
     }
 
     fn fixture() -> Fixture {
@@ -685,18 +707,41 @@ action write appliesTo { principal: Agent, resource: Tool, context: { params: { 
             pipeline,
             key,
             settings,
+            issued: Default::default(),
         }
     }
 
     impl Fixture {
+        /// Issues a token as the store would (recording its credential) and installs a
+        /// view that holds it, keeping the agents and kill switches in force.
         fn token(&self, agent: &str) -> String {
             let a = self.settings.agents.iter().find(|x| x.id == agent).unwrap();
-            self.key.sign(&new_claims(
-                "warden",
-                a,
-                format!("jti-{agent}"),
-                self.clock.now_ns(),
-            ))
+            let claims = new_claims("warden", a, format!("jti-{agent}"), self.clock.now_ns());
+            self.issued.lock().unwrap().insert(
+                claims.jti.clone(),
+                Credential {
+                    jti: claims.jti.clone(),
+                    agent_id: agent.to_owned(),
+                    issued_at_ns: claims.iat * NANOS_PER_SEC,
+                    expires_at_ns: claims.exp * NANOS_PER_SEC,
+                    revoked_at_ns: None,
+                },
+            );
+            let state = self.pipeline.state().unwrap();
+            self.install(StateSnapshot {
+                agents: state.agents.values().cloned().collect(),
+                kills: state.kills.iter().cloned().collect(),
+                ..Default::default()
+            });
+            self.key.sign(&claims)
+        }
+        /// The issued credentials, with those named revoked (for good).
+        fn credentials(&self, revoked: &[&str]) -> HashMap<String, Credential> {
+            let mut issued = self.issued.lock().unwrap();
+            for jti in revoked {
+                issued.get_mut(*jti).unwrap().revoked_at_ns = Some(self.clock.now_ns());
+            }
+            issued.clone()
         }
         fn check(&self, token: &str, tool: &str, id: &str) -> Decision {
             let params = json!({ "id": id });
@@ -717,18 +762,20 @@ action write appliesTo { principal: Agent, resource: Tool, context: { params: { 
         fn snapshot(&self, kills: Vec<KillSwitch>, revoked: &[&str]) {
             self.install(StateSnapshot {
                 agents: self.settings.agents.clone(),
-                revoked_jtis: revoked.iter().map(|s| s.to_string()).collect(),
+                credentials: self.credentials(revoked),
                 kills,
                 ..Default::default()
             });
         }
-        /// Installs `snap` as the next version, read now.
+        /// Installs `snap`, with the issued credentials, as the next version, read now.
         fn install(&self, snap: StateSnapshot) {
             let version = self.pipeline.state().map_or(0, |s| s.version) + 1;
-            let installed = self
-                .pipeline
-                .apply_snapshot(StateSnapshot { version, ..snap }, self.clock.now_ns());
-            assert!(installed);
+            let snap = StateSnapshot {
+                version,
+                credentials: self.credentials(&[]),
+                ..snap
+            };
+            assert!(self.pipeline.apply_snapshot(snap, self.clock.now_ns()));
         }
         /// The store confirms the view in force, now.
         fn confirm(&self) {
@@ -890,6 +937,7 @@ action write appliesTo { principal: Agent, resource: Tool, context: { params: { 
         let before = StateSnapshot {
             version: killed_at - 1,
             agents: f.settings.agents.clone(),
+            credentials: f.credentials(&[]),
             ..Default::default()
         };
         assert!(!f.pipeline.apply_snapshot(before, f.clock.now_ns()));
@@ -898,6 +946,7 @@ action write appliesTo { principal: Agent, resource: Tool, context: { params: { 
         let same = StateSnapshot {
             version: killed_at,
             agents: f.settings.agents.clone(),
+            credentials: f.credentials(&[]),
             ..Default::default()
         };
         assert!(!f.pipeline.apply_snapshot(same, f.clock.now_ns()));
@@ -931,6 +980,7 @@ action write appliesTo { principal: Agent, resource: Tool, context: { params: { 
             let open = StateSnapshot {
                 version: base + 1,
                 agents: f.settings.agents.clone(),
+                credentials: f.credentials(&[]),
                 ..Default::default()
             };
             assert!(f.pipeline.apply_snapshot(open.clone(), f.clock.now_ns()));
@@ -948,8 +998,8 @@ action write appliesTo { principal: Agent, resource: Tool, context: { params: { 
             let killed = StateSnapshot {
                 version: base + 2,
                 agents: f.settings.agents.clone(),
+                credentials: f.credentials(&[]),
                 kills: vec![kill(KillTarget::Agent("a".into()))],
-                ..Default::default()
             };
             assert!(f.pipeline.apply_snapshot(killed, f.clock.now_ns()));
             // from here on, while stale refreshes keep arriving, no call is permitted
@@ -962,6 +1012,63 @@ action write appliesTo { principal: Agent, resource: Tool, context: { params: { 
                 r.join().unwrap();
             }
         }
+    }
+
+    #[test]
+    fn a_validly_signed_token_the_store_never_issued_is_refused() {
+        let f = fixture();
+        let a = &f.settings.agents[0];
+        // signed with the key, a jti nobody issued, valid until the end of time
+        let mut forever = new_claims("warden", a, "never-issued".into(), T0);
+        forever.exp = u64::MAX;
+        let d = f.check(&f.key.sign(&forever), "read", "1");
+        assert_eq!(
+            (d.reason, d.rules.clone()),
+            (
+                Reason::CredentialInvalid,
+                vec![rules::UNISSUED_CREDENTIAL.to_owned()]
+            ),
+            "{d:?}"
+        );
+        assert!(d.message.contains("warden agent token a"), "{d:?}");
+        assert!(Pipeline::needs_newer_view(&d));
+
+        // an issued jti with a longer expiry than the store recorded is not that credential
+        let t = f.token("a");
+        assert!(f.check(&t, "read", "1").is_permit());
+        let mut stretched = new_claims("warden", a, "jti-a".into(), T0);
+        stretched.exp += 1;
+        let d = f.check(&f.key.sign(&stretched), "read", "1");
+        assert_eq!(
+            (d.reason, d.rules.clone()),
+            (Reason::CredentialInvalid, vec![rules::IDENTITY.to_owned()])
+        );
+        assert!(!Pipeline::needs_newer_view(&d));
+        // nor is it another agent's
+        let b = &f.settings.agents[1];
+        let d = f.check(
+            &f.key.sign(&new_claims("warden", b, "jti-a".into(), T0)),
+            "read",
+            "1",
+        );
+        assert_eq!(d.reason, Reason::CredentialInvalid);
+    }
+
+    #[test]
+    fn a_token_outliving_the_agents_rotation_is_refused() {
+        let f = fixture();
+        let t = f.token("a");
+        assert!(f.check(&t, "read", "1").is_permit());
+        // the operator shortens agent a's rotation from 1h to 1m: its 1h token is void
+        let mut agents = f.settings.agents.clone();
+        agents[0].rotation_ns = 60 * NANOS_PER_SEC;
+        f.install(StateSnapshot {
+            agents,
+            ..Default::default()
+        });
+        let d = f.check(&t, "read", "1");
+        assert_eq!(d.reason, Reason::CredentialInvalid, "{d:?}");
+        assert!(d.message.contains("rotation period"), "{d:?}");
     }
 
     #[test]

@@ -4,8 +4,12 @@
 //! INVARIANT: `append_audit` returns only after the entries are durable, and assigns
 //! sequence numbers and chain hashes inside the same transaction that writes them, so
 //! several writers (the server and a CLI on the same file) extend one unbroken chain.
+//! INVARIANT: an operator's change to agents, credentials or kill switches is written
+//! only together with the audit entry that records it ([`Store::apply_control`]): no
+//! entry, no change.
+//! INVARIANT: a call has at most one outcome entry; the store refuses a second.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 use crate::audit::{Entry, Record};
 use crate::clock::Nanos;
@@ -38,16 +42,65 @@ pub struct Credential {
     pub revoked_at_ns: Option<Nanos>,
 }
 
-/// Everything the per-call checks read from memory: agents, revoked credentials and kill
+/// Everything the per-call checks read from memory: agents, issued credentials and kill
 /// switches, as of one store version.
 #[derive(Clone, Debug, Default)]
 pub struct StateSnapshot {
     /// Bumped by every change to agents, credentials or kill switches.
     pub version: u64,
     pub agents: Vec<Agent>,
-    /// Revoked credentials that have not yet expired (expired ones are refused anyway).
-    pub revoked_jtis: HashSet<String>,
+    /// Every credential not yet expired at the snapshot's time, revoked or not, by jti. A
+    /// token is accepted only if the store issued its jti (expired ones are refused on
+    /// their own expiry, so they need not be here).
+    pub credentials: HashMap<String, Credential>,
     pub kills: Vec<KillSwitch>,
+}
+
+/// A change an operator makes to agents, credentials or kill switches. The store applies
+/// it only together with its audit entry ([`Store::apply_control`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ControlChange {
+    /// Registers a new agent; `Conflict` if the id is taken.
+    RegisterAgent(Agent),
+    /// Records a credential issued to an agent; `Conflict` if the agent does not exist or
+    /// is not active, or the jti is taken.
+    IssueCredential(Credential),
+    /// Revokes one unrevoked credential of `agent_id`; `NotFound` if the agent holds no
+    /// such credential (a jti under the wrong agent revokes nothing).
+    RevokeCredential {
+        agent_id: String,
+        jti: String,
+        at: Nanos,
+    },
+    /// Sets an agent's status; `NotFound` if there is no such agent.
+    SetAgentStatus {
+        agent_id: String,
+        status: AgentStatus,
+        at: Nanos,
+    },
+    /// Sets (or replaces) a kill switch. Unless `pre_emptive`, a switch for an agent id or
+    /// owner that no registered agent has is refused (`NotFound`): a kill that stops
+    /// nothing is almost always a typo, and reporting success would hide it.
+    SetKill { kill: KillSwitch, pre_emptive: bool },
+    /// Clears a kill switch; `NotFound` if none is set for the target.
+    ClearKill(KillTarget),
+}
+
+/// Who acts on the governance plane, when, and the id the audit entry of the action gets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Acting {
+    /// The operator, as the entry names them (e.g. `operator:1a2b3c4d`, `cli:alice`).
+    pub who: String,
+    pub at: Nanos,
+    /// The entry's `call_id`: random, chosen by the caller (the core has no randomness).
+    pub entry_id: String,
+}
+
+impl Acting {
+    /// The control entry recording `action` with `detail`.
+    pub fn entry(&self, action: &str, detail: String) -> Entry {
+        Entry::control(self.at, self.entry_id.clone(), action, &self.who, detail)
+    }
 }
 
 pub trait Store: Send + Sync {
@@ -56,28 +109,21 @@ pub trait Store: Send + Sync {
     fn snapshot(&self, now: Nanos) -> Result<StateSnapshot, StoreError>;
 
     /// Inserts an agent or updates its owner, tier, scopes and rotation; leaves its status.
+    /// For the agents a config declares, which the config file itself records; changes an
+    /// operator makes go through [`Store::apply_control`].
     fn upsert_agent(&self, agent: &Agent) -> Result<(), StoreError>;
     fn get_agent(&self, id: &str) -> Result<Option<Agent>, StoreError>;
     fn list_agents(&self) -> Result<Vec<Agent>, StoreError>;
-    /// Returns false if there is no such agent.
-    fn set_agent_status(
-        &self,
-        id: &str,
-        status: AgentStatus,
-        now: Nanos,
-    ) -> Result<bool, StoreError>;
-
-    fn insert_credential(&self, c: &Credential) -> Result<(), StoreError>;
-    /// Revokes one credential; returns false if it does not exist or was already revoked.
-    fn revoke_credential(&self, jti: &str, now: Nanos) -> Result<bool, StoreError>;
     fn list_credentials(&self, agent_id: &str) -> Result<Vec<Credential>, StoreError>;
 
-    /// Sets (or replaces) a kill switch.
-    fn set_kill(&self, kill: &KillSwitch) -> Result<(), StoreError>;
-    /// Clears a kill switch; returns false if none was set for that target.
-    fn clear_kill(&self, target: &KillTarget) -> Result<bool, StoreError>;
+    /// Applies an operator's change and appends the entry recording it, durably, in one
+    /// transaction: both or neither. A refused change (`Conflict`, `NotFound`) writes no
+    /// entry; an entry that cannot be written undoes the change. Returns the entry's record.
+    fn apply_control(&self, change: &ControlChange, entry: Entry) -> Result<Record, StoreError>;
 
-    /// Appends entries to the chain, durably, in one transaction.
+    /// Appends entries to the chain, durably, in one transaction. A second outcome entry
+    /// for a call (already stored, or twice in `entries`) refuses the whole batch with
+    /// `Conflict` naming the call, and nothing is written.
     fn append_audit(&self, entries: Vec<Entry>) -> Result<Vec<Record>, StoreError>;
     /// Records with `seq > after`, in order, at most `limit`.
     fn read_audit(&self, after: u64, limit: usize) -> Result<Vec<Record>, StoreError>;

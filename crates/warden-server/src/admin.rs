@@ -2,6 +2,10 @@
 //!
 //! Every route here takes only the operator token. An agent token, whatever it says, is
 //! refused with 403: kill switches do not work if the agent can reach them.
+//!
+//! Every change to agents, credentials and kill switches is written in one store
+//! transaction with the audit entry that records it, naming the operator by their
+//! credential (`operator:<8 hex>`), never by what the request body claims.
 
 use std::sync::Arc;
 
@@ -20,7 +24,7 @@ use warden_core::clock::NANOS_PER_SEC;
 use warden_core::config::parse_duration;
 use warden_core::control::{KillSwitch, KillTarget};
 use warden_core::identity::{self, issue_credential, validate_agent_id, Agent, AgentStatus};
-use warden_core::store::Credential;
+use warden_core::store::{Acting, ControlChange, Credential};
 
 use crate::api::{bearer, json_body};
 use crate::error::{close_connection, declares_body, ApiError};
@@ -94,6 +98,29 @@ async fn require_operator(State(app): State<Arc<App>>, req: Request, next: Next)
         close_connection(&mut refused);
     }
     refused
+}
+
+/// The acting operator for one change: named by the credential, with a fresh entry id.
+fn acting(app: &App) -> Result<Acting, ApiError> {
+    Ok(Acting {
+        who: app.operator_id().to_owned(),
+        at: app.pipeline.clock().now_ns(),
+        entry_id: random_hex(16)
+            .map_err(|e| ApiError::Unavailable(format!("no randomness: {e}")))?,
+    })
+}
+
+/// Refuses a body that names an operator other than the credential's holder: the audit
+/// names who acted from the credential, and a request claiming otherwise is a mistake or
+/// a forgery.
+fn check_by(app: &App, by: Option<&str>) -> Result<(), ApiError> {
+    match by {
+        Some(b) if b != app.operator_id() => Err(ApiError::BadRequest(format!(
+            "`by` names `{b}`, but the acting operator is taken from the credential (`{}`); drop the field",
+            app.operator_id()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// After a change to agents, credentials or kill switches: reload the control view now,
@@ -183,9 +210,9 @@ async fn issue(app: &Arc<App>, agent: Agent) -> Result<Value, ApiError> {
         )
     })?;
     let issuer = app.settings.issuer.clone();
-    let now = app.pipeline.clock().now_ns();
+    let by = acting(app)?;
     let (token, cred) =
-        blocking(move || issue_credential(store.as_ref(), &key, &issuer, &agent, jti, now)).await?;
+        blocking(move || issue_credential(store.as_ref(), &key, &issuer, &agent, jti, &by)).await?;
     Ok(json!({ "token": token, "credential": credential_json(&cred) }))
 }
 
@@ -213,15 +240,10 @@ async fn register_agent(
     };
     let store = app.store.clone();
     let a = agent.clone();
-    blocking(move || identity::register_agent(store.as_ref(), &a)).await?;
-    refresh(&app).await?;
-    app.audit_control(
-        "operator",
-        "agent-register",
-        format!("agent `{}`", agent.id),
-    )
-    .await;
+    let by = acting(&app)?;
+    blocking(move || identity::register_agent(store.as_ref(), &a, &by)).await?;
     let mut out = issue(&app, agent.clone()).await?;
+    refresh(&app).await?;
     out["agent"] = agent_json(&agent, None);
     Ok((StatusCode::CREATED, Json(out)).into_response())
 }
@@ -237,16 +259,6 @@ async fn issue_token(
         .ok_or_else(|| ApiError::NotFound(format!("no agent `{id}`")))?;
     let out = issue(&app, agent).await?;
     refresh(&app).await?;
-    let jti = out["credential"]["jti"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    app.audit_control(
-        "operator",
-        "credential-issue",
-        format!("credential `{jti}` of agent `{id}`"),
-    )
-    .await;
     Ok(Json(out))
 }
 
@@ -267,11 +279,10 @@ async fn revoke(
         _ => json_body(body, app.settings.max_body_bytes)?,
     };
     let store = app.store.clone();
-    let now = app.pipeline.clock().now_ns();
+    let by = acting(&app)?;
     let jti = b.jti;
-    let what = blocking(move || identity::revoke(store.as_ref(), &id, jti.as_deref(), now)).await?;
+    let what = blocking(move || identity::revoke(store.as_ref(), &id, jti.as_deref(), &by)).await?;
     refresh(&app).await?;
-    app.audit_control("operator", "revoke", what.clone()).await;
     Ok(Json(json!({ "revoked": what })))
 }
 
@@ -296,8 +307,12 @@ struct KillBody {
     target: String,
     #[serde(default)]
     reason: Option<String>,
+    /// Refused unless it names the credential's holder (see [`check_by`]).
     #[serde(default)]
     by: Option<String>,
+    /// Set the switch even though no registered agent matches the target yet.
+    #[serde(default)]
+    pre_emptive: bool,
 }
 
 async fn kill(
@@ -306,18 +321,22 @@ async fn kill(
 ) -> Result<Json<Value>, ApiError> {
     let b: KillBody = json_body(body, app.settings.max_body_bytes)?;
     let target: KillTarget = b.target.parse().map_err(ApiError::BadRequest)?;
-    let k = KillSwitch {
+    check_by(&app, b.by.as_deref())?;
+    let by = acting(&app)?;
+    let kill = KillSwitch {
         target: target.clone(),
         reason: b.reason.unwrap_or_else(|| "no reason given".into()),
-        set_by: b.by.unwrap_or_else(|| "operator".into()),
-        set_at_ns: app.pipeline.clock().now_ns(),
+        set_by: by.who.clone(),
+        set_at_ns: by.at,
+    };
+    let entry = by.entry("kill", format!("{target}: {}", kill.reason));
+    let change = ControlChange::SetKill {
+        kill,
+        pre_emptive: b.pre_emptive,
     };
     let store = app.store.clone();
-    let k2 = k.clone();
-    blocking(move || store.set_kill(&k2)).await?;
+    blocking(move || store.apply_control(&change, entry)).await?;
     refresh(&app).await?;
-    app.audit_control(&k.set_by, "kill", format!("{target}: {}", k.reason))
-        .await;
     Ok(Json(json!({ "killed": target.to_string() })))
 }
 
@@ -335,21 +354,12 @@ async fn revive(
 ) -> Result<Json<Value>, ApiError> {
     let b: ReviveBody = json_body(body, app.settings.max_body_bytes)?;
     let target: KillTarget = b.target.parse().map_err(ApiError::BadRequest)?;
+    check_by(&app, b.by.as_deref())?;
+    let entry = acting(&app)?.entry("revive", target.to_string());
+    let change = ControlChange::ClearKill(target.clone());
     let store = app.store.clone();
-    let t = target.clone();
-    let cleared = blocking(move || store.clear_kill(&t)).await?;
-    if !cleared {
-        return Err(ApiError::NotFound(format!(
-            "no kill switch is set for {target}"
-        )));
-    }
+    blocking(move || store.apply_control(&change, entry)).await?;
     refresh(&app).await?;
-    app.audit_control(
-        b.by.as_deref().unwrap_or("operator"),
-        "revive",
-        target.to_string(),
-    )
-    .await;
     Ok(Json(json!({ "revived": target.to_string() })))
 }
 
@@ -362,7 +372,7 @@ async fn show_policy(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiErro
 }
 
 async fn reload_policy(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiError> {
-    match app.reload_policy("admin-api").await {
+    match app.reload_policy(app.operator_id()).await {
         Ok(digest) => Ok(Json(json!({ "reloaded": true, "digest": digest }))),
         Err(e) => Err(ApiError::Unprocessable {
             message: format!(

@@ -25,6 +25,7 @@ use warden_core::pipeline::{CallContext, CallIds, CallRequest, Checked};
 use warden_core::tool::check_name;
 use warden_core::{Decision, Reason};
 
+use crate::audit_writer::AuditError;
 use crate::error::ApiError;
 use crate::flood::{Admit, Source, Suppressed};
 use crate::ids::{self, call_id, random_hex};
@@ -222,7 +223,7 @@ impl App {
     /// Decides one call and waits until its audit entry is durable. Every transport (the
     /// HTTP API, both MCP gateways) goes through here, so they decide and record alike.
     pub async fn decide(
-        &self,
+        self: &Arc<Self>,
         credential: Option<&str>,
         tool: &str,
         params: &Value,
@@ -240,18 +241,18 @@ impl App {
     }
 
     /// [`App::decide`] with the call in one struct.
-    pub async fn decide_call(&self, call: Call<'_>) -> Decided {
+    pub async fn decide_call(self: &Arc<Self>, call: Call<'_>) -> Decided {
         self.judge(call, None).await
     }
 
     /// Records a call whose request was well-formed JSON but invalid (an unknown data
     /// class, a negative cost, an unusable tool name) as a deny `INVALID_REQUEST`, through
     /// the same path as every decision. The caller answers 400.
-    pub async fn refuse_invalid(&self, call: Call<'_>, problem: &str) -> Decided {
+    pub async fn refuse_invalid(self: &Arc<Self>, call: Call<'_>, problem: &str) -> Decided {
         self.judge(call, Some(problem)).await
     }
 
-    async fn judge(&self, call: Call<'_>, invalid: Option<&str>) -> Decided {
+    async fn judge(self: &Arc<Self>, call: Call<'_>, invalid: Option<&str>) -> Decided {
         let ids = match new_ids(call.trace_hint, self.pipeline.clock().now_ns()) {
             Ok(ids) => ids,
             Err(e) => {
@@ -281,10 +282,22 @@ impl App {
             Some(_) => None,
             None => check_name(call.tool).err().map(|e| e.to_string()),
         };
-        let checked = match invalid.or(bad_name.as_deref()) {
+        let invalid = invalid.or(bad_name.as_deref());
+        let mut checked = match invalid {
             None => self.pipeline.check(&req, ids),
             Some(problem) => self.pipeline.refuse_invalid(&req, ids, problem),
         };
+        // A token issued by another process (`warden agent token`) since the last refresh
+        // is refused once here, refreshed for, and decided again; only the second
+        // decision is recorded.
+        if invalid.is_none() && self.refreshed_for(&checked.decision).await {
+            let ids = CallIds {
+                call_id: checked.entry.call_id.clone(),
+                trace_id: checked.entry.trace_id.clone(),
+                span_id: checked.entry.span_id.clone(),
+            };
+            checked = self.pipeline.check(&req, ids);
+        }
         self.record(checked, call.ctx.peer).await
     }
 
@@ -354,7 +367,7 @@ impl App {
     /// Appends the outcome of a permitted call made by `agent_id`. Refuses calls the agent
     /// did not make, calls that were denied, and a second outcome.
     pub async fn record_outcome(
-        &self,
+        self: &Arc<Self>,
         agent_id: &str,
         call_id: &str,
         outcome: OutcomeRecord,
@@ -399,11 +412,18 @@ impl App {
             duration_ns: outcome.duration_ns,
             rationale: None,
         };
+        // The check above answers the common mistake early; the store's own rule decides
+        // between concurrent reports, and only one of them is written.
         self.audit
             .append(entry)
             .await
             .map(|r| r.seq)
-            .map_err(|e| ApiError::Unavailable(format!("outcome could not be recorded: {e}")))
+            .map_err(|e| match e {
+                AuditError::Refused(m) => ApiError::Conflict(m),
+                AuditError::Failed(m) => {
+                    ApiError::Unavailable(format!("outcome could not be recorded: {m}"))
+                }
+            })
     }
 }
 
@@ -463,8 +483,8 @@ async fn outcome(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let agent = app
-        .pipeline
         .authenticate(bearer(&headers))
+        .await
         .map_err(|d| ApiError::Unauthorized(format!("{}: {}", d.reason.code(), d.message)))?;
     let body: OutcomeBody = json_body(body, app.settings.max_body_bytes)?;
     let Some(status) = OUTCOME_STATUSES.into_iter().find(|s| *s == body.status) else {
@@ -528,7 +548,7 @@ async fn outcome(
 /// The calling agent's standing: whether it may act now, and which tools it could ever
 /// be permitted. Gateways poll this to cancel calls in flight and to filter tool lists.
 async fn agent_standing(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
-    match app.pipeline.standing(bearer(&headers)) {
+    match app.standing(bearer(&headers)).await {
         Ok(s) => {
             let mut tools: Vec<String> = app.pipeline.visible_tools(&s).into_iter().collect();
             tools.sort();

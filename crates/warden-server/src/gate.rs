@@ -74,14 +74,14 @@ impl Gate for EmbeddedGate {
 
     async fn stopped(&self) -> Option<String> {
         self.app
-            .pipeline
             .standing(Some(&self.token))
+            .await
             .err()
             .map(|d| format!("{}: {}", d.reason.code(), d.message))
     }
 
     async fn visible_actions(&self) -> Option<HashSet<String>> {
-        let standing = self.app.pipeline.standing(Some(&self.token)).ok()?;
+        let standing = self.app.standing(Some(&self.token)).await.ok()?;
         Some(self.app.pipeline.visible_tools(&standing))
     }
 }

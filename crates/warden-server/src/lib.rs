@@ -35,7 +35,7 @@ use tokio::sync::{watch, Mutex};
 use warden_core::audit::Entry;
 use warden_core::clock::{Clock, SystemClock};
 use warden_core::config::Settings;
-use warden_core::identity::{SigningKeyPair, Verifier, VerifyingKey};
+use warden_core::identity::{self, SigningKeyPair, Verifier, VerifyingKey};
 use warden_core::policy::PolicyError;
 use warden_core::store::{Store, StoreError};
 use warden_core::Pipeline;
@@ -74,6 +74,9 @@ pub struct App {
     pub key: Option<SigningKeyPair>,
     /// `None` on a node that only verifies: its admin plane admits nobody.
     operator_token: Option<String>,
+    /// How the holder of the operator token is named in audit entries and kill switches
+    /// (empty without one).
+    operator_id: String,
     reload_lock: Mutex<()>,
     /// Floods of failures from unauthenticated callers, sampled (see [`flood`]).
     failures: flood::FailureSampler,
@@ -148,6 +151,9 @@ impl App {
             audit,
             health,
             key,
+            operator_id: operator_token
+                .as_deref()
+                .map_or_else(String::new, identity::operator_id),
             operator_token,
             reload_lock: Mutex::new(()),
         });
@@ -231,8 +237,10 @@ impl App {
         result
     }
 
-    /// Appends an operator action to the audit trail (best effort: the action already
-    /// happened in the store; a failure is logged loudly).
+    /// Appends a policy reload or rejection to the audit trail (best effort: the policy
+    /// lives in files, not the store, so there is no store change to make atomic with it;
+    /// a failure is logged loudly). Changes to agents, credentials and kill switches are
+    /// written together with their entries through `Store::apply_control` instead.
     pub async fn audit_control(&self, who: &str, action: &str, detail: String) {
         let id = ids::random_hex(16).unwrap_or_default();
         let entry = Entry::control(self.pipeline.clock().now_ns(), id, action, who, detail);
@@ -252,6 +260,52 @@ impl App {
 
     pub(crate) fn operator_token(&self) -> Option<&str> {
         self.operator_token.as_deref()
+    }
+
+    /// The acting operator's name, from the credential (`operator:<8 hex>`).
+    pub fn operator_id(&self) -> &str {
+        &self.operator_id
+    }
+
+    /// Refreshes the control view once if `decision` may only reflect a view older than
+    /// the store (a token or agent issued by another process since the last refresh).
+    /// Returns whether the caller should decide again; a failed refresh means no.
+    pub(crate) async fn refreshed_for(self: &Arc<Self>, decision: &warden_core::Decision) -> bool {
+        if !Pipeline::needs_newer_view(decision) {
+            return false;
+        }
+        let app = self.clone();
+        match blocking(move || app.refresh_state()).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot refresh the control view for an unknown credential");
+                false
+            }
+        }
+    }
+
+    /// The standing of a credential (see [`Pipeline::standing`]), refreshing the view once
+    /// for a credential it does not hold yet.
+    pub async fn standing(
+        self: &Arc<Self>,
+        credential: Option<&str>,
+    ) -> Result<warden_core::pipeline::Standing, warden_core::Decision> {
+        match self.pipeline.standing(credential) {
+            Err(d) if self.refreshed_for(&d).await => self.pipeline.standing(credential),
+            other => other,
+        }
+    }
+
+    /// Authenticates a credential (see [`Pipeline::authenticate`]), refreshing the view
+    /// once for a credential it does not hold yet.
+    pub async fn authenticate(
+        self: &Arc<Self>,
+        credential: Option<&str>,
+    ) -> Result<warden_core::identity::Agent, warden_core::Decision> {
+        match self.pipeline.authenticate(credential) {
+            Err(d) if self.refreshed_for(&d).await => self.pipeline.authenticate(credential),
+            other => other,
+        }
     }
 }
 

@@ -644,7 +644,7 @@ async fn post_messages(
     // Authenticate before decoding: a caller without a valid credential gets its first
     // message read and nothing more, so a batch of N calls costs one audit entry (and
     // one parse of one message), not N.
-    let standing = gw.app.pipeline.standing(token.as_deref());
+    let standing = gw.app.standing(token.as_deref()).await;
     if let Err(d) = &standing {
         if d.reason.is_authentication_failure() {
             // Refused, but the attempted tool call is still on the audit trail, as it is

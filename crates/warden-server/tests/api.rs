@@ -14,7 +14,7 @@ use warden_core::clock::{Clock, SystemClock, NANOS_PER_SEC};
 use warden_core::config::Settings;
 use warden_core::control::{KillSwitch, KillTarget};
 use warden_core::identity::{new_claims, Agent, AgentStatus, SigningKeyPair};
-use warden_core::store::{Credential, StateSnapshot, Store, StoreError};
+use warden_core::store::{Acting, ControlChange, Credential, StateSnapshot, Store, StoreError};
 use warden_server::{App, Running};
 use warden_store::SqliteStore;
 
@@ -54,6 +54,15 @@ fn copy_example(dir: &Path) {
 fn settings(dir: &Path) -> Settings {
     let text = std::fs::read_to_string(dir.join("warden.toml")).unwrap();
     Settings::from_toml(&text, "warden.toml", dir, &|_| None).unwrap()
+}
+
+/// An operator acting from another process on the same store, as the CLI does.
+fn cli_acting() -> Acting {
+    Acting {
+        who: "cli:test".into(),
+        at: SystemClock.now_ns(),
+        entry_id: "cli-entry".into(),
+    }
 }
 
 impl Node {
@@ -462,13 +471,20 @@ async fn kill_switch_by_agent_owner_and_all_then_revive() {
     // set by another process on the same store (as `warden kill` does): seen within the
     // refresh interval, without any call to this node's admin API
     let other = SqliteStore::open(&node.app().settings.store_path).unwrap();
+    let kill = KillSwitch {
+        target: KillTarget::Agent("claims-processor-v3".into()),
+        reason: "from the cli".into(),
+        set_by: "cli:test".into(),
+        set_at_ns: SystemClock.now_ns(),
+    };
     other
-        .set_kill(&KillSwitch {
-            target: KillTarget::Agent("claims-processor-v3".into()),
-            reason: "from the cli".into(),
-            set_by: "cli:test".into(),
-            set_at_ns: SystemClock.now_ns(),
-        })
+        .apply_control(
+            &ControlChange::SetKill {
+                kill: kill.clone(),
+                pre_emptive: false,
+            },
+            cli_acting().entry("kill", "from the cli".into()),
+        )
         .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
@@ -849,23 +865,11 @@ impl Store for FaultyStore {
     fn list_agents(&self) -> Result<Vec<Agent>, StoreError> {
         self.inner.list_agents()
     }
-    fn set_agent_status(&self, id: &str, s: AgentStatus, now: u64) -> Result<bool, StoreError> {
-        self.inner.set_agent_status(id, s, now)
-    }
-    fn insert_credential(&self, c: &Credential) -> Result<(), StoreError> {
-        self.inner.insert_credential(c)
-    }
-    fn revoke_credential(&self, jti: &str, now: u64) -> Result<bool, StoreError> {
-        self.inner.revoke_credential(jti, now)
-    }
     fn list_credentials(&self, id: &str) -> Result<Vec<Credential>, StoreError> {
         self.inner.list_credentials(id)
     }
-    fn set_kill(&self, k: &KillSwitch) -> Result<(), StoreError> {
-        self.inner.set_kill(k)
-    }
-    fn clear_kill(&self, t: &KillTarget) -> Result<bool, StoreError> {
-        self.inner.clear_kill(t)
+    fn apply_control(&self, c: &ControlChange, e: Entry) -> Result<Record, StoreError> {
+        self.inner.apply_control(c, e)
     }
     fn append_audit(&self, e: Vec<Entry>) -> Result<Vec<Record>, StoreError> {
         if self.panic_audit.load(Ordering::SeqCst) {
@@ -1568,4 +1572,315 @@ async fn read_response(sock: &mut tokio::net::TcpStream) -> String {
             Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
         }
     }
+}
+
+/// A node whose background refresh is too slow to matter within a test, so whatever it
+/// sees of another process's changes it sees by looking them up on a miss.
+async fn node_without_background_refresh() -> Node {
+    Node::start_configured(
+        |s| {
+            s.control_refresh_ns = 3600 * NANOS_PER_SEC;
+            s.control_stale_after_ns = 7200 * NANOS_PER_SEC;
+        },
+        |s| Arc::new(SqliteStore::open(&s.store_path).unwrap()),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_token_the_store_never_issued_is_refused_whatever_its_signature() {
+    let node = node_without_background_refresh().await;
+    let key = node.app().key.clone().unwrap();
+    let issuer = node.app().settings.issuer.clone();
+    let agent = node
+        .app()
+        .store
+        .get_agent("claims-processor-v3")
+        .unwrap()
+        .unwrap();
+    // signed with the node's own key, a jti nobody issued, valid until the end of time
+    let mut forever = new_claims(&issuer, &agent, "never-issued".into(), SystemClock.now_ns());
+    forever.exp = u64::MAX;
+    let (st, v) = node.check(Some(&key.sign(&forever)), get_claim()).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    assert_decision(&v, "deny", "CREDENTIAL_INVALID");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("warden agent token claims-processor-v3"),
+        "{v}"
+    );
+    // and it cannot be revoked by jti, because there is nothing to revoke: it is refused
+    let (st, _) = node
+        .admin(
+            reqwest::Method::POST,
+            "/admin/v1/agents/claims-processor-v3/revoke",
+            Some(json!({"jti": "never-issued"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_credential_issued_by_another_process_is_accepted_at_once() {
+    let node = node_without_background_refresh().await;
+    let app = node.app().clone();
+    // `warden agent token` and `warden agent register` write the file from another process
+    let cli = SqliteStore::open(&app.settings.store_path).unwrap();
+    let agent = cli.get_agent("claims-processor-v3").unwrap().unwrap();
+    let (token, _) = warden_core::identity::issue_credential(
+        &cli,
+        app.key.as_ref().unwrap(),
+        &app.settings.issuer,
+        &agent,
+        "from-the-cli".into(),
+        &cli_acting(),
+    )
+    .unwrap();
+    let (st, v) = node.check(Some(&token), get_claim()).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_decision(&v, "permit", "PERMITTED");
+
+    let newcomer = Agent {
+        id: "newcomer".into(),
+        ..agent.clone()
+    };
+    warden_core::identity::register_agent(&cli, &newcomer, &cli_acting()).unwrap();
+    let (token, _) = warden_core::identity::issue_credential(
+        &cli,
+        app.key.as_ref().unwrap(),
+        &app.settings.issuer,
+        &newcomer,
+        "newcomer-1".into(),
+        &cli_acting(),
+    )
+    .unwrap();
+    let (_, v) = node.check(Some(&token), get_claim()).await;
+    assert_decision(&v, "permit", "PERMITTED");
+    // the standing route (gateways poll it) looks up a new credential the same way
+    let (token, _) = warden_core::identity::issue_credential(
+        &cli,
+        app.key.as_ref().unwrap(),
+        &app.settings.issuer,
+        &newcomer,
+        "newcomer-2".into(),
+        &cli_acting(),
+    )
+    .unwrap();
+    let resp = node
+        .http
+        .get(format!("{}/v1/agent", node.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    node.stop().await;
+}
+
+/// The audit records of kind `control`, oldest first.
+fn control_records(store: &dyn Store) -> Vec<Record> {
+    store
+        .read_audit(0, 10_000)
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.entry.kind == warden_core::audit::EntryKind::Control)
+        .collect()
+}
+
+#[tokio::test]
+async fn operator_actions_name_the_credential_and_unknown_targets_need_pre_emptive() {
+    let node = Node::start().await;
+    let store = node.app().store.clone();
+    let expected = warden_core::identity::operator_id(&node.operator);
+    assert!(
+        expected.starts_with("operator:") && expected.len() == 17,
+        "{expected}"
+    );
+
+    // a body naming someone else is refused
+    let (st, v) = node
+        .admin(
+            reqwest::Method::POST,
+            "/admin/v1/kills",
+            Some(json!({"target": "agent:claims-processor-v3", "by": "mallory"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v["message"].as_str().unwrap().contains(&expected), "{v}");
+
+    // a kill of an agent nobody registered stops nothing: refused, naming the fix
+    let before = control_records(store.as_ref()).len();
+    for target in ["agent:nobody-here", "owner:no-such-team"] {
+        let (st, v) = node
+            .admin(
+                reqwest::Method::POST,
+                "/admin/v1/kills",
+                Some(json!({"target": target})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::NOT_FOUND, "{target}: {v}");
+        assert!(
+            v["message"].as_str().unwrap().contains("pre_emptive"),
+            "{v}"
+        );
+    }
+    assert_eq!(control_records(store.as_ref()).len(), before);
+    let (st, v) = node
+        .admin(
+            reqwest::Method::POST,
+            "/admin/v1/kills",
+            Some(json!({"target": "agent:nobody-here", "pre_emptive": true})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+
+    let (st, v) = node
+        .admin(
+            reqwest::Method::POST,
+            "/admin/v1/kills",
+            Some(json!({"target": "agent:claims-processor-v3", "reason": "r"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    node.token("fraud-analyst").await;
+    let records = control_records(store.as_ref());
+    let actions: Vec<(&str, &str)> = records[before..]
+        .iter()
+        .map(|r| (r.entry.action.as_str(), r.entry.reason.as_str()))
+        .collect();
+    assert_eq!(
+        actions,
+        vec![
+            ("kill", expected.as_str()),
+            ("kill", expected.as_str()),
+            ("credential-issue", expected.as_str())
+        ]
+    );
+    let kills = node
+        .app()
+        .store
+        .snapshot(SystemClock.now_ns())
+        .unwrap()
+        .kills;
+    assert!(kills.iter().all(|k| k.set_by == expected), "{kills:?}");
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn an_operator_action_whose_audit_entry_fails_does_not_happen() {
+    let node = Node::start().await;
+    let t = node.token("claims-processor-v3").await;
+    let db = node.app().settings.store_path.clone();
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    // every audit insert now fails, as on a full disk, while the other tables take writes
+    conn.execute_batch(
+        "CREATE TRIGGER no_audit BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'disk full'); END;",
+    )
+    .unwrap();
+    let attempts = [
+        (
+            "/admin/v1/kills",
+            Some(json!({"target": "agent:claims-processor-v3"})),
+        ),
+        ("/admin/v1/kills", Some(json!({"target": "all"}))),
+        ("/admin/v1/agents/claims-processor-v3/tokens", None),
+        ("/admin/v1/agents/claims-processor-v3/revoke", None),
+        (
+            "/admin/v1/agents",
+            Some(
+                json!({"id": "late", "owner": "claims-team", "tier": 2, "scopes": ["claims:read"]}),
+            ),
+        ),
+    ];
+    let store = node.app().store.clone();
+    let version = store.state_version().unwrap();
+    let creds = store.list_credentials("claims-processor-v3").unwrap();
+    for (path, body) in attempts {
+        let (st, v) = node.admin(reqwest::Method::POST, path, body).await;
+        assert!(
+            st.is_server_error() || st == StatusCode::CONFLICT,
+            "{path}: {st} {v}"
+        );
+    }
+    assert_eq!(
+        store.state_version().unwrap(),
+        version,
+        "no change without its entry"
+    );
+    assert_eq!(
+        store.list_credentials("claims-processor-v3").unwrap(),
+        creds
+    );
+    assert!(store
+        .snapshot(SystemClock.now_ns())
+        .unwrap()
+        .kills
+        .is_empty());
+    assert_eq!(store.get_agent("late").unwrap(), None);
+    conn.execute_batch("DROP TRIGGER no_audit;").unwrap();
+    let (_, v) = node.check(Some(&t), get_claim()).await;
+    assert_decision(&v, "permit", "PERMITTED");
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_outcome_posts_record_one_outcome_per_call() {
+    let node = Node::start().await;
+    let t = node.token("claims-processor-v3").await;
+    let mut calls = Vec::new();
+    for _ in 0..4 {
+        let (_, v) = node.check(Some(&t), get_claim()).await;
+        assert_decision(&v, "permit", "PERMITTED");
+        calls.push(v["call_id"].as_str().unwrap().to_owned());
+    }
+    let posts: Vec<_> = calls
+        .iter()
+        .flat_map(|c| std::iter::repeat_n(c.clone(), 16))
+        .map(|call| {
+            let (http, base, t) = (node.http.clone(), node.base.clone(), t.clone());
+            tokio::spawn(async move {
+                let resp = http
+                    .post(format!("{base}/v1/calls/{call}/outcome"))
+                    .bearer_auth(&t)
+                    .json(&json!({"status": "ok", "output": {"n": 1}}))
+                    .send()
+                    .await
+                    .unwrap();
+                let status = resp.status();
+                (call, status, resp.json::<Value>().await.unwrap())
+            })
+        })
+        .collect();
+    let mut accepted = std::collections::BTreeMap::<String, usize>::new();
+    for p in posts {
+        let (call, status, body) = p.await.unwrap();
+        match status {
+            StatusCode::OK => *accepted.entry(call).or_default() += 1,
+            StatusCode::CONFLICT => assert!(
+                body["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("already has an outcome"),
+                "{body}"
+            ),
+            other => panic!("{other}: {body}"),
+        }
+    }
+    assert_eq!(accepted.len(), 4, "{accepted:?}");
+    assert!(accepted.values().all(|n| *n == 1), "{accepted:?}");
+    for c in &calls {
+        let outcomes = node
+            .app()
+            .store
+            .call_records(c)
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.entry.kind == warden_core::audit::EntryKind::Outcome)
+            .count();
+        assert_eq!(outcomes, 1, "call {c}");
+    }
+    node.stop().await;
 }

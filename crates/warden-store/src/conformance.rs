@@ -19,7 +19,7 @@ use warden_core::audit::{ChainError, ChainVerifier, Entry, EntryKind, Record, GE
 use warden_core::clock::{Nanos, NANOS_PER_SEC};
 use warden_core::control::{KillSwitch, KillTarget};
 use warden_core::identity::{Agent, AgentStatus};
-use warden_core::store::{Credential, Store, StoreError};
+use warden_core::store::{ControlChange, Credential, Store, StoreError};
 
 /// A plausible "now": 2023-11-14, in nanoseconds.
 pub const NOW: Nanos = 1_700_000_000 * NANOS_PER_SEC;
@@ -32,6 +32,8 @@ pub fn run_all(open: &dyn Fn() -> Box<dyn Store>) {
     status_and_credentials(&*store);
     kill_switches(&*store);
     version_bumps_on_every_mutation(&*store);
+    control_changes_are_recorded_with_their_entry(&*store);
+    one_outcome_per_call(&*store);
     audit_append_and_read(&*store);
     drop(store);
     audit_chain_spans_batches_and_reopen(open);
@@ -170,13 +172,59 @@ pub fn agents_round_trip(store: &dyn Store) {
         .any(|x| x.id == "rt-a" && x.owner == "other-team"));
 }
 
+/// Applies `change` with a control entry, as an operator action does.
+pub fn control(store: &dyn Store, change: ControlChange) -> Result<Record, StoreError> {
+    let entry = Entry::control(
+        NOW,
+        "ctl-entry".to_owned(),
+        "test-change",
+        "operator:conformance",
+        format!("{change:?}"),
+    );
+    store.apply_control(&change, entry)
+}
+
+fn set_status(store: &dyn Store, id: &str, status: AgentStatus) -> Result<Record, StoreError> {
+    control(
+        store,
+        ControlChange::SetAgentStatus {
+            agent_id: id.to_owned(),
+            status,
+            at: NOW,
+        },
+    )
+}
+
+fn revoke_cred(store: &dyn Store, agent: &str, jti: &str, at: Nanos) -> Result<Record, StoreError> {
+    control(
+        store,
+        ControlChange::RevokeCredential {
+            agent_id: agent.to_owned(),
+            jti: jti.to_owned(),
+            at,
+        },
+    )
+}
+
+fn set_kill(store: &dyn Store, kill: &KillSwitch) -> Result<Record, StoreError> {
+    control(
+        store,
+        ControlChange::SetKill {
+            kill: kill.clone(),
+            pre_emptive: false,
+        },
+    )
+}
+
+fn is_not_found<T: std::fmt::Debug>(r: Result<T, StoreError>) -> bool {
+    matches!(r, Err(StoreError::NotFound(_)))
+}
+
 pub fn status_and_credentials(store: &dyn Store) {
     let agent = sample_agent("sc-agent");
     store.upsert_agent(&agent).expect("upsert");
 
-    assert!(store
-        .set_agent_status("sc-agent", AgentStatus::Revoked, NOW)
-        .expect("revoke agent"));
+    set_status(store, "sc-agent", AgentStatus::Revoked).expect("revoke agent");
     assert_eq!(
         store.get_agent("sc-agent").expect("get").map(|a| a.status),
         Some(AgentStatus::Revoked)
@@ -187,20 +235,37 @@ pub fn status_and_credentials(store: &dyn Store) {
         Some(AgentStatus::Revoked),
         "upsert must keep the status"
     );
-    assert!(store
-        .set_agent_status("sc-agent", AgentStatus::Active, NOW)
-        .expect("revive agent"));
+    assert!(
+        is_conflict(control(
+            store,
+            ControlChange::IssueCredential(Credential {
+                jti: "sc-to-revoked".to_owned(),
+                agent_id: "sc-agent".to_owned(),
+                issued_at_ns: NOW,
+                expires_at_ns: NOW + 1,
+                revoked_at_ns: None,
+            })
+        )),
+        "a revoked agent must not be issued credentials"
+    );
+    set_status(store, "sc-agent", AgentStatus::Active).expect("revive agent");
     assert_eq!(
         store.get_agent("sc-agent").expect("get").map(|a| a.status),
         Some(AgentStatus::Active)
     );
-    assert!(!store
-        .set_agent_status("sc-missing", AgentStatus::Revoked, NOW)
-        .expect("status of missing agent"));
+    assert!(is_not_found(set_status(
+        store,
+        "sc-missing",
+        AgentStatus::Revoked
+    )));
     assert_eq!(
         store.get_agent("sc-missing").expect("get missing"),
         None,
         "no agent may be created by a status change"
+    );
+    assert!(
+        is_conflict(control(store, ControlChange::RegisterAgent(agent.clone()))),
+        "registering an agent twice must be a conflict"
     );
 
     let hour = 3600 * NANOS_PER_SEC;
@@ -217,17 +282,20 @@ pub fn status_and_credentials(store: &dyn Store) {
     let boundary = cred("sc-boundary", NOW);
     let far = cred("sc-far", u64::MAX);
     for c in [&live, &kept, &expired, &boundary, &far] {
-        store.insert_credential(c).expect("insert credential");
+        control(store, ControlChange::IssueCredential(c.clone())).expect("issue credential");
     }
     assert!(
-        is_conflict(store.insert_credential(&live)),
+        is_conflict(control(store, ControlChange::IssueCredential(live.clone()))),
         "a duplicate jti must be a conflict"
     );
     assert!(
-        is_conflict(store.insert_credential(&Credential {
-            agent_id: "sc-nobody".to_owned(),
-            ..cred("sc-orphan", NOW + hour)
-        })),
+        is_conflict(control(
+            store,
+            ControlChange::IssueCredential(Credential {
+                agent_id: "sc-nobody".to_owned(),
+                ..cred("sc-orphan", NOW + hour)
+            })
+        )),
         "a credential of an unknown agent must be a conflict"
     );
 
@@ -243,22 +311,23 @@ pub fn status_and_credentials(store: &dyn Store) {
         .expect("list for missing")
         .is_empty());
 
+    store
+        .upsert_agent(&sample_agent("sc-other"))
+        .expect("upsert other");
+    assert!(
+        is_not_found(revoke_cred(store, "sc-other", "sc-live", NOW)),
+        "a credential revoked under another agent's id must stay valid"
+    );
     for c in [&live, &expired, &boundary, &far] {
-        assert!(
-            store.revoke_credential(&c.jti, NOW).expect("revoke"),
-            "first revoke of {}",
-            c.jti
-        );
+        revoke_cred(store, "sc-agent", &c.jti, NOW).expect("revoke");
     }
     assert!(
-        !store
-            .revoke_credential("sc-live", NOW + 1)
-            .expect("revoke twice"),
-        "second revoke must be false"
+        is_not_found(revoke_cred(store, "sc-agent", "sc-live", NOW + 1)),
+        "a second revoke must be refused"
     );
-    assert!(!store
-        .revoke_credential("sc-never", NOW)
-        .expect("revoke missing"));
+    assert!(is_not_found(revoke_cred(
+        store, "sc-agent", "sc-never", NOW
+    )));
 
     let listed = store
         .list_credentials("sc-agent")
@@ -277,20 +346,26 @@ pub fn status_and_credentials(store: &dyn Store) {
     assert_eq!(revoked_at("sc-kept"), None);
 
     let snap = store.snapshot(NOW).expect("snapshot");
-    let mine: BTreeSet<&str> = snap
-        .revoked_jtis
+    let mine: BTreeMap<&str, &Credential> = snap
+        .credentials
         .iter()
-        .map(String::as_str)
-        .filter(|j| j.starts_with("sc-"))
+        .filter(|(j, _)| j.starts_with("sc-"))
+        .map(|(j, c)| (j.as_str(), c))
         .collect();
     assert_eq!(
-        mine,
-        ["sc-far", "sc-live"].into(),
-        "revoked and unexpired only: not the kept one, not those expired at or before now"
+        mine.keys().copied().collect::<BTreeSet<&str>>(),
+        ["sc-far", "sc-kept", "sc-live"].into(),
+        "unexpired only, revoked or not: not those expired at or before now"
+    );
+    assert_eq!(mine.get("sc-kept"), Some(&&kept));
+    assert_eq!(
+        mine.get("sc-live").and_then(|c| c.revoked_at_ns),
+        Some(NOW),
+        "the snapshot must say which are revoked"
     );
     let earlier = store.snapshot(NOW - 1).expect("snapshot");
-    assert!(earlier.revoked_jtis.contains("sc-boundary"));
-    assert!(!earlier.revoked_jtis.contains("sc-expired"));
+    assert!(earlier.credentials.contains_key("sc-boundary"));
+    assert!(!earlier.credentials.contains_key("sc-expired"));
 }
 
 pub fn kill_switches(store: &dyn Store) {
@@ -314,15 +389,41 @@ pub fn kill_switches(store: &dyn Store) {
         kills.sort_by(|a, b| a.target.cmp(&b.target));
         kills
     };
+    store
+        .upsert_agent(&Agent {
+            owner: "ks-team".to_owned(),
+            ..sample_agent("ks-agent")
+        })
+        .expect("upsert");
 
     let all = ks(KillTarget::All, "incident 42");
     let owner = ks(KillTarget::Owner("ks-team".to_owned()), "runaway spend");
     let agent = ks(KillTarget::Agent("ks-agent".to_owned()), "loop");
-    // An owner and an agent with the same name are different targets.
+    // An owner and an agent with the same name are different targets; no agent has
+    // the id `ks-team`, so that one is set pre-emptively.
     let same_name = ks(KillTarget::Agent("ks-team".to_owned()), "same name");
-    for k in [&agent, &owner, &all, &same_name] {
-        store.set_kill(k).expect("set kill");
+    for k in [&agent, &owner, &all] {
+        set_kill(store, k).expect("set kill");
     }
+    assert!(
+        is_not_found(set_kill(store, &same_name)),
+        "a kill of an unknown agent must be refused unless pre-emptive"
+    );
+    assert!(
+        is_not_found(set_kill(
+            store,
+            &ks(KillTarget::Owner("ks-nobody".to_owned()), "typo")
+        )),
+        "a kill of an owner no agent has must be refused unless pre-emptive"
+    );
+    control(
+        store,
+        ControlChange::SetKill {
+            kill: same_name.clone(),
+            pre_emptive: true,
+        },
+    )
+    .expect("pre-emptive kill");
     assert_eq!(
         mine(store),
         vec![all.clone(), owner.clone(), agent.clone(), same_name.clone()]
@@ -334,7 +435,7 @@ pub fn kill_switches(store: &dyn Store) {
         set_at_ns: NOW + 5,
         ..agent.clone()
     };
-    store.set_kill(&replaced).expect("replace kill");
+    set_kill(store, &replaced).expect("replace kill");
     assert_eq!(
         mine(store),
         vec![
@@ -345,21 +446,20 @@ pub fn kill_switches(store: &dyn Store) {
         ]
     );
 
-    assert!(store.clear_kill(&owner.target).expect("clear owner"));
-    assert!(!store.clear_kill(&owner.target).expect("clear owner twice"));
-    assert!(!store
-        .clear_kill(&KillTarget::Agent("ks-never".to_owned()))
-        .expect("clear unknown"));
+    let clear = |t: &KillTarget| control(store, ControlChange::ClearKill(t.clone()));
+    clear(&owner.target).expect("clear owner");
+    assert!(is_not_found(clear(&owner.target)), "clear owner twice");
+    assert!(is_not_found(clear(&KillTarget::Agent(
+        "ks-never".to_owned()
+    ))));
     assert_eq!(
         mine(store),
         vec![all.clone(), replaced.clone(), same_name.clone()]
     );
 
-    assert!(store.clear_kill(&KillTarget::All).expect("clear all"));
-    assert!(store
-        .clear_kill(&same_name.target)
-        .expect("clear same name"));
-    assert!(store.clear_kill(&replaced.target).expect("clear agent"));
+    clear(&KillTarget::All).expect("clear all");
+    clear(&same_name.target).expect("clear same name");
+    clear(&replaced.target).expect("clear agent");
     assert_eq!(mine(store), Vec::<KillSwitch>::new());
 }
 
@@ -410,56 +510,149 @@ pub fn version_bumps_on_every_mutation(store: &dyn Store) {
             })
             .expect("upsert")
     });
+    check("registering an agent", true, &|| {
+        control(
+            store,
+            ControlChange::RegisterAgent(sample_agent("vb-registered")),
+        )
+        .expect("register");
+    });
     check("revoking an agent", true, &|| {
-        assert!(store
-            .set_agent_status("vb-agent", AgentStatus::Revoked, NOW)
-            .expect("status"));
+        set_status(store, "vb-agent", AgentStatus::Revoked).expect("status");
     });
     check("reviving an agent", true, &|| {
-        assert!(store
-            .set_agent_status("vb-agent", AgentStatus::Active, NOW)
-            .expect("status"));
+        set_status(store, "vb-agent", AgentStatus::Active).expect("status");
     });
-    check("inserting a credential", true, &|| {
-        store.insert_credential(&cred).expect("insert")
+    check("issuing a credential", true, &|| {
+        control(store, ControlChange::IssueCredential(cred.clone())).expect("issue");
     });
     check("revoking a credential", true, &|| {
-        assert!(store.revoke_credential("vb-cred", NOW).expect("revoke"));
+        revoke_cred(store, "vb-agent", "vb-cred", NOW).expect("revoke");
     });
     check("setting a kill switch", true, &|| {
-        store.set_kill(&kill).expect("set kill")
+        set_kill(store, &kill).expect("set kill");
     });
     check("replacing a kill switch", true, &|| {
-        store
-            .set_kill(&KillSwitch {
+        set_kill(
+            store,
+            &KillSwitch {
                 reason: "r2".to_owned(),
                 ..kill.clone()
-            })
-            .expect("set kill")
+            },
+        )
+        .expect("set kill");
     });
     check("clearing a kill switch", true, &|| {
-        assert!(store.clear_kill(&kill.target).expect("clear"));
+        control(store, ControlChange::ClearKill(kill.target.clone())).expect("clear");
     });
 
     check("a status change of a missing agent", false, &|| {
-        assert!(!store
-            .set_agent_status("vb-missing", AgentStatus::Revoked, NOW)
-            .expect("status"));
+        assert!(set_status(store, "vb-missing", AgentStatus::Revoked).is_err());
     });
     check("revoking a revoked credential", false, &|| {
-        assert!(!store.revoke_credential("vb-cred", NOW).expect("revoke"));
+        assert!(revoke_cred(store, "vb-agent", "vb-cred", NOW).is_err());
     });
     check("clearing a kill switch that is not set", false, &|| {
-        assert!(!store.clear_kill(&kill.target).expect("clear"));
+        assert!(control(store, ControlChange::ClearKill(kill.target.clone())).is_err());
     });
     check("a refused credential", false, &|| {
-        assert!(store.insert_credential(&cred).is_err());
+        assert!(control(store, ControlChange::IssueCredential(cred.clone())).is_err());
+    });
+    check("a refused registration", false, &|| {
+        assert!(control(store, ControlChange::RegisterAgent(agent.clone())).is_err());
     });
     check("appending audit entries", false, &|| {
         store
             .append_audit(vec![sample_entry(1, "vb-call")])
             .expect("append");
     });
+}
+
+/// Each applied change appends exactly its entry; each refused one appends nothing.
+pub fn control_changes_are_recorded_with_their_entry(store: &dyn Store) {
+    store
+        .upsert_agent(&sample_agent("ce-agent"))
+        .expect("upsert");
+    let kill = KillSwitch {
+        target: KillTarget::Agent("ce-agent".to_owned()),
+        reason: "r".to_owned(),
+        set_by: "operator:ce".to_owned(),
+        set_at_ns: NOW,
+    };
+    let (seq, hash) = head(store);
+    let entry = Entry::control(
+        NOW + 7,
+        "ce-entry".to_owned(),
+        "kill",
+        "operator:ce",
+        "agent `ce-agent`: r".to_owned(),
+    );
+    let record = store
+        .apply_control(
+            &ControlChange::SetKill {
+                kill: kill.clone(),
+                pre_emptive: false,
+            },
+            entry.clone(),
+        )
+        .expect("kill");
+    assert_eq!(
+        (record.seq, record.prev_hash, &record.entry),
+        (seq + 1, hash, &entry)
+    );
+    assert_eq!(store.tail_audit(1).expect("tail"), vec![record.clone()]);
+    assert!(store.snapshot(NOW).expect("snapshot").kills.contains(&kill));
+
+    for refused in [
+        ControlChange::ClearKill(KillTarget::Agent("ce-nobody".to_owned())),
+        ControlChange::RegisterAgent(sample_agent("ce-agent")),
+        ControlChange::SetAgentStatus {
+            agent_id: "ce-nobody".to_owned(),
+            status: AgentStatus::Revoked,
+            at: NOW,
+        },
+    ] {
+        assert!(store.apply_control(&refused, entry.clone()).is_err());
+        assert_eq!(
+            store.tail_audit(1).expect("tail"),
+            vec![record.clone()],
+            "a refused change must write no entry: {refused:?}"
+        );
+    }
+    assert!(verify_chain(store, 1000).is_ok());
+}
+
+/// A call has one outcome: a second is refused, stored or in the same batch, and the
+/// refused batch writes nothing.
+pub fn one_outcome_per_call(store: &dyn Store) {
+    let outcome = |call: &str, i: u64| Entry {
+        kind: EntryKind::Outcome,
+        ..sample_entry(i, call)
+    };
+    let decision = |call: &str, i: u64| Entry {
+        kind: EntryKind::Decision,
+        ..sample_entry(i, call)
+    };
+    store
+        .append_audit(vec![decision("oo-1", 0), outcome("oo-1", 1)])
+        .expect("first outcome");
+    let (seq, _) = head(store);
+    assert!(is_conflict(
+        store.append_audit(vec![decision("oo-2", 2), outcome("oo-1", 3)])
+    ));
+    assert!(is_conflict(
+        store.append_audit(vec![outcome("oo-3", 4), outcome("oo-3", 5)])
+    ));
+    assert_eq!(head(store).0, seq, "a refused batch must write nothing");
+    // decisions and control entries may share a call id; outcomes of other calls pass
+    store
+        .append_audit(vec![
+            decision("oo-1", 6),
+            outcome("oo-2", 7),
+            outcome("oo-3", 8),
+        ])
+        .expect("other calls");
+    assert_eq!(store.call_records("oo-1").expect("records").len(), 3);
 }
 
 pub fn audit_append_and_read(store: &dyn Store) {
@@ -479,6 +672,7 @@ pub fn audit_append_and_read(store: &dyn Store) {
         .map(|i| sample_entry(i, &format!("aa-call-{i}")))
         .collect();
     // A decision and its outcome share a call id.
+    entries[1].kind = EntryKind::Decision;
     entries[4].call_id = call.to_owned();
     entries[4].kind = EntryKind::Outcome;
     // Edge values that must survive storage bit for bit, as the hash covers them.

@@ -31,18 +31,16 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use rusqlite::{
-    params, CachedStatement, Connection, ErrorCode, OpenFlags, Params, Row, Transaction,
-    TransactionBehavior,
+    params, CachedStatement, Connection, ErrorCode, OpenFlags, OptionalExtension, Params, Row,
+    Transaction, TransactionBehavior,
 };
-use warden_core::audit::{seal, Entry, Record, GENESIS};
+use warden_core::audit::{seal, Entry, EntryKind, Record, GENESIS};
 use warden_core::clock::{Clock, Nanos, SystemClock};
 use warden_core::control::{KillSwitch, KillTarget};
 use warden_core::identity::{Agent, AgentStatus};
-use warden_core::store::{Credential, StateSnapshot, Store, StoreError};
+use warden_core::store::{ControlChange, Credential, StateSnapshot, Store, StoreError};
 
-use codec::{
-    agent_columns, audit_columns, credential_columns, kill_columns, u64_from_sql, u64_to_sql,
-};
+use codec::{agent_columns, audit_columns, credential_columns, kill_columns, u64_to_sql};
 use error::At;
 
 /// How long a statement waits for another connection's lock before giving up with
@@ -264,6 +262,263 @@ impl SqliteStore {
     }
 }
 
+impl SqliteStore {
+    /// Seals `entries` onto the chain's head and inserts them, in the caller's write
+    /// transaction. Refuses a second outcome for a call before writing anything.
+    fn append_in(
+        &self,
+        tx: &Transaction<'_>,
+        entries: Vec<Entry>,
+    ) -> Result<Vec<Record>, StoreError> {
+        self.refuse_second_outcomes(tx, &entries)?;
+        let (last_seq, last_hash) = {
+            let mut stmt = tx
+                .prepare_cached("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+                .at(&self.path)?;
+            let mut rows = stmt.query([]).at(&self.path)?;
+            match rows.next().at(&self.path)? {
+                None => (0, GENESIS),
+                Some(row) => codec::head(row)
+                    .map_err(|e| self.corrupt(format_args!("last audit entry: {e}")))?,
+            }
+        };
+        let records = seal(last_seq, last_hash, entries.into_iter().map(storable));
+        let mut insert = tx
+            .prepare_cached(concat!(
+                "INSERT INTO audit (",
+                audit_columns!(),
+                ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"
+            ))
+            .at(&self.path)?;
+        for r in &records {
+            let e = &r.entry;
+            insert
+                .execute(params![
+                    u64_to_sql(r.seq),
+                    u64_to_sql(e.ts_ns),
+                    e.kind.as_str(),
+                    e.call_id,
+                    e.trace_id,
+                    e.span_id,
+                    e.agent_id,
+                    e.delegation_id,
+                    e.action,
+                    e.input_hash,
+                    e.output_hash,
+                    e.decision,
+                    e.reason,
+                    codec::json_list(&e.rules),
+                    e.cost,
+                    e.duration_ns.map(u64_to_sql),
+                    e.rationale,
+                    &r.prev_hash[..],
+                    &r.hash[..],
+                ])
+                .at(&self.path)?;
+        }
+        Ok(records)
+    }
+
+    /// One outcome per call, checked under the write lock so concurrent reports (several
+    /// requests, several processes) cannot both pass. A check rather than a unique index:
+    /// a store written before this rule may already hold duplicates, and must still open.
+    fn refuse_second_outcomes(
+        &self,
+        tx: &Transaction<'_>,
+        entries: &[Entry],
+    ) -> Result<(), StoreError> {
+        let mut seen = std::collections::HashSet::new();
+        let mut stored = tx
+            .prepare_cached("SELECT 1 FROM audit WHERE call_id = ?1 AND kind = 'outcome' LIMIT 1")
+            .at(&self.path)?;
+        for e in entries.iter().filter(|e| e.kind == EntryKind::Outcome) {
+            if !seen.insert(e.call_id.as_str()) || stored.exists([&e.call_id]).at(&self.path)? {
+                return Err(StoreError::Conflict(format!(
+                    "call `{}` already has an outcome; a call has exactly one",
+                    e.call_id
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies an operator's change in the caller's write transaction, or refuses it with
+    /// `Conflict`/`NotFound` (the transaction then rolls back, entry and all).
+    fn apply_change(&self, tx: &Transaction<'_>, change: &ControlChange) -> Result<(), StoreError> {
+        match change {
+            ControlChange::RegisterAgent(agent) => {
+                let inserted = tx
+                    .prepare_cached(
+                        "INSERT INTO agents (id, owner, tier, scopes, rotation_ns, status, updated_at) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    )
+                    .at(&self.path)?
+                    .execute(params![
+                        agent.id,
+                        agent.owner,
+                        agent.tier,
+                        codec::json_list(&agent.scopes),
+                        u64_to_sql(agent.rotation_ns),
+                        agent.status.as_str(),
+                        u64_to_sql(SystemClock.now_ns()),
+                    ]);
+                match inserted {
+                    Ok(_) => Ok(()),
+                    Err(rusqlite::Error::SqliteFailure(f, _))
+                        if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY =>
+                    {
+                        Err(StoreError::Conflict(format!(
+                            "agent `{}` is already registered; issue it a new credential instead",
+                            agent.id
+                        )))
+                    }
+                    Err(e) => Err(error::classify(&self.path, &e)),
+                }
+            }
+            ControlChange::IssueCredential(c) => {
+                let status: Option<String> = tx
+                    .prepare_cached("SELECT status FROM agents WHERE id = ?1")
+                    .at(&self.path)?
+                    .query_row([&c.agent_id], |r| r.get(0))
+                    .optional()
+                    .at(&self.path)?;
+                match status.as_deref() {
+                    None => {
+                        return Err(StoreError::Conflict(format!(
+                            "agent `{}` does not exist; register it before issuing it credentials",
+                            c.agent_id
+                        )))
+                    }
+                    Some(s) if s != AgentStatus::Active.as_str() => {
+                        return Err(StoreError::Conflict(format!(
+                            "agent `{}` is {s}; it cannot be issued credentials",
+                            c.agent_id
+                        )))
+                    }
+                    Some(_) => {}
+                }
+                let inserted = tx
+                    .prepare_cached(concat!(
+                        "INSERT INTO credentials (",
+                        credential_columns!(),
+                        ") VALUES (?1, ?2, ?3, ?4, ?5)"
+                    ))
+                    .at(&self.path)?
+                    .execute(params![
+                        c.jti,
+                        c.agent_id,
+                        u64_to_sql(c.issued_at_ns),
+                        u64_to_sql(c.expires_at_ns),
+                        c.revoked_at_ns.map(u64_to_sql),
+                    ]);
+                match inserted {
+                    Ok(_) => Ok(()),
+                    Err(rusqlite::Error::SqliteFailure(f, _))
+                        if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY =>
+                    {
+                        Err(StoreError::Conflict(format!(
+                            "credential `{}` already exists",
+                            c.jti
+                        )))
+                    }
+                    Err(e) => Err(error::classify(&self.path, &e)),
+                }
+            }
+            ControlChange::RevokeCredential { agent_id, jti, at } => {
+                let changed = tx
+                    .prepare_cached(
+                        "UPDATE credentials SET revoked_at_ns = ?3 \
+                         WHERE jti = ?1 AND agent_id = ?2 AND revoked_at_ns IS NULL",
+                    )
+                    .at(&self.path)?
+                    .execute(params![jti, agent_id, u64_to_sql(*at)])
+                    .at(&self.path)?;
+                if changed == 0 {
+                    return Err(StoreError::NotFound(format!(
+                        "agent `{agent_id}` has no unrevoked credential `{jti}`"
+                    )));
+                }
+                Ok(())
+            }
+            ControlChange::SetAgentStatus {
+                agent_id,
+                status,
+                at,
+            } => {
+                let changed = tx
+                    .prepare_cached("UPDATE agents SET status = ?2, updated_at = ?3 WHERE id = ?1")
+                    .at(&self.path)?
+                    .execute(params![agent_id, status.as_str(), u64_to_sql(*at)])
+                    .at(&self.path)?;
+                if changed == 0 {
+                    return Err(StoreError::NotFound(format!("no agent `{agent_id}`")));
+                }
+                Ok(())
+            }
+            ControlChange::SetKill { kill, pre_emptive } => {
+                let (scope, target) = kill.target.parts();
+                if !pre_emptive {
+                    let known = match &kill.target {
+                        KillTarget::All => true,
+                        KillTarget::Agent(id) => tx
+                            .prepare_cached("SELECT 1 FROM agents WHERE id = ?1")
+                            .at(&self.path)?
+                            .exists([id])
+                            .at(&self.path)?,
+                        KillTarget::Owner(owner) => tx
+                            .prepare_cached("SELECT 1 FROM agents WHERE owner = ?1 LIMIT 1")
+                            .at(&self.path)?
+                            .exists([owner])
+                            .at(&self.path)?,
+                    };
+                    if !known {
+                        let what = match &kill.target {
+                            KillTarget::Owner(o) => format!("no registered agent has owner `{o}`"),
+                            _ => format!("no agent `{target}` is registered"),
+                        };
+                        return Err(StoreError::NotFound(format!(
+                            "{what}, so this kill switch would stop nothing; check the name, or \
+                             set it before the agent exists with `--pre-emptive` \
+                             (admin API: `\"pre_emptive\": true`)"
+                        )));
+                    }
+                }
+                tx.prepare_cached(concat!(
+                    "INSERT INTO kill_switches (",
+                    kill_columns!(),
+                    ") VALUES (?1, ?2, ?3, ?4, ?5) \
+                     ON CONFLICT (scope, target) DO UPDATE SET reason = excluded.reason, \
+                     set_by = excluded.set_by, set_at_ns = excluded.set_at_ns"
+                ))
+                .at(&self.path)?
+                .execute(params![
+                    scope,
+                    target,
+                    kill.reason,
+                    kill.set_by,
+                    u64_to_sql(kill.set_at_ns)
+                ])
+                .at(&self.path)?;
+                Ok(())
+            }
+            ControlChange::ClearKill(target) => {
+                let (scope, name) = target.parts();
+                let changed = tx
+                    .prepare_cached("DELETE FROM kill_switches WHERE scope = ?1 AND target = ?2")
+                    .at(&self.path)?
+                    .execute([scope, name])
+                    .at(&self.path)?;
+                if changed == 0 {
+                    return Err(StoreError::NotFound(format!(
+                        "no kill switch is set for {target}"
+                    )));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 /// The first column of a row as text, to name the row in an error about its other
 /// columns.
 fn key(row: &Row<'_>) -> String {
@@ -397,19 +652,16 @@ impl Store for SqliteStore {
         )?;
         // `expires_at_ns < 0` keeps expiries beyond i64::MAX (stored with the sign bit
         // set) in the candidate set; the exact unsigned comparison is made below.
-        let revoked = self.collect(
+        let credentials = self.collect(
             &mut tx
-                .prepare_cached(
-                    "SELECT jti, expires_at_ns FROM credentials \
-                     WHERE revoked_at_ns IS NOT NULL AND (expires_at_ns > ?1 OR expires_at_ns < 0)",
-                )
+                .prepare_cached(concat!(
+                    "SELECT ",
+                    credential_columns!(),
+                    " FROM credentials WHERE expires_at_ns > ?1 OR expires_at_ns < 0"
+                ))
                 .at(&self.path)?,
             [u64_to_sql(now)],
-            |row| {
-                let jti: String = row.get(0).at(&self.path)?;
-                let expires: i64 = row.get(1).at(&self.path)?;
-                Ok((jti, u64_from_sql(expires)))
-            },
+            |row| self.decode_credential(row),
         )?;
         let kills = self.collect(
             &mut tx
@@ -426,10 +678,10 @@ impl Store for SqliteStore {
         Ok(StateSnapshot {
             version,
             agents,
-            revoked_jtis: revoked
+            credentials: credentials
                 .into_iter()
-                .filter(|(_, expires)| *expires > now)
-                .map(|(jti, _)| jti)
+                .filter(|c| c.expires_at_ns > now)
+                .map(|c| (c.jti.clone(), c))
                 .collect(),
             kills,
         })
@@ -494,80 +746,6 @@ impl Store for SqliteStore {
         })
     }
 
-    fn set_agent_status(
-        &self,
-        id: &str,
-        status: AgentStatus,
-        now: Nanos,
-    ) -> Result<bool, StoreError> {
-        self.write(|tx| {
-            let changed = tx
-                .prepare_cached("UPDATE agents SET status = ?2, updated_at = ?3 WHERE id = ?1")
-                .at(&self.path)?
-                .execute(params![id, status.as_str(), u64_to_sql(now)])
-                .at(&self.path)?;
-            if changed == 0 {
-                return Ok(false);
-            }
-            self.bump_version(tx)?;
-            Ok(true)
-        })
-    }
-
-    fn insert_credential(&self, c: &Credential) -> Result<(), StoreError> {
-        self.write(|tx| {
-            let inserted = tx
-                .prepare_cached(concat!(
-                    "INSERT INTO credentials (",
-                    credential_columns!(),
-                    ") VALUES (?1, ?2, ?3, ?4, ?5)"
-                ))
-                .at(&self.path)?
-                .execute(params![
-                    c.jti,
-                    c.agent_id,
-                    u64_to_sql(c.issued_at_ns),
-                    u64_to_sql(c.expires_at_ns),
-                    c.revoked_at_ns.map(u64_to_sql),
-                ]);
-            match inserted {
-                Ok(_) => self.bump_version(tx),
-                Err(rusqlite::Error::SqliteFailure(f, _))
-                    if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY =>
-                {
-                    Err(StoreError::Conflict(format!(
-                        "agent `{}` does not exist; register it before issuing it credentials",
-                        c.agent_id
-                    )))
-                }
-                Err(rusqlite::Error::SqliteFailure(f, _))
-                    if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY =>
-                {
-                    Err(StoreError::Conflict(format!(
-                        "credential `{}` already exists",
-                        c.jti
-                    )))
-                }
-                Err(e) => Err(error::classify(&self.path, &e)),
-            }
-        })
-    }
-
-    fn revoke_credential(&self, jti: &str, now: Nanos) -> Result<bool, StoreError> {
-        self.write(|tx| {
-            let changed = tx
-                .prepare_cached("UPDATE credentials SET revoked_at_ns = ?2 WHERE jti = ?1 AND revoked_at_ns IS NULL")
-                .at(&self.path)?
-                .execute(params![jti, u64_to_sql(now)])
-                .at(&self.path)?;
-            if changed == 0 {
-                return Ok(false);
-            }
-            self.bump_version(tx)?;
-            Ok(true)
-        })
-    }
-
     fn list_credentials(&self, agent_id: &str) -> Result<Vec<Credential>, StoreError> {
         self.read(|conn| {
             self.collect(
@@ -584,42 +762,14 @@ impl Store for SqliteStore {
         })
     }
 
-    fn set_kill(&self, kill: &KillSwitch) -> Result<(), StoreError> {
-        let (scope, target) = kill.target.parts();
+    fn apply_control(&self, change: &ControlChange, entry: Entry) -> Result<Record, StoreError> {
         self.write(|tx| {
-            tx.prepare_cached(concat!(
-                "INSERT INTO kill_switches (",
-                kill_columns!(),
-                ") VALUES (?1, ?2, ?3, ?4, ?5) \
-                 ON CONFLICT (scope, target) DO UPDATE SET reason = excluded.reason, \
-                 set_by = excluded.set_by, set_at_ns = excluded.set_at_ns"
-            ))
-            .at(&self.path)?
-            .execute(params![
-                scope,
-                target,
-                kill.reason,
-                kill.set_by,
-                u64_to_sql(kill.set_at_ns)
-            ])
-            .at(&self.path)?;
-            self.bump_version(tx)
-        })
-    }
-
-    fn clear_kill(&self, target: &KillTarget) -> Result<bool, StoreError> {
-        let (scope, name) = target.parts();
-        self.write(|tx| {
-            let changed = tx
-                .prepare_cached("DELETE FROM kill_switches WHERE scope = ?1 AND target = ?2")
-                .at(&self.path)?
-                .execute([scope, name])
-                .at(&self.path)?;
-            if changed == 0 {
-                return Ok(false);
-            }
+            self.apply_change(tx, change)?;
             self.bump_version(tx)?;
-            Ok(true)
+            let mut records = self.append_in(tx, vec![entry])?;
+            records
+                .pop()
+                .ok_or_else(|| self.corrupt("appending a control entry returned no record"))
         })
     }
 
@@ -627,53 +777,7 @@ impl Store for SqliteStore {
         // An empty append still takes the write lock, checks the file and reads the head,
         // and writes nothing: it answers "could an append be made now?", which is how a
         // server learns that a failing audit has recovered without waiting for traffic.
-        self.write(|tx| {
-            let (last_seq, last_hash) = {
-                let mut stmt = tx
-                    .prepare_cached("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
-                    .at(&self.path)?;
-                let mut rows = stmt.query([]).at(&self.path)?;
-                match rows.next().at(&self.path)? {
-                    None => (0, GENESIS),
-                    Some(row) => codec::head(row).map_err(|e| self.corrupt(format_args!("last audit entry: {e}")))?,
-                }
-            };
-            let records = seal(last_seq, last_hash, entries.into_iter().map(storable));
-            let mut insert = tx
-                .prepare_cached(concat!(
-                    "INSERT INTO audit (",
-                    audit_columns!(),
-                    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"
-                ))
-                .at(&self.path)?;
-            for r in &records {
-                let e = &r.entry;
-                insert
-                    .execute(params![
-                        u64_to_sql(r.seq),
-                        u64_to_sql(e.ts_ns),
-                        e.kind.as_str(),
-                        e.call_id,
-                        e.trace_id,
-                        e.span_id,
-                        e.agent_id,
-                        e.delegation_id,
-                        e.action,
-                        e.input_hash,
-                        e.output_hash,
-                        e.decision,
-                        e.reason,
-                        codec::json_list(&e.rules),
-                        e.cost,
-                        e.duration_ns.map(u64_to_sql),
-                        e.rationale,
-                        &r.prev_hash[..],
-                        &r.hash[..],
-                    ])
-                    .at(&self.path)?;
-            }
-            Ok(records)
-        })
+        self.write(|tx| self.append_in(tx, entries))
     }
 
     fn read_audit(&self, after: u64, limit: usize) -> Result<Vec<Record>, StoreError> {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use warden_core::audit::{verify_store, Entry};
+use warden_core::audit::verify_store;
 use warden_core::clock::{Clock, SystemClock, NANOS_PER_SEC};
 use warden_core::config::{parse_duration, Classification, Settings};
 use warden_core::control::{KillSwitch, KillTarget};
@@ -17,7 +17,7 @@ use warden_core::identity::{
     self, issue_credential, validate_agent_id, Agent, AgentStatus, Verifier,
 };
 use warden_core::pipeline::{CallContext, CallRequest};
-use warden_core::store::Store;
+use warden_core::store::{Acting, ControlChange, Store};
 use warden_core::Pipeline;
 use warden_server::ids::random_hex;
 use warden_server::{policy_files, setup};
@@ -194,6 +194,9 @@ struct KillArgs {
     target: TargetArgs,
     #[arg(long, default_value = "stopped by an operator")]
     reason: String,
+    /// Set the switch even though no registered agent has this id or owner (yet).
+    #[arg(long)]
+    pre_emptive: bool,
 }
 
 #[derive(Subcommand)]
@@ -300,17 +303,15 @@ fn open_existing(settings: &Settings) -> Result<SqliteStore> {
     Ok(SqliteStore::open_read_only(path)?)
 }
 
-fn audit_control(store: &dyn Store, action: &str, detail: String) -> Result<()> {
+/// The operator running this command, for one change and its audit entry (written with
+/// the change, in one transaction).
+fn acting() -> Result<Acting> {
     let who = std::env::var("USER").unwrap_or_else(|_| "cli".into());
-    let entry = Entry::control(
-        SystemClock.now_ns(),
-        random_hex(16)?,
-        action,
-        &format!("cli:{who}"),
-        detail,
-    );
-    store.append_audit(vec![entry])?;
-    Ok(())
+    Ok(Acting {
+        who: format!("cli:{who}"),
+        at: SystemClock.now_ns(),
+        entry_id: random_hex(16)?,
+    })
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
@@ -351,14 +352,21 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let settings = load_settings(&cli.config)?;
             let store = open_served_store(&settings)?;
             let target = k.target.target()?;
-            let who = std::env::var("USER").unwrap_or_else(|_| "cli".into());
-            store.set_kill(&KillSwitch {
+            let by = acting()?;
+            let kill = KillSwitch {
                 target: target.clone(),
                 reason: k.reason.clone(),
-                set_by: format!("cli:{who}"),
-                set_at_ns: SystemClock.now_ns(),
-            })?;
-            audit_control(&store, "kill", format!("{target}: {}", k.reason))?;
+                set_by: by.who.clone(),
+                set_at_ns: by.at,
+            };
+            let entry = by.entry("kill", format!("{target}: {}", k.reason));
+            store.apply_control(
+                &ControlChange::SetKill {
+                    kill,
+                    pre_emptive: k.pre_emptive,
+                },
+                entry,
+            )?;
             println!(
                 "killed {target}; running nodes deny its calls within {}ms",
                 settings.control_refresh_ns / 1_000_000
@@ -369,10 +377,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let settings = load_settings(&cli.config)?;
             let store = open_served_store(&settings)?;
             let target = t.target()?;
-            if !store.clear_kill(&target)? {
-                bail!("no kill switch is set for {target}");
-            }
-            audit_control(&store, "revive", target.to_string())?;
+            let entry = acting()?.entry("revive", target.to_string());
+            store.apply_control(&ControlChange::ClearKill(target.clone()), entry)?;
             println!("revived {target}");
             Ok(ExitCode::SUCCESS)
         }
@@ -604,15 +610,14 @@ fn agent(settings: &Settings, config: &Path, cmd: AgentCmd) -> Result<ExitCode> 
                 rotation_ns: parse_duration(&rotation).map_err(|m| anyhow!("--rotation: {m}"))?,
                 status: AgentStatus::Active,
             };
-            identity::register_agent(&store, &agent)?;
-            audit_control(&store, "agent-register", format!("agent `{}`", agent.id))?;
+            identity::register_agent(&store, &agent, &acting()?)?;
             let (token, _) = issue_credential(
                 &store,
                 &key()?,
                 &settings.issuer,
                 &agent,
                 random_hex(16)?,
-                now,
+                &acting()?,
             )?;
             println!("{token}");
         }
@@ -620,18 +625,13 @@ fn agent(settings: &Settings, config: &Path, cmd: AgentCmd) -> Result<ExitCode> 
             let agent = store
                 .get_agent(&id)?
                 .ok_or_else(|| anyhow!("no agent `{id}`"))?;
-            let (token, cred) = issue_credential(
+            let (token, _) = issue_credential(
                 &store,
                 &key()?,
                 &settings.issuer,
                 &agent,
                 random_hex(16)?,
-                now,
-            )?;
-            audit_control(
-                &store,
-                "credential-issue",
-                format!("credential `{}` of agent `{id}`", cred.jti),
+                &acting()?,
             )?;
             println!("{token}");
         }
@@ -684,8 +684,7 @@ fn agent(settings: &Settings, config: &Path, cmd: AgentCmd) -> Result<ExitCode> 
             }
         }
         AgentCmd::Revoke { id, jti } => {
-            let what = identity::revoke(&store, &id, jti.as_deref(), now)?;
-            audit_control(&store, "revoke", what.clone())?;
+            let what = identity::revoke(&store, &id, jti.as_deref(), &acting()?)?;
             println!("revoked {}", escaped(&what));
         }
     }

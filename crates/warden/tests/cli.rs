@@ -481,6 +481,38 @@ fn kill_and_revive_refuse_a_missing_store_and_create_none() {
     }
 }
 
+#[test]
+fn killing_an_unknown_agent_or_owner_is_refused_unless_pre_emptive() {
+    let dir = init();
+    let d = dir.path();
+    warden_ok(d, &["agent", "token", AGENT]); // creates the store
+    for args in [
+        &["kill", "nobody-here"][..],
+        &["kill", "--owner", "no-such-team"][..],
+    ] {
+        let out = warden(d, args);
+        assert_eq!(out.code, 2, "{args:?}: {out}");
+        assert!(
+            out.stderr.contains("would stop nothing") && out.stderr.contains("--pre-emptive"),
+            "{args:?}: {out}"
+        );
+    }
+    let out = warden(d, &["audit", "export"]);
+    assert!(
+        !out.stdout.contains("\"kill\""),
+        "a refused kill must leave no audit entry: {out}"
+    );
+    warden_ok(d, &["kill", "nobody-here", "--pre-emptive"]);
+    warden_ok(d, &["kill", "--owner", "no-such-team", "--pre-emptive"]);
+    // and an agent that exists needs no flag
+    warden_ok(d, &["kill", AGENT]);
+    let kills = export(d)
+        .into_iter()
+        .filter(|r| r["kind"] == "control" && r["action"] == "kill")
+        .count();
+    assert_eq!(kills, 3, "one audit entry per kill");
+}
+
 /// A `warden serve` subprocess, killed when dropped (so also when a test panics).
 struct Server {
     child: Child,
@@ -843,6 +875,8 @@ async fn quickstart_end_to_end_then_the_audit_trail_verifies_and_catches_a_chang
             "kill",
             "revive",
             "agent-register",
+            // registering prints the agent's first token, an issue like any other
+            "credential-issue",
             "revoke"
         ]
     );

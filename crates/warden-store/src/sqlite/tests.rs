@@ -5,6 +5,7 @@ use std::time::Instant;
 use proptest::prelude::*;
 use tempfile::TempDir;
 use warden_core::audit::{ChainError, EntryKind};
+use warden_core::clock::NANOS_PER_SEC;
 
 use super::*;
 use crate::conformance::{self, assert_linked, sample_agent, sample_entry, verify_chain, NOW};
@@ -105,7 +106,7 @@ fn two_handles_on_one_file_extend_one_chain() {
     for round in 0..8u64 {
         let store = if round % 2 == 0 { &server } else { &cli };
         let batch: Vec<Entry> = (0..round % 3 + 1)
-            .map(|i| sample_entry(round * 10 + i, &format!("alt-{round}")))
+            .map(|i| sample_entry(round * 10 + i, &format!("alt-{round}-{i}")))
             .collect();
         let records = store.append_audit(batch).unwrap();
         assert_eq!(records[0].seq, expected_seq);
@@ -119,7 +120,7 @@ fn two_handles_on_one_file_extend_one_chain() {
             s.spawn(move || {
                 for j in 0..20u64 {
                     let batch: Vec<Entry> = (0..j % 5 + 1)
-                        .map(|i| sample_entry(j * 10 + i, &format!("{name}-{j}")))
+                        .map(|i| sample_entry(j * 10 + i, &format!("{name}-{j}-{i}")))
                         .collect();
                     let records = store.append_audit(batch).unwrap();
                     // A batch is one transaction: never split by the other writer.
@@ -330,12 +331,18 @@ fn a_store_opened_read_only_reads_but_refuses_every_write() {
     let m = unavailable_message(store.append_audit(vec![sample_entry(1, "after")]));
     assert!(m.contains(&path.display().to_string()), "{m}");
     assert!(m.contains("readonly"), "{m}");
-    let m = unavailable_message(store.set_kill(&KillSwitch {
-        target: KillTarget::All,
-        reason: "r".into(),
-        set_by: "t".into(),
-        set_at_ns: 1,
-    }));
+    let m = unavailable_message(conformance::control(
+        &store,
+        ControlChange::SetKill {
+            kill: KillSwitch {
+                target: KillTarget::All,
+                reason: "r".into(),
+                set_by: "t".into(),
+                set_at_ns: 1,
+            },
+            pre_emptive: false,
+        },
+    ));
     assert!(m.contains("readonly"), "{m}");
     drop(store);
     assert_eq!(
@@ -431,12 +438,18 @@ fn a_deleted_store_file_makes_every_read_and_write_unavailable() {
         unavailable_message(store.snapshot(NOW)),
         unavailable_message(store.append_audit(vec![sample_entry(2, "lost")])),
         unavailable_message(store.append_audit(Vec::new())),
-        unavailable_message(store.set_kill(&KillSwitch {
-            target: KillTarget::All,
-            reason: "r".into(),
-            set_by: "op".into(),
-            set_at_ns: NOW,
-        })),
+        unavailable_message(conformance::control(
+            &store,
+            ControlChange::SetKill {
+                kill: KillSwitch {
+                    target: KillTarget::All,
+                    reason: "r".into(),
+                    set_by: "op".into(),
+                    set_at_ns: NOW,
+                },
+                pre_emptive: false,
+            },
+        )),
     ] {
         assert!(
             m.contains(&path.display().to_string()) && m.contains("deleted"),
@@ -603,6 +616,22 @@ proptest! {
         batches in proptest::collection::vec(proptest::collection::vec(arb_entry(), 0..6), 1..5)
     ) {
         let (_dir, _path, store) = store_with(0);
+        // One outcome per call: give every outcome a call id of its own.
+        let mut n = 0;
+        let batches: Vec<Vec<Entry>> = batches
+            .into_iter()
+            .map(|b| {
+                b.into_iter()
+                    .map(|mut e| {
+                        n += 1;
+                        if e.kind == EntryKind::Outcome {
+                            e.call_id = format!("{}#{n}", e.call_id);
+                        }
+                        e
+                    })
+                    .collect()
+            })
+            .collect();
         let mut appended = Vec::new();
         for batch in &batches {
             let records = store.append_audit(batch.clone()).unwrap();
@@ -621,4 +650,65 @@ proptest! {
         prop_assert_eq!(store.read_audit(0, usize::MAX).unwrap(), appended.clone());
         prop_assert_eq!(verify_chain(&store, 3), Ok(appended.len() as u64));
     }
+}
+
+/// Makes every audit insert fail, as a full disk or a broken file would, while the rest of
+/// the database still takes writes.
+fn break_audit_inserts(path: &Path) {
+    raw(path)
+        .execute_batch(
+            "CREATE TRIGGER no_audit BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'disk full'); END;",
+        )
+        .unwrap();
+}
+
+#[test]
+fn a_control_change_whose_entry_cannot_be_written_does_not_happen() {
+    let (_dir, path, store) = store_with(1);
+    store.upsert_agent(&sample_agent("atomic")).unwrap();
+    let version = store.state_version().unwrap();
+    break_audit_inserts(&path);
+    let kill = KillSwitch {
+        target: KillTarget::Agent("atomic".into()),
+        reason: "r".into(),
+        set_by: "op".into(),
+        set_at_ns: NOW,
+    };
+    let cred = Credential {
+        jti: "atomic-1".into(),
+        agent_id: "atomic".into(),
+        issued_at_ns: NOW,
+        expires_at_ns: NOW + 60 * NANOS_PER_SEC,
+        revoked_at_ns: None,
+    };
+    for change in [
+        ControlChange::SetKill {
+            kill,
+            pre_emptive: false,
+        },
+        ControlChange::IssueCredential(cred),
+        ControlChange::RegisterAgent(sample_agent("atomic-2")),
+        ControlChange::SetAgentStatus {
+            agent_id: "atomic".into(),
+            status: AgentStatus::Revoked,
+            at: NOW,
+        },
+    ] {
+        assert!(
+            conformance::control(&store, change.clone()).is_err(),
+            "{change:?}"
+        );
+    }
+    let snap = store.snapshot(NOW).unwrap();
+    assert_eq!(
+        snap.version, version,
+        "no change may be written without its entry"
+    );
+    assert!(snap.kills.is_empty());
+    assert!(snap.credentials.is_empty());
+    assert_eq!(store.get_agent("atomic-2").unwrap(), None);
+    assert_eq!(
+        store.get_agent("atomic").unwrap().map(|a| a.status),
+        Some(AgentStatus::Active)
+    );
 }
