@@ -460,6 +460,34 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    #[test]
+    fn capped_text_is_cut_on_a_character_boundary_and_says_how_long_it_was() {
+        assert_eq!(cap_text("short", 8), "short");
+        assert_eq!(cap_text("12345678", 8), "12345678");
+        // `é` is two bytes: a cut at 3 bytes keeps one and a half, so it keeps one.
+        assert_eq!(cap_text("ééé", 3), "é… [truncated from 6 bytes]");
+        assert_eq!(cap_text("ab", 0), "… [truncated from 2 bytes]");
+    }
+
+    #[test]
+    fn a_summary_says_how_many_it_stands_for() {
+        let e = Entry::summary(
+            1,
+            "id".into(),
+            "10.0.0.1",
+            "UNAUTHENTICATED",
+            412,
+            10_000_000_000,
+        );
+        assert_eq!(e.kind, EntryKind::Summary);
+        assert_eq!(e.summarised(), Some(412));
+        assert_eq!(
+            e.rationale.as_deref(),
+            Some("412 more UNAUTHENTICATED from 10.0.0.1 in the last 10 s")
+        );
+        assert_eq!(entry(2, "x").summarised(), None);
+    }
+
     fn entry(i: u64, s: &str) -> Entry {
         Entry {
             ts_ns: i,

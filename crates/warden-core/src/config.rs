@@ -802,6 +802,36 @@ window = "1m"
     }
 
     #[test]
+    fn audit_limits_have_defaults_and_bounds() {
+        let s = Settings::from_toml(MINIMAL, "warden.toml", Path::new("."), &no_env).unwrap();
+        assert_eq!(s.audit_limits, AuditLimits::default());
+        assert_eq!(s.audit_limits.max_rationale_bytes, 2048);
+        let text = format!(
+            "[audit]\nmax_rationale_bytes = 512\nfailure_window = \"1s\"\nfailure_full_entries = 3\n{MINIMAL}"
+        );
+        let s = Settings::from_toml(&text, "warden.toml", Path::new("."), &no_env).unwrap();
+        assert_eq!(
+            s.audit_limits,
+            AuditLimits {
+                max_rationale_bytes: 512,
+                failure_window_ns: NANOS_PER_SEC,
+                failure_full_entries: 3,
+            }
+        );
+        for bad in [
+            "max_rationale_bytes = 1",
+            "max_rationale_bytes = 10000000",
+            "failure_window = \"1ms\"",
+        ] {
+            let text = format!("[audit]\n{bad}\n{MINIMAL}");
+            let e = Settings::from_toml(&text, "warden.toml", Path::new("."), &no_env)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("audit."), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn env_overrides_file() {
         let env = |k: &str| (k == "WARDEN_LISTEN").then(|| "127.0.0.1:1".to_owned());
         let s = Settings::from_toml(MINIMAL, "warden.toml", Path::new("."), &env).unwrap();
