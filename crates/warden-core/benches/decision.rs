@@ -12,12 +12,12 @@ use std::time::Instant;
 
 use criterion::{black_box, Criterion};
 use serde_json::json;
-use warden_core::clock::{Clock, SystemClock};
+use warden_core::clock::{Clock, SystemClock, NANOS_PER_SEC};
 use warden_core::config::Settings;
 use warden_core::identity::{new_claims, SigningKeyPair, Verifier};
 use warden_core::pipeline::{CallContext, CallIds, CallRequest};
 use warden_core::policy::{PolicyBundle, Source};
-use warden_core::store::StateSnapshot;
+use warden_core::store::{Credential, StateSnapshot};
 use warden_core::Pipeline;
 
 const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/claims");
@@ -47,21 +47,27 @@ fn setup() -> (Pipeline, String) {
     let key = SigningKeyPair::from_seed([3; 32]);
     let verifier = Verifier::new(settings.issuer.clone(), [key.verifying_key()], 1024);
     let pipeline = Pipeline::new(&settings, bundle, verifier, Arc::new(SystemClock));
+    let agent = &settings.agents[0];
+    let now = SystemClock.now_ns();
+    let claims = new_claims(&settings.issuer, agent, "bench".into(), now);
+    // The store issued it: a token is accepted only for a credential in the view.
+    let issued = Credential {
+        jti: claims.jti.clone(),
+        agent_id: agent.id.clone(),
+        issued_at_ns: claims.iat * NANOS_PER_SEC,
+        expires_at_ns: claims.exp * NANOS_PER_SEC,
+        revoked_at_ns: None,
+    };
     pipeline.apply_snapshot(
         StateSnapshot {
             version: 1,
             agents: settings.agents.clone(),
+            credentials: [(issued.jti.clone(), issued)].into(),
             ..Default::default()
         },
-        SystemClock.now_ns(),
+        now,
     );
-    let agent = &settings.agents[0];
-    let token = key.sign(&new_claims(
-        &settings.issuer,
-        agent,
-        "bench".into(),
-        SystemClock.now_ns(),
-    ));
+    let token = key.sign(&claims);
     (pipeline, token)
 }
 

@@ -489,13 +489,15 @@ pub fn check_issued(
     now: Nanos,
 ) -> Result<(), CredentialError> {
     let id = &agent.id;
-    let reissue = format!("issue a new one with `warden agent token {id}`");
+    // Only failures pay for the message: this runs on every call.
+    let reissue = || format!("issue a new one with `warden agent token {id}`");
     let Some(c) = issued else {
         return Err(CredentialError::new(
             Reason::CredentialInvalid,
             format!(
-                "credential `{}` of agent `{id}` was never issued by this server's store (or was deleted from it); {reissue}",
-                claims.jti
+                "credential `{}` of agent `{id}` was never issued by this server's store (or was deleted from it); {}",
+                claims.jti,
+                reissue()
             ),
         ));
     };
@@ -506,8 +508,9 @@ pub fn check_issued(
         return Err(CredentialError::new(
             Reason::CredentialInvalid,
             format!(
-                "credential `{}` does not match the one the store issued (agent, issue or expiry time differ); {reissue}",
-                claims.jti
+                "credential `{}` does not match the one the store issued (agent, issue or expiry time differ); {}",
+                claims.jti,
+                reissue()
             ),
         ));
     }
@@ -515,8 +518,9 @@ pub fn check_issued(
         return Err(CredentialError::new(
             Reason::CredentialRevoked,
             format!(
-                "credential `{}` of agent `{id}` was revoked; {reissue}",
-                claims.jti
+                "credential `{}` of agent `{id}` was revoked; {}",
+                claims.jti,
+                reissue()
             ),
         ));
     }
@@ -527,8 +531,9 @@ pub fn check_issued(
         return Err(CredentialError::new(
             Reason::CredentialInvalid,
             format!(
-                "credential `{}` lives {lifetime}s, longer than agent `{id}`'s rotation period of {rotation}s (shortened since it was issued?); {reissue}",
-                claims.jti
+                "credential `{}` lives {lifetime}s, longer than agent `{id}`'s rotation period of {rotation}s (shortened since it was issued?); {}",
+                claims.jti,
+                reissue()
             ),
         ));
     }
