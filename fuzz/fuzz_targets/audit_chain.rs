@@ -41,10 +41,11 @@ impl From<ArbEntry> for Entry {
     fn from(a: ArbEntry) -> Entry {
         Entry {
             ts_ns: a.ts_ns,
-            kind: match a.kind % 3 {
+            kind: match a.kind % 4 {
                 0 => EntryKind::Decision,
                 1 => EntryKind::Outcome,
-                _ => EntryKind::Control,
+                2 => EntryKind::Control,
+                _ => EntryKind::Summary,
             },
             call_id: a.call_id,
             trace_id: a.trace_id,
@@ -208,7 +209,8 @@ fn edit(e: &mut Entry, how: &Edit) -> bool {
             e.kind = match e.kind {
                 EntryKind::Decision => EntryKind::Outcome,
                 EntryKind::Outcome => EntryKind::Control,
-                EntryKind::Control => EntryKind::Decision,
+                EntryKind::Control => EntryKind::Summary,
+                EntryKind::Summary => EntryKind::Decision,
             };
             true
         }
