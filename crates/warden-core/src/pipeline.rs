@@ -321,8 +321,10 @@ impl Pipeline {
         let agent = match self.standing_at(req.credential, now) {
             Ok(a) => a,
             Err((d, sub)) => {
-                // A kill aimed at the agent is found after its credential was verified.
-                let authenticated = d.reason == Reason::Killed && sub.is_some();
+                // Denials that come with the caller's id were reached after (or, for a
+                // global kill and a stale view, beside) a verified credential.
+                let authenticated =
+                    matches!(d.reason, Reason::Killed | Reason::Internal) && sub.is_some();
                 if let Some(sub) = sub {
                     *agent_out = sub;
                 }
@@ -361,13 +363,16 @@ impl Pipeline {
             let age = self.staleness().map_or("never loaded".to_owned(), |s| {
                 format!("last confirmed {}ms ago", s / NANOS_PER_MILLI)
             });
+            let who = self
+                .state()
+                .and_then(|state| self.attribute(&state, credential, now));
             return Err((
                 Decision::deny_builtin(
                     Reason::Internal,
                     rules::CONTROL_STALE,
                     format!("kill-switch view is stale ({age}); failing closed until the store is reachable"),
                 ),
-                None,
+                who,
             ));
         }
         let Some(state) = self.state() else {
@@ -381,7 +386,7 @@ impl Pipeline {
             ));
         };
         if let Some(k) = state.kills.global() {
-            return Err((killed(k), None));
+            return Err((killed(k), self.attribute(&state, credential, now)));
         }
         let (claims, agent) = self.authenticate_in(&state, credential, now)?;
         // Control, part two: switches aimed at this agent or its owner.
@@ -426,7 +431,25 @@ impl Pipeline {
             .map_err(|(d, _)| d)
     }
 
-    #[allow(clippy::type_complexity)]
+    /// Who is calling, for the record only, once the answer is already a deny that does
+    /// not depend on it (a global kill, a stale view): the entry then names the agent, and
+    /// a stranger's calls count as unauthenticated, so a flood of them is sampled rather
+    /// than written one entry each. Nothing here can turn the deny into anything else.
+    fn attribute(
+        &self,
+        state: &ControlState,
+        credential: Option<&str>,
+        now: Nanos,
+    ) -> Option<String> {
+        self.authenticate_in(state, credential, now)
+            .ok()
+            .map(|(_, agent)| agent.id.clone())
+    }
+
+    #[expect(
+        clippy::type_complexity,
+        reason = "the claims and agent on success, the deny and claimed subject on failure"
+    )]
     fn authenticate_in<'s>(
         &self,
         state: &'s ControlState,

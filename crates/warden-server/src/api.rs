@@ -23,7 +23,7 @@ use warden_core::clock::{Nanos, NANOS_PER_MILLI};
 use warden_core::config::Classification;
 use warden_core::pipeline::{CallContext, CallIds, CallRequest, Checked};
 use warden_core::tool::check_name;
-use warden_core::{Decision, Reason};
+use warden_core::{Decision, Effect, Reason};
 
 use crate::audit_writer::AuditError;
 use crate::error::ApiError;
@@ -427,11 +427,12 @@ impl App {
     }
 }
 
-/// The reason under which a decision is sampled rather than always recorded: failures of
-/// callers that did not authenticate (bad or missing credentials, invalid requests).
+/// The reason under which a decision is sampled rather than always recorded: every
+/// denial of a caller that did not authenticate (bad or missing credentials, invalid
+/// requests, and a stranger's calls under a global kill or a stale control view). A
+/// permit needs a verified credential, so it is never sampled.
 fn sampled(d: &Decision, authenticated: bool) -> Option<Reason> {
-    let r = d.reason;
-    (!authenticated && (r.is_authentication_failure() || r == Reason::InvalidRequest)).then_some(r)
+    (!authenticated && d.effect != Effect::Permit).then_some(d.reason)
 }
 
 /// What happened to a permitted call.

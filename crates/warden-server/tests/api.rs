@@ -1352,6 +1352,61 @@ async fn authenticated_denials_are_never_sampled() {
     assert!(records.iter().all(|r| r.entry.kind != EntryKind::Summary));
 }
 
+/// Regression: under a global kill the answer came before authentication, so every
+/// caller counted as an agent: a stranger's flood was written one entry per request
+/// (during an emergency, when the audit matters most) and a real agent's denials did not
+/// name it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_a_global_kill_strangers_are_sampled_and_agents_are_named() {
+    let node = Node::start_configured(
+        |s| {
+            s.audit_limits.failure_window_ns = 3600 * NANOS_PER_SEC;
+            s.audit_limits.failure_full_entries = 3;
+        },
+        sqlite,
+    )
+    .await;
+    let t = node.token("claims-processor-v3").await;
+    let (st, _) = node
+        .admin(
+            reqwest::Method::POST,
+            "/admin/v1/kills",
+            Some(json!({"target": "all", "reason": "incident 7"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    for _ in 0..50 {
+        let (_, v) = node.check(Some("not-a-token"), get_claim()).await;
+        assert_decision(&v, "deny", "KILLED");
+    }
+    for _ in 0..10 {
+        let (_, v) = node.check(Some(&t), get_claim()).await;
+        assert_decision(&v, "deny", "KILLED");
+    }
+    let dir = node.stop().await;
+    let records = read_all(dir.path());
+    let killed: Vec<&Record> = records
+        .iter()
+        .filter(|r| r.entry.kind == EntryKind::Decision && r.entry.reason == "KILLED")
+        .collect();
+    let named = killed
+        .iter()
+        .filter(|r| r.entry.agent_id == "claims-processor-v3")
+        .count();
+    assert_eq!(named, 10, "every agent call keeps its own entry, naming it");
+    assert_eq!(
+        killed.len() - named,
+        3,
+        "strangers: only the sampled entries"
+    );
+    let counted: u64 = records
+        .iter()
+        .filter(|r| r.entry.kind == EntryKind::Summary && r.entry.reason == "KILLED")
+        .filter_map(|r| r.entry.summarised())
+        .sum();
+    assert_eq!(counted, 47, "the rest of the strangers' calls are counted");
+}
+
 /// Regression: rationales were stored whole (64 KiB each).
 #[tokio::test]
 async fn a_64_kib_rationale_is_stored_capped() {
