@@ -238,37 +238,9 @@ impl Pipeline {
     /// Decides one call. Never fails: every problem is a deny with a reason code.
     pub fn check(&self, req: &CallRequest<'_>, ids: CallIds) -> Checked {
         let now = self.clock.now_ns();
-        let mut entry = Entry {
-            ts_ns: now,
-            kind: EntryKind::Decision,
-            call_id: ids.call_id,
-            trace_id: ids.trace_id,
-            span_id: ids.span_id,
-            agent_id: String::new(),
-            delegation_id: req.context.delegation_id.clone(),
-            action: req.tool.to_owned(),
-            input_hash: Some(hash_json(req.params)),
-            output_hash: None,
-            decision: String::new(),
-            reason: String::new(),
-            rules: Vec::new(),
-            cost: req.context.cost_estimate,
-            duration_ns: None,
-            rationale: req
-                .context
-                .rationale
-                .as_deref()
-                .map(|r| cap_text(r, self.max_rationale)),
-        };
-        let (decision, authenticated) = self.decide(req, now, &mut entry.agent_id);
-        entry.decision = decision.effect.as_str().to_owned();
-        entry.reason = decision.reason.code().to_owned();
-        entry.rules = decision.rules.clone();
-        Checked {
-            decision,
-            entry,
-            authenticated,
-        }
+        let mut agent_id = String::new();
+        let (decision, authenticated) = self.decide(req, now, &mut agent_id);
+        self.checked(req, ids, now, agent_id, decision, authenticated)
     }
 
     /// The entry for a request that was refused before it could be decided because it is
@@ -276,19 +248,39 @@ impl Pipeline {
     /// the credential names if it is valid. Never fails, like [`Pipeline::check`].
     pub fn refuse_invalid(&self, req: &CallRequest<'_>, ids: CallIds, problem: &str) -> Checked {
         let now = self.clock.now_ns();
-        let agent = self.state().and_then(|s| {
-            self.authenticate_in(&s, req.credential, now)
-                .ok()
-                .map(|(_, a)| a.id.clone())
-        });
+        let agent = self
+            .state()
+            .and_then(|s| self.attribute(&s, req.credential, now));
+        let authenticated = agent.is_some();
         let decision = Decision::deny_builtin(Reason::InvalidRequest, rules::REQUEST, problem);
+        self.checked(
+            req,
+            ids,
+            now,
+            agent.unwrap_or_default(),
+            decision,
+            authenticated,
+        )
+    }
+
+    /// The one place a decision becomes its audit entry. Agent-supplied text is capped
+    /// here (a valid tool name is never cut: `tool::check_name` allows no more).
+    fn checked(
+        &self,
+        req: &CallRequest<'_>,
+        ids: CallIds,
+        now: Nanos,
+        agent_id: String,
+        decision: Decision,
+        authenticated: bool,
+    ) -> Checked {
         let entry = Entry {
             ts_ns: now,
             kind: EntryKind::Decision,
             call_id: ids.call_id,
             trace_id: ids.trace_id,
             span_id: ids.span_id,
-            agent_id: agent.clone().unwrap_or_default(),
+            agent_id,
             delegation_id: req.context.delegation_id.clone(),
             action: cap_text(req.tool, MAX_ACTION_KEPT),
             input_hash: Some(hash_json(req.params)),
@@ -307,7 +299,7 @@ impl Pipeline {
         Checked {
             decision,
             entry,
-            authenticated: agent.is_some(),
+            authenticated,
         }
     }
 
