@@ -422,8 +422,13 @@ fn mcp_proxy(config: &Path, args: McpProxyArgs) -> Result<ExitCode> {
              process, which writes the store and so trusts this host as much as Warden \
              itself; see `warden mcp-proxy --help`"
         ),
-        // In remote mode the config is optional: it only supplies the tool-name mapping.
-        (Some(_), _) => load_settings(config).ok(),
+        // In remote mode the config is optional: it only supplies the tool-name mapping
+        // and the path arguments to resolve. Optional means absent, not broken: a config
+        // that exists but does not load would silently drop both.
+        (Some(_), _) if !config.exists() => None,
+        (Some(_), _) => Some(load_settings(config).context(
+            "the config maps this server's tools and paths; fix it, or pass no --config",
+        )?),
         (None, true) => Some(
             load_settings(config)
                 .context("the embedded decision path needs the config (or pass --server URL)")?,
@@ -579,11 +584,32 @@ fn init(dir: &Path, force: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Issues a credential for `agent` (recorded with its audit entry) and prints the token.
+fn issue_and_print(
+    store: &SqliteStore,
+    key: &identity::SigningKeyPair,
+    settings: &Settings,
+    agent: &Agent,
+) -> Result<()> {
+    let (token, _) = issue_credential(
+        store,
+        key,
+        &settings.issuer,
+        agent,
+        random_hex(16)?,
+        &acting()?,
+    )?;
+    println!("{token}");
+    Ok(())
+}
+
 fn agent(settings: &Settings, config: &Path, cmd: AgentCmd) -> Result<ExitCode> {
     // Reading creates nothing: neither a store nor a signing key.
     let store = match cmd {
         AgentCmd::List | AgentCmd::Show { .. } => open_existing(settings)?,
-        _ => open_store(settings)?,
+        // A credential issued or revoked in a store no node serves would change nothing.
+        AgentCmd::Token { .. } | AgentCmd::Revoke { .. } => open_served_store(settings)?,
+        AgentCmd::Register { .. } => open_store(settings)?,
     };
     let key = || setup::load_or_create_key(&settings.key_file);
     let now = SystemClock.now_ns();
@@ -610,30 +636,17 @@ fn agent(settings: &Settings, config: &Path, cmd: AgentCmd) -> Result<ExitCode> 
                 rotation_ns: parse_duration(&rotation).map_err(|m| anyhow!("--rotation: {m}"))?,
                 status: AgentStatus::Active,
             };
+            // The key first: an agent registered without its first token could not be
+            // registered again to get one.
+            let key = key()?;
             identity::register_agent(&store, &agent, &acting()?)?;
-            let (token, _) = issue_credential(
-                &store,
-                &key()?,
-                &settings.issuer,
-                &agent,
-                random_hex(16)?,
-                &acting()?,
-            )?;
-            println!("{token}");
+            issue_and_print(&store, &key, settings, &agent)?;
         }
         AgentCmd::Token { id } => {
             let agent = store
                 .get_agent(&id)?
                 .ok_or_else(|| anyhow!("no agent `{id}`"))?;
-            let (token, _) = issue_credential(
-                &store,
-                &key()?,
-                &settings.issuer,
-                &agent,
-                random_hex(16)?,
-                &acting()?,
-            )?;
-            println!("{token}");
+            issue_and_print(&store, &key()?, settings, &agent)?;
         }
         AgentCmd::List => {
             println!(
