@@ -80,6 +80,18 @@ pub fn write_secret(path: &Path, contents: &str) -> Result<(), SetupError> {
 /// read or write is refused: the secret may already have leaked, and using it would
 /// hide that.
 pub fn read_secret(path: &Path) -> Result<Option<String>, SetupError> {
+    read_guarded(path, 0o077, || {
+        SetupError::Exposed(path.display().to_string())
+    })
+}
+
+/// Reads `path` unless the mode of the file actually opened (not of whatever the path
+/// names a moment later) has any of `forbidden` set; a missing file is `None`.
+fn read_guarded(
+    path: &Path,
+    forbidden: u32,
+    refused: impl FnOnce() -> SetupError,
+) -> Result<Option<String>, SetupError> {
     let mut f = match fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -88,14 +100,15 @@ pub fn read_secret(path: &Path) -> Result<Option<String>, SetupError> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        // The mode of the file we opened, not of whatever the path names a moment later.
         let meta = f
             .metadata()
             .map_err(|e| file_err(path, format!("cannot read: {e}")))?;
-        if meta.permissions().mode() & 0o077 != 0 {
-            return Err(SetupError::Exposed(path.display().to_string()));
+        if meta.permissions().mode() & forbidden != 0 {
+            return Err(refused());
         }
     }
+    #[cfg(not(unix))]
+    let _ = (forbidden, refused);
     let mut text = String::new();
     f.read_to_string(&mut text)
         .map_err(|e| file_err(path, format!("cannot read: {e}")))?;
@@ -154,7 +167,18 @@ pub fn write_public_key(key_file: &Path, key: &SigningKeyPair) -> Result<(), Set
         return Ok(());
     }
     let tmp = path.with_extension(format!("pub.tmp{}", std::process::id()));
-    fs::write(&tmp, &text)
+    // `create_new`: never follow a link planted at the temporary name. 0644 whatever
+    // the umask: anyone may read a public key, only its owner may replace it (the
+    // embedded proxy trusts whatever key this file holds).
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o644);
+    }
+    opts.open(&tmp)
+        .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|()| f.sync_all()))
         .and_then(|()| fs::rename(&tmp, &path))
         .map_err(|e| {
             let _ = fs::remove_file(&tmp);
@@ -166,13 +190,20 @@ pub fn write_public_key(key_file: &Path, key: &SigningKeyPair) -> Result<(), Set
 /// file named in the config. Never opens the private key.
 pub fn load_public_key(key_file: &Path) -> Result<VerifyingKey, SetupError> {
     let path = public_key_path(key_file);
-    match fs::read_to_string(&path) {
-        Ok(text) => public_key_from_file(&text).map_err(|e| file_err(&path, e.to_string())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            Err(SetupError::NoPublicKey(path.display().to_string()))
-        }
-        Err(e) => Err(file_err(&path, format!("cannot read: {e}"))),
-    }
+    // Whoever may replace this file may swap in a key of their own and mint tokens the
+    // embedded proxy accepts: refuse one that group or others may write.
+    let text = read_guarded(&path, 0o022, || {
+        file_err(
+            &path,
+            format!(
+                "group or others may write the public key, and so swap in their own; \
+                 run `chmod 644 {}`",
+                path.display()
+            ),
+        )
+    })?
+    .ok_or_else(|| SetupError::NoPublicKey(path.display().to_string()))?;
+    public_key_from_file(&text).map_err(|e| file_err(&path, e.to_string()))
 }
 
 pub fn new_operator_token() -> Result<String, SetupError> {
@@ -292,5 +323,24 @@ mod tests {
             public_key_path(Path::new("/k/signing.pub")),
             Path::new("/k/signing.pub.pub")
         );
+    }
+
+    /// Regression: the embedded proxy trusted `warden.pub` whatever its mode, and it was
+    /// written with the umask's mode: a group member could swap in a key of their own.
+    #[cfg(unix)]
+    #[test]
+    fn a_public_key_others_may_write_is_refused_and_it_is_written_0644() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("warden.key");
+        load_or_create_key(&key).unwrap();
+        let public = public_key_path(&key);
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&public), 0o644);
+        fs::set_permissions(&public, fs::Permissions::from_mode(0o664)).unwrap();
+        let e = load_public_key(&key).unwrap_err().to_string();
+        assert!(e.contains("chmod 644"), "{e}");
+        fs::set_permissions(&public, fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(load_public_key(&key).is_ok());
     }
 }
