@@ -80,23 +80,27 @@ impl SqliteStore {
     /// written by a newer Warden is refused with `StoreError::Corrupt` naming the path.
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
         create_private(path)?;
-        let mut writer = connect(path)?;
-        schema::migrate(&mut writer, path)?;
+        // The descriptor first, checked against the path once the connections are open:
+        // a file swapped in between would otherwise be the one every later check trusts.
         let file = File::open(path).map_err(|e| {
             StoreError::Unavailable(format!("`{}`: cannot open: {e}", path.display()))
         })?;
+        let mut writer = connect(path)?;
+        schema::migrate(&mut writer, path)?;
         let reader = connect(path)?;
         // The reader never writes; saying so turns a bug that tried into an error.
         reader.pragma_update(None, "query_only", true).at(path)?;
         reader
             .pragma_update(None, "cache_size", READER_CACHE_KIB)
             .at(path)?;
-        Ok(SqliteStore {
+        let store = SqliteStore {
             path: path.to_owned(),
             file,
             writer: Mutex::new(writer),
             reader: Mutex::new(reader),
-        })
+        };
+        store.check_file()?;
+        Ok(store)
     }
 
     /// Opens an existing store for reading only, as `warden audit verify` does: a
@@ -110,18 +114,21 @@ impl SqliteStore {
             conn.busy_timeout(BUSY_TIMEOUT).at(path)?;
             Ok(conn)
         };
-        let writer = connect_ro()?;
-        schema::check_current(&writer, path)?;
+        // As in `open`: the descriptor first, checked once the connections are open.
         let file = File::open(path).map_err(|e| {
             StoreError::Unavailable(format!("`{}`: cannot open: {e}", path.display()))
         })?;
+        let writer = connect_ro()?;
+        schema::check_current(&writer, path)?;
         let reader = connect_ro()?;
-        Ok(SqliteStore {
+        let store = SqliteStore {
             path: path.to_owned(),
             file,
             writer: Mutex::new(writer),
             reader: Mutex::new(reader),
-        })
+        };
+        store.check_file()?;
+        Ok(store)
     }
 
     /// The file this store was opened on.
