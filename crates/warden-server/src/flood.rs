@@ -32,20 +32,27 @@ pub enum Source {
     Others,
 }
 
+/// The address one peer is counted under: an IPv4 address (also when it arrives
+/// IPv4-mapped) or an IPv6 /64, since a host owns its whole /64 and could otherwise
+/// present a new address per connection. Used by the flood sampler and the listener's
+/// per-address connection cap alike.
+pub fn peer_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut seg = v6.segments();
+                seg[4..].fill(0);
+                IpAddr::V6(seg.into())
+            }
+        },
+    }
+}
+
 impl Source {
     pub fn of(peer: Option<IpAddr>) -> Source {
-        match peer {
-            None => Source::Local,
-            Some(IpAddr::V4(v4)) => Source::Peer(IpAddr::V4(v4)),
-            Some(IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
-                Some(v4) => Source::Peer(IpAddr::V4(v4)),
-                None => {
-                    let mut seg = v6.segments();
-                    seg[4..].fill(0);
-                    Source::Peer(IpAddr::V6(seg.into()))
-                }
-            },
-        }
+        peer.map_or(Source::Local, |ip| Source::Peer(peer_key(ip)))
     }
 }
 

@@ -21,6 +21,7 @@
 //! closed at accept would fail. The per-address cap (below the total) keeps one host from
 //! evicting everyone else's connections.
 
+use crate::flood::peer_key;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
@@ -170,10 +171,11 @@ struct Slots {
 impl Slots {
     fn remove(&mut self, id: u64) -> Option<Arc<Conn>> {
         let conn = self.conns.remove(&id)?;
-        if let Some(n) = self.per_ip.get_mut(&conn.ip) {
+        let key = peer_key(conn.ip);
+        if let Some(n) = self.per_ip.get_mut(&key) {
             *n = n.saturating_sub(1);
             if *n == 0 {
-                self.per_ip.remove(&conn.ip);
+                self.per_ip.remove(&key);
             }
         }
         Some(conn)
@@ -216,9 +218,12 @@ struct Registry {
 
 impl Registry {
     fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Refused> {
+        // Counted per IPv4 address or IPv6 /64: a host can present a new address of its
+        // /64 on every connection.
+        let key = peer_key(ip);
         let mut s = lock(&self.slots);
-        if s.per_ip.get(&ip).copied().unwrap_or(0) >= self.limits.per_ip
-            && !s.evict_one(|c| c.ip == ip)
+        if s.per_ip.get(&key).copied().unwrap_or(0) >= self.limits.per_ip
+            && !s.evict_one(|c| peer_key(c.ip) == key)
         {
             return Err(Refused::PeerFull);
         }
@@ -238,7 +243,7 @@ impl Registry {
             phase_changed: Notify::new(),
         });
         s.conns.insert(conn.id, conn.clone());
-        *s.per_ip.entry(ip).or_insert(0) += 1;
+        *s.per_ip.entry(key).or_insert(0) += 1;
         Ok(Slot {
             registry: self.clone(),
             conn,
@@ -678,5 +683,25 @@ mod tests {
         // The evicted slot's drop does not free anyone else's.
         drop(first_a);
         assert_eq!(r.open(), 2);
+    }
+
+    /// Regression: the cap was per full IPv6 address, and a host owns its /64, so it
+    /// could take every slot with one new address per connection.
+    #[tokio::test]
+    async fn an_ipv6_host_is_capped_across_its_whole_64() {
+        let r = registry(8, 1);
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let a2: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let elsewhere: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        let first = r.admit(a).unwrap();
+        let _busy = first.conn.begin_request();
+        assert!(matches!(r.admit(a2), Err(Refused::PeerFull)));
+        assert!(r.admit(elsewhere).is_ok());
+        // An IPv4-mapped address counts as its IPv4 address.
+        let v4: IpAddr = [10, 0, 0, 1].into();
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        let held = r.admit(v4).unwrap();
+        let _busy_v4 = held.conn.begin_request();
+        assert!(matches!(r.admit(mapped), Err(Refused::PeerFull)));
     }
 }
