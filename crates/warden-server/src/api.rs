@@ -303,7 +303,7 @@ impl App {
 
     /// Makes a decision durable (no audit, no action), or, for a failure of an
     /// unauthenticated caller past its group's quota, counts it for a summary entry.
-    async fn record(&self, checked: Checked, peer: Option<IpAddr>) -> Decided {
+    async fn record(self: &Arc<Self>, checked: Checked, peer: Option<IpAddr>) -> Decided {
         let Checked {
             decision,
             entry,
@@ -319,7 +319,10 @@ impl App {
         if let Some(reason) = sampled(&out.decision, authenticated) {
             let (admit, ended) = self.failures.admit(Source::of(peer), reason, entry.ts_ns);
             if let Some(s) = ended {
-                self.record_suppressed(s).await;
+                // Out of this request's future: a request timeout that dropped it between
+                // taking the counts and appending them would lose them.
+                let app = self.clone();
+                tokio::spawn(async move { app.record_suppressed(s).await });
             }
             if admit == Admit::Count {
                 // Denied either way; the count reaches the audit in the window's summary.

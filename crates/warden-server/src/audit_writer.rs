@@ -156,11 +156,15 @@ fn guarded(store: &dyn Store, entries: Vec<Entry>) -> Result<Vec<Record>, StoreE
 /// line per failed batch would bury the one that matters. A refused entry is the
 /// caller's mistake, not a store fault: appends work.
 fn report(health: &Health, answers: &[Answer]) {
-    let failure = match answers.first() {
-        Some(Err(AuditError::Failed(e))) => Some(e),
-        Some(_) => None,
-        None => return,
-    };
+    if answers.is_empty() {
+        return;
+    }
+    // Any failed entry counts (an entry-by-entry retry can fail half-way when the store
+    // goes down); only a batch with none is a success.
+    let failure = answers.iter().find_map(|a| match a {
+        Err(AuditError::Failed(e)) => Some(e),
+        _ => None,
+    });
     let changed = match failure {
         Some(e) => health.audit_failed(e.clone()),
         None => health.audit_succeeded(),
