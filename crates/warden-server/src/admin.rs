@@ -242,8 +242,11 @@ async fn register_agent(
     let a = agent.clone();
     let by = acting(&app)?;
     blocking(move || identity::register_agent(store.as_ref(), &a, &by)).await?;
-    let mut out = issue(&app, agent.clone()).await?;
+    // The agent is registered whatever happens to its first token: the view learns of
+    // it either way, and the operator can issue a token with `…/tokens`.
+    let issued = issue(&app, agent.clone()).await;
     refresh(&app).await?;
+    let mut out = issued?;
     out["agent"] = agent_json(&agent, None);
     Ok((StatusCode::CREATED, Json(out)).into_response())
 }

@@ -283,7 +283,7 @@ fn open_served_store(settings: &Settings) -> Result<SqliteStore> {
     let path = &settings.store_path;
     if !path.exists() {
         bail!(
-            "no store at `{}`: no node serves it, so there is nothing to stop or revive \
+            "no store at `{}`: no node serves it, so there is nothing to stop, revive or revoke \
              (`warden serve` creates it; check --config or WARDEN_STORE)",
             path.display()
         );
@@ -607,9 +607,12 @@ fn agent(settings: &Settings, config: &Path, cmd: AgentCmd) -> Result<ExitCode> 
     // Reading creates nothing: neither a store nor a signing key.
     let store = match cmd {
         AgentCmd::List | AgentCmd::Show { .. } => open_existing(settings)?,
-        // A credential issued or revoked in a store no node serves would change nothing.
-        AgentCmd::Token { .. } | AgentCmd::Revoke { .. } => open_served_store(settings)?,
-        AgentCmd::Register { .. } => open_store(settings)?,
+        // A missing store holds no credential to revoke: creating one would report a
+        // revocation that no node ever reads.
+        AgentCmd::Revoke { .. } => open_served_store(settings)?,
+        // Issuing may come before the first `warden serve`, which then opens this store
+        // (a node whose store vanished fails closed on its own).
+        AgentCmd::Token { .. } | AgentCmd::Register { .. } => open_store(settings)?,
     };
     let key = || setup::load_or_create_key(&settings.key_file);
     let now = SystemClock.now_ns();
