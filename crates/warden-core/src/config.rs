@@ -137,6 +137,10 @@ struct RawMcpServer {
     timeout: Option<String>,
     #[serde(default)]
     resolve_paths: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    pass_env: Vec<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -299,7 +303,38 @@ pub struct McpServer {
     /// Arguments that name local files; both MCP gateways resolve them before policy and
     /// forward them as resolved (the HTTP gateway on its own host, absolute paths only).
     pub resolve_paths: Vec<String>,
+    /// Variables `mcp-proxy` sets in the environment of the server it starts.
+    pub env: BTreeMap<String, String>,
+    /// Variables `mcp-proxy` passes through from its own environment to the server.
+    pub pass_env: Vec<String>,
 }
+
+/// Checks a variable name an operator asks `mcp-proxy` to give the server it starts.
+///
+/// `WARDEN_*` is Warden's own namespace: `WARDEN_TOKEN` is the agent's credential and
+/// others name servers, files and logs, none of which a tool server has any use for. A
+/// server that needs a value of that name must be given it under another name. The
+/// prefix is compared case-insensitively, since some platforms treat names that way.
+pub fn check_child_env_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.contains('=') || name.contains('\0') {
+        return Err(format!(
+            "`{}` is not an environment variable name (non-empty, no `=`, no NUL)",
+            name.escape_debug()
+        ));
+    }
+    if name
+        .get(..WARDEN_ENV_PREFIX.len())
+        .is_some_and(|p| p.eq_ignore_ascii_case(WARDEN_ENV_PREFIX))
+    {
+        return Err(format!(
+            "`{name}` is refused: `WARDEN_*` variables (the agent's token among them) never reach \
+             the MCP server; give the server what it needs under a name of its own"
+        ));
+    }
+    Ok(())
+}
+
+const WARDEN_ENV_PREFIX: &str = "WARDEN_";
 
 /// How the HTTP listener protects itself from slow, idle and numerous clients.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -697,12 +732,22 @@ impl Settings {
                 }
             }
             let timeout_ns = dur(&format!("mcp_servers[{i}].timeout"), m.timeout, "5m")?;
+            for name in m.env.keys() {
+                check_child_env_name(name)
+                    .map_err(|e| field(&format!("mcp_servers[{i}].env"), e))?;
+            }
+            for name in &m.pass_env {
+                check_child_env_name(name)
+                    .map_err(|e| field(&format!("mcp_servers[{i}].pass_env"), e))?;
+            }
             let server = McpServer {
                 name: m.name.clone(),
                 url: m.url,
                 actions: m.actions,
                 timeout_ns,
                 resolve_paths: m.resolve_paths,
+                env: m.env,
+                pass_env: m.pass_env,
             };
             if mcp_servers.insert(m.name.clone(), server).is_some() {
                 return Err(field(
@@ -915,6 +960,32 @@ window = "1m"
                 .to_string();
             assert!(err.contains(name), "{err}");
         }
+    }
+
+    #[test]
+    fn an_mcp_servers_environment_is_read_and_warden_names_are_refused() {
+        let entry = |extra: &str| format!("{MINIMAL}[[mcp_servers]]\nname = \"gh\"\n{extra}\n");
+        let text = entry("pass_env = [\"GITHUB_TOKEN\"]\nenv = { LOG_LEVEL = \"debug\" }");
+        let s = Settings::from_toml(&text, "w.toml", Path::new("."), &no_env).unwrap();
+        let gh = &s.mcp_servers["gh"];
+        assert_eq!(gh.pass_env, ["GITHUB_TOKEN"]);
+        assert_eq!(gh.env["LOG_LEVEL"], "debug");
+
+        for (extra, what) in [
+            ("pass_env = [\"WARDEN_TOKEN\"]", "mcp_servers[0].pass_env"),
+            ("pass_env = [\"warden_server\"]", "mcp_servers[0].pass_env"),
+            ("env = { WARDEN_TOKEN = \"x\" }", "mcp_servers[0].env"),
+            ("pass_env = [\"A=B\"]", "mcp_servers[0].pass_env"),
+            ("pass_env = [\"\"]", "mcp_servers[0].pass_env"),
+        ] {
+            let err = Settings::from_toml(&entry(extra), "w.toml", Path::new("."), &no_env)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(what), "{extra}: {err}");
+        }
+        let err = check_child_env_name("WARDEN_TOKEN").unwrap_err();
+        assert!(err.contains("never reach the MCP server"), "{err}");
+        assert!(check_child_env_name("WARDENS").is_ok());
     }
 
     #[test]

@@ -109,6 +109,11 @@ struct McpProxyArgs {
     /// Largest JSON-RPC frame accepted from either side, in bytes.
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     max_frame: usize,
+    /// Give the server this variable from this environment (NAME) or with this value
+    /// (NAME=VALUE, visible to `ps`: pass secrets by name). Repeatable. The server starts
+    /// with only PATH, HOME, LANG, LC_*, TZ and TMPDIR otherwise; WARDEN_* is refused.
+    #[arg(long = "env", value_name = "NAME[=VALUE]", value_parser = crate::server_env::parse_env_arg)]
+    env_vars: Vec<crate::server_env::EnvArg>,
     /// The MCP server's command and arguments.
     #[arg(last = true, required = true, num_args = 1..)]
     command: Vec<String>,
@@ -469,6 +474,24 @@ fn mcp_proxy(config: &Path, args: McpProxyArgs) -> Result<ExitCode> {
         path_base: std::env::current_dir()?,
     };
 
+    // The server gets no credential of ours: an empty environment, what a program needs
+    // to run, and what the operator named (see `server_env`).
+    let all_env: Vec<(String, std::ffi::OsString)> = std::env::vars_os()
+        .filter_map(|(k, v)| k.into_string().ok().map(|k| (k, v)))
+        .collect();
+    let server_env = crate::server_env::server_env(
+        &|name: &str| std::env::var_os(name),
+        &all_env,
+        declared,
+        &args.env_vars,
+    );
+    for name in &server_env.missing {
+        crate::logging::eprint_line(format_args!(
+            "warden mcp-proxy: `{}` was to be passed to the MCP server but is not set here",
+            escaped(name)
+        ));
+    }
+
     // One thread is plenty for one client's session, and many proxies side by side (one
     // per agent session) then cost one thread each rather than a pool each.
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -477,6 +500,8 @@ fn mcp_proxy(config: &Path, args: McpProxyArgs) -> Result<ExitCode> {
     let result = rt.block_on(async move {
         let mut child = tokio::process::Command::new(&args.command[0])
             .args(&args.command[1..])
+            .env_clear()
+            .envs(&server_env.vars)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::inherit())

@@ -8,6 +8,7 @@
 
 mod commands;
 mod logging;
+mod server_env;
 mod terminal;
 
 use std::process::ExitCode;

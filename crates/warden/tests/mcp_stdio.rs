@@ -137,6 +137,19 @@ impl Setup {
         server: &[&str],
         token: &str,
     ) -> Child {
+        self.client_with_env(peers, plan, proxy_args, server, &[("WARDEN_TOKEN", token)])
+    }
+
+    /// [`Setup::client`] with these variables in the client's (and so the proxy's)
+    /// environment.
+    fn client_with_env(
+        &self,
+        peers: &Peers,
+        plan: &Value,
+        proxy_args: &[&str],
+        server: &[&str],
+        env: &[(&str, &str)],
+    ) -> Child {
         let plan_file = self.path().join(format!("plan-{}.json", rand_suffix()));
         std::fs::write(&plan_file, plan.to_string()).unwrap();
         let mut cmd = Command::new(&peers.python);
@@ -150,7 +163,7 @@ impl Setup {
             .args(proxy_args)
             .arg("--")
             .args(server)
-            .env("WARDEN_TOKEN", token)
+            .envs(env.iter().copied())
             .current_dir(self.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -756,4 +769,94 @@ fn filesystem_paths_are_judged_and_opened_as_resolved() {
     );
     assert_eq!(reasons[..5], reasons[5..]);
     assert!(calls.iter().all(|e| e["agent_id"] == "research-agent"));
+}
+
+/// The server the proxy starts gets an environment of its own: not the agent's token, not
+/// the other secrets in the proxy's environment, only what a program needs to run (node
+/// starts and answers) and what the operator named on the command line or in the config.
+#[test]
+fn the_mcp_server_gets_neither_the_agents_token_nor_other_secrets() {
+    let peers = peers_or_skip!();
+    let s = Setup::new();
+    let token = s.token();
+    let config = std::fs::read_to_string(s.config()).unwrap();
+    let config = config.replacen(
+        "timeout = \"30s\"\n",
+        "timeout = \"30s\"\npass_env = [\"PASSED_BY_CONFIG\"]\nenv = { SET_BY_CONFIG = \"from-config\" }\n",
+        1,
+    );
+    assert!(config.contains("PASSED_BY_CONFIG"));
+    std::fs::write(s.config(), config).unwrap();
+    let seen = s.path().join("server-env.txt");
+    // The server writes what it was given, then becomes the reference server: its answer
+    // proves node runs on that environment and that the file is complete.
+    let server = [
+        "sh",
+        "-c",
+        "env > \"$0\" && exec node \"$1\" stdio",
+        seen.to_str().unwrap(),
+        peers.everything.to_str().unwrap(),
+    ];
+    let canary = "canary-7e0c41b2-do-not-leak";
+    let plan = json!([{"op": "call", "name": "echo", "arguments": {"message": "hello"}}]);
+    let r = results(s.client_with_env(
+        &peers,
+        &plan,
+        &[
+            "--name",
+            "everything",
+            "--embedded",
+            "--env",
+            "PASSED_BY_NAME",
+            "--env",
+            "SET_HERE=from-argv",
+        ],
+        &server,
+        &[
+            ("WARDEN_TOKEN", &token),
+            ("CANARY_SECRET", canary),
+            ("PASSED_BY_NAME", "from-the-proxy"),
+            ("PASSED_BY_CONFIG", "also-from-the-proxy"),
+        ],
+    ));
+    assert_eq!(r[0]["text"], "Echo: hello", "{}", r[0]);
+
+    let seen = std::fs::read_to_string(&seen).unwrap();
+    assert!(
+        !seen.contains(&token),
+        "the server got the agent's token:\n{seen}"
+    );
+    assert!(
+        !seen.contains(canary),
+        "the server got another secret:\n{seen}"
+    );
+    let vars: std::collections::BTreeMap<&str, &str> =
+        seen.lines().filter_map(|l| l.split_once('=')).collect();
+    assert!(
+        !vars.keys().any(|k| k.starts_with("WARDEN_")),
+        "a WARDEN_ variable reached the server:\n{seen}"
+    );
+    for (name, value) in [
+        ("PASSED_BY_NAME", "from-the-proxy"),
+        ("SET_HERE", "from-argv"),
+        ("PASSED_BY_CONFIG", "also-from-the-proxy"),
+        ("SET_BY_CONFIG", "from-config"),
+    ] {
+        assert_eq!(vars.get(name), Some(&value), "{name}:\n{seen}");
+    }
+    assert!(vars.contains_key("PATH"), "{seen}");
+
+    // Asking for Warden's own variables is refused before anything starts.
+    for asked in ["WARDEN_TOKEN", "WARDEN_TOKEN=x"] {
+        let out = Command::new(WARDEN)
+            .arg("--config")
+            .arg(s.config())
+            .args(["mcp-proxy", "--embedded", "--env", asked, "--", "true"])
+            .env("WARDEN_TOKEN", &token)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{asked}: {err}");
+        assert!(err.contains("never reach the MCP server"), "{asked}: {err}");
+    }
 }
