@@ -7,20 +7,17 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-const WARDEN: &str = env!("CARGO_BIN_EXE_warden");
+#[path = "support/process.rs"]
+mod process;
+use process::{root, wait_with_deadline};
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
+const WARDEN: &str = env!("CARGO_BIN_EXE_warden");
 
 struct Peers {
     python: PathBuf,
@@ -216,25 +213,6 @@ fn results_and_stderr(child: Child) -> (Vec<Value>, String) {
         lines[1..].to_vec(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-fn wait_with_deadline(mut child: Child, limit: Duration) -> Output {
-    let start = Instant::now();
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "timed out:\n{}\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn tool_calls(audit: &[Value]) -> Vec<&Value> {
