@@ -9,6 +9,7 @@ PLAN.json is a list of steps; each prints one JSON line with its result:
                                             -> {"is_error": bool, "text": str, "meta": {...}}
                                                or {"error": str} for a JSON-RPC error
   {"op": "list_resources"} / {"op": "list_prompts"} / {"op": "ping"}
+  {"op": "read_resource", "uri": "..."}
   {"op": "call_in_background", ...call fields}  starts a call, result printed when done
   {"op": "sleep", "seconds": s}
   {"op": "wait_background"}                 waits for background calls
@@ -66,6 +67,12 @@ async def run(session, plan):
             elif op == "list_prompts":
                 res = await session.list_prompts()
                 emit({"op": op, "count": len(res.prompts)})
+            elif op == "read_resource":
+                try:
+                    res = await session.read_resource(step["uri"])
+                    emit({"op": op, "ok": True, "count": len(res.contents)})
+                except Exception as e:  # a refusal is an MCP error: report it
+                    emit({"op": op, "ok": False, "error": str(e)})
             elif op == "ping":
                 await session.send_ping()
                 emit({"op": op, "ok": True})

@@ -141,6 +141,7 @@ struct RawMcpServer {
     env: BTreeMap<String, String>,
     #[serde(default)]
     pass_env: Vec<String>,
+    passthrough: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -307,6 +308,9 @@ pub struct McpServer {
     pub env: BTreeMap<String, String>,
     /// Variables `mcp-proxy` passes through from its own environment to the server.
     pub pass_env: Vec<String>,
+    /// Client methods that pass the gateways without a decision (an entry ending in `/*`
+    /// names a prefix). Every other request is decided and audited.
+    pub passthrough: Vec<String>,
 }
 
 /// Checks a variable name an operator asks `mcp-proxy` to give the server it starts.
@@ -335,6 +339,11 @@ pub fn check_child_env_name(name: &str) -> Result<(), String> {
 }
 
 const WARDEN_ENV_PREFIX: &str = "WARDEN_";
+
+/// Client methods that pass the MCP gateways undecided unless a server says otherwise:
+/// the handshake, liveness, and notifications (which cannot be answered, so cannot be
+/// denied; `tools/call` sent as one is never forwarded).
+pub const DEFAULT_PASSTHROUGH: [&str; 3] = ["initialize", "ping", "notifications/*"];
 
 /// How the HTTP listener protects itself from slow, idle and numerous clients.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -740,6 +749,27 @@ impl Settings {
                 check_child_env_name(name)
                     .map_err(|e| field(&format!("mcp_servers[{i}].pass_env"), e))?;
             }
+            let passthrough = match m.passthrough {
+                Some(list) => list,
+                None => DEFAULT_PASSTHROUGH.iter().map(|s| s.to_string()).collect(),
+            };
+            for p in &passthrough {
+                // Letting the gateway's reason to exist through undecided is never what
+                // an operator means; refuse it rather than run ungoverned.
+                let governs_calls = p == "tools/call"
+                    || p == "*"
+                    || p.strip_suffix("/*")
+                        .is_some_and(|pre| "tools/call".starts_with(&format!("{pre}/")));
+                if governs_calls || p.is_empty() {
+                    return Err(field(
+                        &format!("mcp_servers[{i}].passthrough"),
+                        format!(
+                            "`{p}` would let tool calls pass undecided; list the methods that \
+                             may pass (for example \"initialize\", \"ping\", \"notifications/*\")"
+                        ),
+                    ));
+                }
+            }
             let server = McpServer {
                 name: m.name.clone(),
                 url: m.url,
@@ -748,6 +778,7 @@ impl Settings {
                 resolve_paths: m.resolve_paths,
                 env: m.env,
                 pass_env: m.pass_env,
+                passthrough,
             };
             if mcp_servers.insert(m.name.clone(), server).is_some() {
                 return Err(field(

@@ -10,8 +10,10 @@
 //! The decision itself comes from a [`gate::Gate`]: Warden's pipeline in-process, or a
 //! running `warden serve` over HTTP. Nothing here knows which.
 
+pub mod engine;
 pub mod gate;
 pub mod message;
+pub mod sniff;
 pub mod sse;
 pub mod stdio;
 pub mod tools;

@@ -107,16 +107,6 @@ pub fn into_messages(frame: Value) -> Vec<Value> {
     }
 }
 
-/// A JSON-RPC error response.
-pub fn error_response(id: &Value, code: i64, message: impl Into<String>) -> Value {
-    json!({ "jsonrpc": "2.0", "id": id, "error": { "code": code, "message": message.into() } })
-}
-
-/// A key to track request ids by: `1` and `"1"` are different ids.
-pub fn id_key(id: &Value) -> String {
-    id.to_string()
-}
-
 /// `params._meta` of a request, created if absent (for trace propagation).
 pub fn meta_mut(msg: &mut Value) -> Option<&mut Map<String, Value>> {
     let params = msg
@@ -187,6 +177,5 @@ mod tests {
             parse_frame(br#"{"params":{"arguments":{"a":1,"a":2}}}"#, 100),
             Err(FrameError::Parse(m)) if m.contains("duplicate key")
         ));
-        assert_ne!(id_key(&json!(1)), id_key(&json!("1")));
     }
 }

@@ -1,63 +1,61 @@
 //! The governed stdio proxy: an MCP server to the client on one pair of pipes, an MCP
-//! client to the real server on another, and Warden's decision in front of every
-//! `tools/call`.
+//! client to the real server on another. Framing only: what each message means and what
+//! Warden does with it is the session engine's ([`crate::engine`]), shared with the
+//! Streamable HTTP gateway.
 //!
-//! Messages pass through byte for byte unless the proxy must act on them:
-//! - a `tools/call` is decided first; a denied one is answered by the proxy with an error
-//!   result and never reaches the server; a permitted one is forwarded with the call's
-//!   `traceparent` and `baggage` in `params._meta`, and its response is recorded as the
-//!   call's outcome;
-//! - a `tools/list` response is filtered to the tools the agent could ever call;
-//! - a response to an id that was never asked is dropped, so a server cannot answer a
-//!   call Warden denied, nor a client a request the server never made.
+//! Messages pass through byte for byte unless the engine changed them. Messages that
+//! need the gate (decisions, list filters, standing checks) are finished in tasks of
+//! their own, so a slow decision never holds up pings, cancellations or other calls.
 //!
-//! INVARIANT: a `tools/call` reaches the server only after the gate permitted it.
+//! Ends of the session:
+//! - the client closes its input: what is in flight is still answered (the server sees
+//!   its input close and answers or abandons its requests itself), then the proxy ends;
+//! - the client stops reading (its output breaks): everything in flight is cancelled
+//!   upstream and recorded as `cancelled`;
+//! - the server exits: every request still waiting gets an error, permitted calls are
+//!   recorded as `upstream-failed`.
+//!
+//! INVARIANT: a governed request reaches the server only after the gate permitted it.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 
-use crate::gate::{Gate, Outcome};
-use crate::message::{
-    classify, error_response, id_key, into_messages, meta_mut, parse_frame, FrameError, Kind,
-    CALL_CANCELLED, CALL_TIMED_OUT, UPSTREAM_UNAVAILABLE,
-};
-use crate::tools::{
-    denied_result, filter_tools_list, forward_arguments, resolve_call_paths, tool_call_of,
-    trace_headers, ToolMap,
-};
+pub use crate::engine::Stats;
+use crate::engine::{error_response, Admit, Emit, Rules, Session, Step};
+use crate::gate::Gate;
+use crate::message::{into_messages, parse_frame, FrameError};
+use crate::sniff::{sanitize, Sniffer};
 
 #[derive(Debug, Clone)]
 pub struct Options {
-    pub map: ToolMap,
-    /// Largest frame accepted from either side.
+    pub rules: Rules,
+    /// Largest message accepted from the client.
     pub max_frame: usize,
-    /// Filter `tools/list` to the tools the agent could ever be permitted.
-    pub filter_tools: bool,
-    /// A permitted call with no answer after this long is cancelled.
-    pub call_timeout: Duration,
+    /// Largest message accepted from the server (results of file and database servers
+    /// are often large).
+    pub max_server_frame: usize,
     /// How often to ask whether the agent was stopped while calls are in flight.
     pub stop_poll: Duration,
-    /// Arguments that name local files, resolved before policy sees them.
-    pub resolve_paths: Vec<String>,
-    /// What relative paths are relative to: the server's working directory.
-    pub path_base: std::path::PathBuf,
 }
 
-impl Default for Options {
-    fn default() -> Self {
+/// The default limit on a client's message.
+pub const MAX_CLIENT_MESSAGE: usize = 4 * 1024 * 1024;
+/// The default limit on a server's message.
+pub const MAX_SERVER_MESSAGE: usize = 32 * 1024 * 1024;
+
+impl Options {
+    pub fn new(rules: Rules) -> Self {
         Self {
-            map: ToolMap::default(),
-            max_frame: 4 * 1024 * 1024,
-            filter_tools: true,
-            call_timeout: Duration::from_secs(300),
+            rules,
+            max_frame: MAX_CLIENT_MESSAGE,
+            max_server_frame: MAX_SERVER_MESSAGE,
             stop_poll: Duration::from_millis(200),
-            resolve_paths: Vec::new(),
-            path_base: std::path::PathBuf::from("/"),
         }
     }
 }
@@ -65,61 +63,29 @@ impl Default for Options {
 /// Why the proxy stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Exit {
-    /// The client closed its input.
+    /// The client closed its input (or stopped reading).
     ClientClosed,
     /// The server closed its output (exited or crashed).
     ServerClosed,
 }
 
-/// Counts, for logs and tests.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Stats {
-    pub calls_permitted: u64,
-    pub calls_denied: u64,
-    pub calls_cancelled: u64,
-    pub frames_rejected: u64,
-    pub responses_dropped: u64,
-}
-
-struct InFlight {
-    id: Value,
-    call_id: String,
-    agent_id: String,
-    started: Instant,
-}
-
-#[derive(Default)]
-struct State {
-    /// Permitted `tools/call`s awaiting the server's answer, by request id.
-    calls: HashMap<String, InFlight>,
-    /// Every client request forwarded to the server and not yet answered.
-    client_requests: HashSet<String>,
-    /// Every server request forwarded to the client and not yet answered.
-    server_requests: HashSet<String>,
-    /// `tools/list` requests whose responses are to be filtered.
-    tool_lists: HashSet<String>,
-    stats: Stats,
-    closing: bool,
-}
-
-type Shared = Arc<Mutex<State>>;
-
-fn lock(s: &Shared) -> std::sync::MutexGuard<'_, State> {
-    // A poisoned lock only means another task panicked mid-update; the bookkeeping is
-    // still the best we have, and refusing to go on would hang the client.
-    s.lock().unwrap_or_else(|p| p.into_inner())
+/// One frame read: its bytes are in the caller's buffer, or it was refused (what the
+/// sniffer saw of it says whom to answer).
+pub enum Frame {
+    Ok,
+    Refused(FrameError, Box<Sniffer>),
 }
 
 /// Reads one newline-delimited frame of at most `limit` bytes. `Ok(None)` at end of input;
-/// an oversized frame is consumed to its end and reported.
+/// an oversized frame is consumed to its end and reported with what its head said.
 pub async fn read_frame<R: AsyncBufRead + Unpin>(
     r: &mut R,
     buf: &mut Vec<u8>,
     limit: usize,
-) -> std::io::Result<Option<Result<(), FrameError>>> {
+) -> std::io::Result<Option<Frame>> {
     buf.clear();
     let mut seen = 0usize;
-    let mut too_large = false;
+    let mut too_large: Option<Sniffer> = None;
     loop {
         let chunk = r.fill_buf().await?;
         if chunk.is_empty() {
@@ -127,10 +93,20 @@ pub async fn read_frame<R: AsyncBufRead + Unpin>(
             // (kept for the newline) must not let one byte too many through.
             return Ok(if seen == 0 {
                 None
-            } else if too_large || buf.len() > limit {
-                Some(Err(FrameError::TooLarge(seen, limit)))
+            } else if let Some(s) = too_large {
+                Some(Frame::Refused(
+                    FrameError::TooLarge(seen, limit),
+                    Box::new(s),
+                ))
+            } else if buf.len() > limit {
+                let mut s = Sniffer::default();
+                s.feed(buf);
+                Some(Frame::Refused(
+                    FrameError::TooLarge(seen, limit),
+                    Box::new(s),
+                ))
             } else {
-                Some(Ok(()))
+                Some(Frame::Ok)
             });
         }
         let (take, done) = match chunk.iter().position(|b| *b == b'\n') {
@@ -138,18 +114,26 @@ pub async fn read_frame<R: AsyncBufRead + Unpin>(
             None => (chunk.len(), false),
         };
         seen += take;
-        if !too_large {
-            if buf.len() + take > limit + 1 {
-                too_large = true;
+        match &mut too_large {
+            Some(s) => s.feed(&chunk[..take]),
+            None if buf.len() + take > limit + 1 => {
+                // Over the limit: what was read so far and the rest are only sniffed
+                // for the message's id, so the refusal can name it.
+                let mut s = Sniffer::default();
+                s.feed(buf);
+                s.feed(&chunk[..take]);
                 buf.clear();
-            } else {
-                buf.extend_from_slice(&chunk[..take]);
+                too_large = Some(s);
             }
+            None => buf.extend_from_slice(&chunk[..take]),
         }
         r.consume(take);
         if done {
-            if too_large {
-                return Ok(Some(Err(FrameError::TooLarge(seen, limit))));
+            if let Some(s) = too_large {
+                return Ok(Some(Frame::Refused(
+                    FrameError::TooLarge(seen, limit),
+                    Box::new(s),
+                )));
             }
             while buf.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
                 buf.pop();
@@ -160,7 +144,7 @@ pub async fn read_frame<R: AsyncBufRead + Unpin>(
                 seen = 0;
                 continue;
             }
-            return Ok(Some(Ok(())));
+            return Ok(Some(Frame::Ok));
         }
     }
 }
@@ -171,38 +155,100 @@ fn line(v: &Value) -> Vec<u8> {
     out
 }
 
-/// The frame to pass on: the original bytes if nothing was changed (byte-for-byte
-/// passthrough), else the remaining messages re-serialized; `None` if none remain.
-fn reframe(
+fn line_bytes(original: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(original.len() + 1);
+    b.extend_from_slice(original);
+    b.push(b'\n');
+    b
+}
+
+/// What one frame's messages came to: the bytes to pass on (the original bytes if no
+/// message changed: byte-for-byte passthrough) and the replies to its sender.
+fn settle_frame(
     original: &[u8],
-    mut forward: Vec<Value>,
-    modified: bool,
+    steps: Vec<Step>,
     is_batch: bool,
-) -> Option<Vec<u8>> {
-    if forward.is_empty() {
+    sanitized: bool,
+) -> (Option<Vec<u8>>, Vec<Value>) {
+    let mut forward = Vec::with_capacity(steps.len());
+    let mut replies = Vec::new();
+    let mut modified = is_batch && steps.len() > 1 || sanitized;
+    let n = steps.len();
+    for s in steps {
+        match s {
+            Step::Pass(v) => forward.push(v),
+            Step::Changed(v) => {
+                modified = true;
+                forward.push(v);
+            }
+            Step::Reply(v) => replies.push(v),
+            Step::Drop => {}
+        }
+    }
+    if forward.len() != n {
+        modified = true;
+    }
+    let bytes = if forward.is_empty() {
         None
     } else if !modified {
-        let mut b = Vec::with_capacity(original.len() + 1);
-        b.extend_from_slice(original);
-        b.push(b'\n');
-        Some(b)
+        Some(line_bytes(original))
     } else if is_batch {
         Some(line(&Value::Array(forward)))
     } else {
-        Some(line(&forward.remove(0)))
-    }
+        forward.pop().map(|v| line(&v))
+    };
+    (bytes, replies)
 }
 
-async fn writer<W: AsyncWrite + Unpin>(mut w: W, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
-    while let Some(bytes) = rx.recv().await {
-        if w.write_all(&bytes).await.is_err() || w.flush().await.is_err() {
-            break;
+enum Out {
+    Bytes(Vec<u8>),
+    /// Close the stream (the server's input, once the client has closed its own).
+    Shutdown,
+}
+
+async fn writer<W: AsyncWrite + Unpin>(
+    mut w: W,
+    mut rx: mpsc::UnboundedReceiver<Out>,
+    broken: Arc<AtomicBool>,
+) {
+    while let Some(out) = rx.recv().await {
+        match out {
+            Out::Bytes(bytes) => {
+                if w.write_all(&bytes).await.is_err() || w.flush().await.is_err() {
+                    broken.store(true, Ordering::SeqCst);
+                    break;
+                }
+            }
+            Out::Shutdown => break,
         }
     }
     let _ = w.shutdown().await;
 }
 
-/// Runs the proxy until one side closes. The caller owns the server process.
+#[derive(Clone)]
+struct Sides {
+    to_client: mpsc::UnboundedSender<Out>,
+    to_server: mpsc::UnboundedSender<Out>,
+}
+
+impl Sides {
+    fn emit(&self, emits: Vec<Emit>) {
+        for e in emits {
+            let _ = match e {
+                Emit::ToClient(v) => self.to_client.send(Out::Bytes(line(&v))),
+                Emit::ToServer(v) => self.to_server.send(Out::Bytes(line(&v))),
+            };
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Client,
+    Server,
+}
+
+/// Runs the proxy until the session ends. The caller owns the server process.
 pub async fn run<G, CR, CW, SR, SW>(
     gate: Arc<G>,
     opts: Options,
@@ -218,426 +264,223 @@ where
     SR: AsyncBufRead + Unpin + Send + 'static,
     SW: AsyncWrite + Unpin + Send + 'static,
 {
-    let (to_client, client_rx) = mpsc::unbounded_channel::<Vec<u8>>();
-    let (to_server, server_rx) = mpsc::unbounded_channel::<Vec<u8>>();
-    let client_writer = tokio::spawn(writer(client_out, client_rx));
-    let server_writer = tokio::spawn(writer(server_in, server_rx));
-    let state: Shared = Arc::new(Mutex::new(State::default()));
+    let (to_client, client_rx) = mpsc::unbounded_channel::<Out>();
+    let (to_server, server_rx) = mpsc::unbounded_channel::<Out>();
+    let client_broken = Arc::new(AtomicBool::new(false));
+    let server_broken = Arc::new(AtomicBool::new(false));
+    let mut client_writer = tokio::spawn(writer(client_out, client_rx, client_broken.clone()));
+    let server_writer = tokio::spawn(writer(server_in, server_rx, server_broken));
+    let sides = Sides {
+        to_client,
+        to_server,
+    };
+    let (session, recorder) = Session::new(gate.clone(), Arc::new(opts.rules.clone()));
     let opts = Arc::new(opts);
 
-    let watcher = tokio::spawn(watch_in_flight(
-        gate.clone(),
-        opts.clone(),
-        state.clone(),
-        to_client.clone(),
-        to_server.clone(),
-    ));
-    let mut from_client = tokio::spawn(client_loop(
-        gate.clone(),
-        opts.clone(),
-        state.clone(),
+    let watcher = tokio::spawn(watch(session.clone(), opts.stop_poll, sides.clone()));
+    let mut from_client = tokio::spawn(pump(
+        Side::Client,
+        session.clone(),
+        opts.max_frame,
         client_in,
-        to_client.clone(),
-        to_server.clone(),
+        sides.clone(),
     ));
-    let (outcomes, outcomes_rx) = mpsc::unbounded_channel::<Outcome>();
-    let recorder = tokio::spawn(record_outcomes(gate.clone(), outcomes_rx));
-    let mut from_server = tokio::spawn(server_loop(
-        gate.clone(),
-        opts.clone(),
-        state.clone(),
+    let mut from_server = tokio::spawn(pump(
+        Side::Server,
+        session.clone(),
+        opts.max_server_frame,
         server_out,
-        to_client.clone(),
-        outcomes,
+        sides.clone(),
     ));
 
-    let exit = tokio::select! {
+    let mut client_gone = false;
+    let mut exit = tokio::select! {
         _ = &mut from_client => Exit::ClientClosed,
         _ = &mut from_server => Exit::ServerClosed,
-    };
-    lock(&state).closing = true;
-    watcher.abort();
-    // Settle every call still in flight: the server is told to stop working on it, the
-    // client (if still there) gets an error, and the audit trail gets its outcome.
-    let orphans: Vec<InFlight> = {
-        let mut st = lock(&state);
-        let calls: Vec<(String, InFlight)> = st.calls.drain().collect();
-        for (k, _) in &calls {
-            st.client_requests.remove(k);
+        _ = &mut client_writer => {
+            // The writer only ends this early when the client stopped reading.
+            client_gone = true;
+            Exit::ClientClosed
         }
-        calls.into_iter().map(|(_, c)| c).collect()
     };
-    for c in orphans {
-        let why = match exit {
-            Exit::ClientClosed => "client disconnected",
-            Exit::ServerClosed => "MCP server exited",
-        };
-        let _ = to_server.send(line(&json!({
-            "jsonrpc": "2.0", "method": "notifications/cancelled", "params": { "requestId": c.id, "reason": why }
-        })));
-        let _ = to_client.send(line(&error_response(
-            &c.id,
-            UPSTREAM_UNAVAILABLE,
-            format!("tool call ended: {why}"),
-        )));
-        lock(&state).stats.calls_cancelled += 1;
-        gate.outcome(Outcome {
-            call_id: c.call_id,
-            agent_id: c.agent_id,
-            status: if exit == Exit::ClientClosed {
-                "cancelled"
-            } else {
-                "upstream-failed"
-            },
-            output: None,
-            duration_ns: c.started.elapsed().as_nanos() as u64,
-        })
-        .await;
-    }
-    if exit == Exit::ServerClosed {
-        // Every other request the client is waiting on will never be answered.
-        let pending: Vec<String> = lock(&state).client_requests.drain().collect();
-        for key in pending {
-            if let Ok(id) = serde_json::from_str::<Value>(&key) {
-                let _ = to_client.send(line(&error_response(
-                    &id,
-                    UPSTREAM_UNAVAILABLE,
-                    "MCP server exited",
-                )));
+    if exit == Exit::ClientClosed && !client_gone {
+        // The client closed its input. What it already asked is still answered: the
+        // server's input is closed behind the last forwarded message, and its answers
+        // are relayed until none is owed, the server exits, or the call timeout passes.
+        let _ = sides.to_server.send(Out::Shutdown);
+        let drain = async {
+            loop {
+                if session.pending_client_requests() == 0 || client_broken.load(Ordering::SeqCst) {
+                    return false;
+                }
+                tokio::select! {
+                    _ = &mut from_server => return true,
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
             }
+        };
+        if let Ok(true) = tokio::time::timeout(opts.rules.call_timeout, drain).await {
+            exit = Exit::ServerClosed;
         }
     }
+    watcher.abort();
+    let leftovers = match exit {
+        Exit::ClientClosed => {
+            session
+                .finish_all(None, "cancelled", "client disconnected", true)
+                .await
+        }
+        Exit::ServerClosed => {
+            session
+                .finish_all(None, "upstream-failed", "MCP server exited", false)
+                .await
+        }
+    };
+    sides.emit(leftovers);
     from_client.abort();
     from_server.abort();
-    // The server loop's end drops the recorder's last sender; let it finish writing.
+    let stats = session.stats();
+    // The recorder ends once the session's last handle is gone; let it finish writing.
+    session.close();
+    drop(session);
     let _ = tokio::time::timeout(Duration::from_secs(10), recorder).await;
-    drop(to_client);
-    drop(to_server);
-    let _ = tokio::time::timeout(Duration::from_secs(2), client_writer).await;
+    let _ = sides.to_server.send(Out::Shutdown);
+    let _ = sides.to_client.send(Out::Shutdown);
+    drop(sides);
+    if !client_gone {
+        let _ = tokio::time::timeout(Duration::from_secs(2), client_writer).await;
+    }
     let _ = tokio::time::timeout(Duration::from_secs(2), server_writer).await;
-    let stats = lock(&state).stats.clone();
     (exit, stats)
 }
 
-async fn client_loop<G: Gate, R: AsyncBufRead + Unpin>(
-    gate: Arc<G>,
-    opts: Arc<Options>,
-    state: Shared,
+/// Reads one side's frames and hands their messages to the session. Messages that need
+/// the gate are finished in tasks of their own; at the end of input the pump waits for
+/// them, so nothing the side sent is lost.
+async fn pump<G: Gate, R: AsyncBufRead + Unpin>(
+    from: Side,
+    session: Arc<Session<G>>,
+    limit: usize,
     mut input: R,
-    to_client: mpsc::UnboundedSender<Vec<u8>>,
-    to_server: mpsc::UnboundedSender<Vec<u8>>,
+    sides: Sides,
 ) {
     let mut buf = Vec::new();
-    loop {
-        let frame = match read_frame(&mut input, &mut buf, opts.max_frame).await {
-            Ok(Some(f)) => f,
-            Ok(None) | Err(_) => return,
-        };
-        let parsed = frame.and_then(|_| parse_frame(&buf, opts.max_frame));
-        let (value, is_batch) = match parsed {
-            Ok(v) => v,
-            Err(e) => {
-                lock(&state).stats.frames_rejected += 1;
-                let _ =
-                    to_client.send(line(&error_response(&Value::Null, e.code(), e.to_string())));
-                continue;
-            }
-        };
-        let items = into_messages(value);
-        let mut forward = Vec::with_capacity(items.len());
-        let mut modified = is_batch;
-        for mut msg in items {
-            let kind = match classify(&msg) {
-                Ok(k) => k,
-                Err(e) => {
-                    lock(&state).stats.frames_rejected += 1;
-                    let id = msg
-                        .get("id")
-                        .filter(|i| i.is_string() || i.is_number())
-                        .cloned()
-                        .unwrap_or(Value::Null);
-                    let _ = to_client.send(line(&error_response(&id, e.code(), e.to_string())));
-                    modified = true;
-                    continue;
-                }
-            };
-            match kind {
-                Kind::Request { id, method } if method == "tools/call" => {
-                    match decide(gate.as_ref(), &opts, &state, &id, &mut msg).await {
-                        Some(reply) => {
-                            let _ = to_client.send(line(&reply));
-                            modified = true;
-                            continue;
-                        }
-                        None => modified = true,
-                    }
-                    lock(&state).client_requests.insert(id_key(&id));
-                }
-                Kind::Request { id, method } => {
-                    let mut st = lock(&state);
-                    st.client_requests.insert(id_key(&id));
-                    if method == "tools/list" && opts.filter_tools {
-                        st.tool_lists.insert(id_key(&id));
-                    }
-                }
-                Kind::Response { id } => {
-                    if !lock(&state).server_requests.remove(&id_key(&id)) {
-                        tracing::warn!(id = %id, "client answered a request the server never made; dropped");
-                        lock(&state).stats.responses_dropped += 1;
-                        modified = true;
-                        continue;
-                    }
-                }
-                Kind::Notification { method } if method == "tools/call" => {
-                    // A call without an id gets no answer, but a server might still run
-                    // it: it is not forwarded, so nothing runs undecided.
-                    tracing::warn!("dropped a tools/call sent as a notification (it has no id)");
-                    lock(&state).stats.frames_rejected += 1;
-                    modified = true;
-                    continue;
-                }
-                Kind::Notification { method } => {
-                    if method == "notifications/cancelled" {
-                        // The client gave up on a call: it is no longer ours to settle.
-                        if let Some(rid) = msg.pointer("/params/requestId") {
-                            let key = id_key(rid);
-                            let call = {
-                                let mut st = lock(&state);
-                                st.client_requests.remove(&key);
-                                st.calls.remove(&key)
-                            };
-                            if let Some(c) = call {
-                                gate.outcome(Outcome {
-                                    call_id: c.call_id,
-                                    agent_id: c.agent_id,
-                                    status: "cancelled",
-                                    output: None,
-                                    duration_ns: c.started.elapsed().as_nanos() as u64,
-                                })
-                                .await;
-                            }
-                        }
-                    }
-                }
-            }
-            forward.push(msg);
-        }
-        let Some(bytes) = reframe(&buf, forward, modified, is_batch) else {
-            continue;
-        };
-        if to_server.send(bytes).is_err() {
-            return;
-        }
-    }
-}
-
-/// Decides a `tools/call`. Returns the reply for the client if the call is denied; if it
-/// is permitted, stamps the trace context into the message and tracks the call.
-async fn decide<G: Gate>(
-    gate: &G,
-    opts: &Options,
-    state: &Shared,
-    id: &Value,
-    msg: &mut Value,
-) -> Option<Value> {
-    let Some((name, mut call)) = tool_call_of(&opts.map, msg) else {
-        lock(state).stats.frames_rejected += 1;
-        return Some(error_response(id, -32602, "tools/call needs `params.name`"));
+    let mut later = JoinSet::new();
+    let (back, on) = match from {
+        Side::Client => (&sides.to_client, &sides.to_server),
+        Side::Server => (&sides.to_server, &sides.to_client),
     };
-    // Policy judges the resolved paths, and the server gets what policy judged.
-    let resolved = resolve_call_paths(&mut call, &opts.resolve_paths, Some(&opts.path_base));
-    let verdict = gate.check(call).await;
-    if !verdict.permit {
-        lock(state).stats.calls_denied += 1;
-        return Some(denied_result(id, &name, &verdict));
-    }
-    if let Some(args) = resolved {
-        forward_arguments(msg, args);
-    }
-    let (traceparent, baggage) = trace_headers(&verdict);
-    if let Some(m) = meta_mut(msg) {
-        m.insert("traceparent".into(), Value::String(traceparent));
-        m.insert("baggage".into(), Value::String(baggage));
-    }
-    let mut st = lock(state);
-    st.stats.calls_permitted += 1;
-    st.calls.insert(
-        id_key(id),
-        InFlight {
-            id: id.clone(),
-            call_id: verdict.call_id,
-            agent_id: verdict.agent_id,
-            started: Instant::now(),
-        },
-    );
-    None
-}
-
-async fn server_loop<G: Gate, R: AsyncBufRead + Unpin>(
-    gate: Arc<G>,
-    opts: Arc<Options>,
-    state: Shared,
-    mut input: R,
-    to_client: mpsc::UnboundedSender<Vec<u8>>,
-    outcomes: mpsc::UnboundedSender<Outcome>,
-) {
-    let mut buf = Vec::new();
     loop {
-        let frame = match read_frame(&mut input, &mut buf, opts.max_frame).await {
+        // Reap finished tasks as we go, so the set does not grow with the session.
+        while later.try_join_next().is_some() {}
+        let frame = match read_frame(&mut input, &mut buf, limit).await {
             Ok(Some(f)) => f,
-            Ok(None) | Err(_) => return,
+            Ok(None) | Err(_) => break,
         };
-        let (value, is_batch) = match frame.and_then(|_| parse_frame(&buf, opts.max_frame)) {
+        if let Frame::Refused(e, sniffed) = frame {
+            session.note_rejected_frame();
+            match from {
+                Side::Client => {
+                    let step = session.oversized(&sniffed, &e).await;
+                    if let Step::Reply(r) = step {
+                        let _ = back.send(Out::Bytes(line(&r)));
+                    }
+                }
+                Side::Server => {
+                    // The request it answers gets an error instead, so the client is
+                    // not left waiting.
+                    sides.emit(session.oversized_answer(&sniffed, &e).await);
+                }
+            }
+            continue;
+        }
+        let (bytes, sanitized) = match sanitize(&buf) {
+            Some(clean) => (clean, true),
+            None => (std::mem::take(&mut buf), false),
+        };
+        let (value, is_batch) = match parse_frame(&bytes, usize::MAX) {
             Ok(v) => v,
             Err(e) => {
-                // Garbage from the server is not passed on: the client could not use it.
-                tracing::warn!(error = %e, "dropped an unreadable frame from the MCP server");
-                lock(&state).stats.frames_rejected += 1;
+                session.note_rejected_frame();
+                if from == Side::Client {
+                    let mut s = Sniffer::default();
+                    s.feed(&bytes);
+                    let id = s.id().unwrap_or(Value::Null);
+                    let _ = back.send(Out::Bytes(line(&error_response(
+                        &id,
+                        e.code(),
+                        &e.to_string(),
+                    ))));
+                } else {
+                    tracing::warn!(error = %e, "dropped an unreadable frame from the MCP server");
+                }
+                buf = bytes;
                 continue;
             }
         };
-        let items = into_messages(value);
-        let mut forward = Vec::with_capacity(items.len());
-        let mut modified = is_batch;
-        for mut msg in items {
-            match classify(&msg) {
-                Ok(Kind::Response { id }) => {
-                    let key = id_key(&id);
-                    let (asked, call, filter) = {
-                        let mut st = lock(&state);
-                        (
-                            st.client_requests.remove(&key),
-                            st.calls.remove(&key),
-                            st.tool_lists.remove(&key),
-                        )
-                    };
-                    if !asked {
-                        tracing::warn!(id = %id, "MCP server answered a request that was never forwarded; dropped");
-                        lock(&state).stats.responses_dropped += 1;
-                        modified = true;
-                        continue;
-                    }
-                    if let Some(c) = call {
-                        let is_error = msg.get("error").is_some()
-                            || msg.pointer("/result/isError").and_then(Value::as_bool)
-                                == Some(true);
-                        let output = msg.get("result").or_else(|| msg.get("error")).cloned();
-                        // Recorded beside the response, not before it: the decision was
-                        // durable before the call ran, and a second fsync on the way back
-                        // would double the proxy's latency. `run` waits for the recorder.
-                        let _ = outcomes.send(Outcome {
-                            call_id: c.call_id,
-                            agent_id: c.agent_id,
-                            status: if is_error { "error" } else { "ok" },
-                            output,
-                            duration_ns: c.started.elapsed().as_nanos() as u64,
-                        });
-                    }
-                    if filter {
-                        // Asked afresh for every list (scopes and kill switches change);
-                        // if the agent's standing cannot be read, it is offered nothing.
-                        let visible = gate.visible_actions().await.unwrap_or_default();
-                        if filter_tools_list(&mut msg, &opts.map, &visible) > 0 {
-                            modified = true;
-                        }
-                    }
-                }
-                Ok(Kind::Request { id, .. }) => {
-                    lock(&state).server_requests.insert(id_key(&id));
-                }
-                Ok(Kind::Notification { .. }) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "dropped an invalid message from the MCP server");
-                    lock(&state).stats.frames_rejected += 1;
-                    modified = true;
-                    continue;
-                }
+        let mut now = Vec::new();
+        let mut pending = Vec::new();
+        for (i, msg) in into_messages(value).into_iter().enumerate() {
+            let admitted = match from {
+                Side::Client => session.admit_client(msg),
+                Side::Server => session.admit_server(msg),
+            };
+            match admitted {
+                Admit::Now(step) => now.push((i, step)),
+                Admit::Later(p) => pending.push((i, p)),
             }
-            forward.push(msg);
         }
-        let Some(bytes) = reframe(&buf, forward, modified, is_batch) else {
-            continue;
-        };
-        if to_client.send(bytes).is_err() {
-            return;
+        if pending.is_empty() {
+            let steps = now.into_iter().map(|(_, s)| s).collect();
+            if !deliver(&bytes, steps, is_batch, sanitized, back, on) {
+                break;
+            }
+        } else {
+            let session = session.clone();
+            let (back, on) = (back.clone(), on.clone());
+            let original = bytes.clone();
+            later.spawn(async move {
+                let mut steps = now;
+                for (i, p) in pending {
+                    let gate = session.gate().clone();
+                    steps.push((i, session.finish(gate.as_ref(), p).await));
+                }
+                steps.sort_by_key(|(i, _)| *i);
+                let steps = steps.into_iter().map(|(_, s)| s).collect();
+                deliver(&original, steps, is_batch, sanitized, &back, &on);
+            });
         }
+        buf = bytes;
+    }
+    while later.join_next().await.is_some() {}
+}
+
+fn deliver(
+    original: &[u8],
+    steps: Vec<Step>,
+    is_batch: bool,
+    sanitized: bool,
+    back: &mpsc::UnboundedSender<Out>,
+    on: &mpsc::UnboundedSender<Out>,
+) -> bool {
+    let (bytes, replies) = settle_frame(original, steps, is_batch, sanitized);
+    for r in replies {
+        let _ = back.send(Out::Bytes(line(&r)));
+    }
+    match bytes {
+        Some(b) => on.send(Out::Bytes(b)).is_ok(),
+        None => true,
     }
 }
 
-/// Records outcomes in the order the server answered.
-async fn record_outcomes<G: Gate>(gate: Arc<G>, mut rx: mpsc::UnboundedReceiver<Outcome>) {
-    while let Some(o) = rx.recv().await {
-        gate.outcome(o).await;
-    }
-}
-
-/// While calls are in flight: cancel them if the agent is stopped or they run too long.
-async fn watch_in_flight<G: Gate>(
-    gate: Arc<G>,
-    opts: Arc<Options>,
-    state: Shared,
-    to_client: mpsc::UnboundedSender<Vec<u8>>,
-    to_server: mpsc::UnboundedSender<Vec<u8>>,
-) {
-    let mut tick = tokio::time::interval(opts.stop_poll);
+/// While anything is in flight: stop it if the agent is stopped or it ran too long.
+async fn watch<G: Gate>(session: Arc<Session<G>>, every: Duration, sides: Sides) {
+    let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let busy = {
-            let st = lock(&state);
-            !st.calls.is_empty() && !st.closing
-        };
-        if !busy {
-            continue;
-        }
-        let stopped = gate.stopped().await;
-        let victims: Vec<(InFlight, String, i64)> = {
-            let mut st = lock(&state);
-            let keys: Vec<String> = st
-                .calls
-                .iter()
-                .filter(|(_, c)| stopped.is_some() || c.started.elapsed() >= opts.call_timeout)
-                .map(|(k, _)| k.clone())
-                .collect();
-            keys.into_iter()
-                .filter_map(|k| {
-                    st.client_requests.remove(&k);
-                    st.calls.remove(&k)
-                })
-                .map(|c| match &stopped {
-                    Some(why) => (c, format!("agent stopped: {why}"), CALL_CANCELLED),
-                    None => (
-                        c,
-                        format!("no answer within {}s", opts.call_timeout.as_secs()),
-                        CALL_TIMED_OUT,
-                    ),
-                })
-                .collect()
-        };
-        for (c, why, code) in victims {
-            let _ = to_server.send(line(&json!({
-                "jsonrpc": "2.0", "method": "notifications/cancelled", "params": { "requestId": c.id, "reason": why }
-            })));
-            lock(&state).stats.calls_cancelled += 1;
-            // Recorded before the client hears of it, so the outcome is durable even if
-            // the client hangs up at once.
-            gate.outcome(Outcome {
-                call_id: c.call_id,
-                agent_id: c.agent_id,
-                status: if code == CALL_TIMED_OUT {
-                    "timeout"
-                } else {
-                    "cancelled"
-                },
-                output: None,
-                duration_ns: c.started.elapsed().as_nanos() as u64,
-            })
-            .await;
-            let _ = to_client.send(line(&error_response(
-                &c.id,
-                code,
-                format!("tool call cancelled by Warden: {why}"),
-            )));
+        if session.busy() {
+            sides.emit(session.sweep(None).await);
         }
     }
 }
@@ -645,26 +488,40 @@ async fn watch_in_flight<G: Gate>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gate::{ToolCall, Verdict};
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use crate::gate::{Outcome, ToolCall, Verdict};
+    use crate::message::{CALL_CANCELLED, CALL_TIMED_OUT};
+    use crate::tools::ToolMap;
+    use serde_json::json;
+    use std::collections::HashSet;
+    use std::sync::Mutex;
     use tokio::io::{duplex, AsyncBufReadExt, AsyncWriteExt, BufReader, DuplexStream, Lines};
 
     #[derive(Default)]
     struct FakeGate {
         checked: Mutex<Vec<String>>,
+        refusals: Mutex<Vec<String>>,
         outcomes: Mutex<Vec<(String, &'static str)>>,
         stopped: AtomicBool,
+        /// Calls to actions ending in `slow` wait for this.
+        release: tokio::sync::Notify,
     }
 
     impl Gate for FakeGate {
         async fn check(&self, call: ToolCall) -> Verdict {
+            if call.action.ends_with("slow") {
+                self.release.notified().await;
+            }
+            if let Some(r) = &call.refusal {
+                self.refusals.lock().unwrap().push(r.clone());
+            }
             let n = {
                 let mut c = self.checked.lock().unwrap();
                 c.push(call.action.clone());
                 c.len()
             };
-            let permit =
-                !call.action.ends_with("forbidden") && !self.stopped.load(Ordering::SeqCst);
+            let permit = !call.action.ends_with("forbidden")
+                && call.refusal.is_none()
+                && !self.stopped.load(Ordering::SeqCst);
             Verdict {
                 permit,
                 reason: if permit {
@@ -683,6 +540,7 @@ mod tests {
             }
         }
         async fn outcome(&self, o: Outcome) {
+            let _: &Outcome = &o;
             self.outcomes.lock().unwrap().push((o.call_id, o.status));
         }
         async fn stopped(&self) -> Option<String> {
@@ -705,6 +563,13 @@ mod tests {
     }
 
     fn start(opts: Options) -> Harness {
+        let opts = Options {
+            rules: Rules {
+                map: ToolMap::new("srv", Default::default()),
+                ..opts.rules
+            },
+            ..opts
+        };
         let gate = Arc::new(FakeGate::default());
         let (client_tx, proxy_client_in) = duplex(1 << 20);
         let (proxy_client_out, client_rx) = duplex(1 << 20);
@@ -712,10 +577,7 @@ mod tests {
         let (proxy_server_in, server_rx) = duplex(1 << 20);
         let task = tokio::spawn(run(
             gate.clone(),
-            Options {
-                map: ToolMap::new("srv", Default::default()),
-                ..opts
-            },
+            opts,
             BufReader::new(proxy_client_in),
             proxy_client_out,
             BufReader::new(proxy_server_out),
@@ -729,6 +591,10 @@ mod tests {
             server_rx: BufReader::new(server_rx).lines(),
             task,
         }
+    }
+
+    fn opts() -> Options {
+        Options::new(Rules::new(ToolMap::new("srv", Default::default())))
     }
 
     async fn send(w: &mut DuplexStream, v: Value) {
@@ -750,7 +616,7 @@ mod tests {
 
     #[tokio::test]
     async fn permitted_call_is_forwarded_traced_and_its_outcome_recorded() {
-        let mut h = start(Options::default());
+        let mut h = start(opts());
         send(&mut h.client_tx, call(1, "echo")).await;
         let fwd = recv(&mut h.server_rx).await;
         assert_eq!(fwd["params"]["name"], "echo");
@@ -784,7 +650,7 @@ mod tests {
 
     #[tokio::test]
     async fn denied_call_never_reaches_the_server_and_a_forged_answer_is_dropped() {
-        let mut h = start(Options::default());
+        let mut h = start(opts());
         send(&mut h.client_tx, call(7, "forbidden")).await;
         let resp = recv(&mut h.client_rx).await;
         assert_eq!(resp["id"], 7);
@@ -825,7 +691,7 @@ mod tests {
 
     #[tokio::test]
     async fn tools_list_is_filtered_to_what_the_agent_may_call() {
-        let mut h = start(Options::default());
+        let mut h = start(opts());
         send(
             &mut h.client_tx,
             json!({"jsonrpc":"2.0","id":"l","method":"tools/list"}),
@@ -841,7 +707,7 @@ mod tests {
     async fn bad_frames_get_errors_and_the_proxy_keeps_going() {
         let mut h = start(Options {
             max_frame: 1024,
-            ..Options::default()
+            ..opts()
         });
         h.client_tx.write_all(b"{not json\n").await.unwrap();
         assert_eq!(recv(&mut h.client_rx).await["error"]["code"], -32700);
@@ -866,21 +732,25 @@ mod tests {
         )
         .await;
         assert_eq!(recv(&mut h.client_rx).await["error"]["code"], -32602);
-        // unknown methods pass through: the server answers them
+        // an unknown method is decided like any other (policy denies what it does not
+        // know); this gate permits it, so the server gets it
         send(
             &mut h.client_tx,
             json!({"jsonrpc":"2.0","id":5,"method":"no/such"}),
         )
         .await;
         assert_eq!(recv(&mut h.server_rx).await["method"], "no/such");
-        assert!(h.gate.checked.lock().unwrap().is_empty());
+        assert_eq!(
+            *h.gate.checked.lock().unwrap(),
+            vec!["srv/no/such".to_string()]
+        );
     }
 
     #[tokio::test]
     async fn a_kill_cancels_the_call_in_flight() {
         let mut h = start(Options {
             stop_poll: Duration::from_millis(20),
-            ..Options::default()
+            ..opts()
         });
         send(&mut h.client_tx, call(1, "echo")).await;
         recv(&mut h.server_rx).await;
@@ -913,11 +783,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_hanging_server_times_out_and_a_crashing_one_answers_every_waiter() {
-        let mut h = start(Options {
-            call_timeout: Duration::from_millis(100),
-            stop_poll: Duration::from_millis(20),
-            ..Options::default()
-        });
+        let mut o = opts();
+        o.rules.call_timeout = Duration::from_millis(100);
+        o.stop_poll = Duration::from_millis(20);
+        let mut h = start(o);
         send(&mut h.client_tx, call(1, "echo")).await;
         recv(&mut h.server_rx).await;
         let err = recv(&mut h.client_rx).await;
@@ -951,14 +820,56 @@ mod tests {
         );
     }
 
+    /// Regression: closing stdin after sending dropped answers still pending (even
+    /// `initialize`'s). The client may still be reading: what it asked is answered.
     #[tokio::test]
-    async fn a_client_leaving_mid_call_cancels_it_upstream() {
-        let mut h = start(Options::default());
+    async fn closing_input_still_delivers_what_is_pending() {
+        let mut h = start(opts());
+        send(
+            &mut h.client_tx,
+            json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{}}),
+        )
+        .await;
+        send(&mut h.client_tx, call(1, "echo")).await;
+        drop(h.client_tx);
+        assert_eq!(recv(&mut h.server_rx).await["id"], 0);
+        assert_eq!(recv(&mut h.server_rx).await["id"], 1);
+        send(
+            &mut h.server_tx,
+            json!({"jsonrpc":"2.0","id":0,"result":{"protocolVersion":"2025-11-25"}}),
+        )
+        .await;
+        send(
+            &mut h.server_tx,
+            json!({"jsonrpc":"2.0","id":1,"result":{"content":[]}}),
+        )
+        .await;
+        assert_eq!(recv(&mut h.client_rx).await["id"], 0);
+        assert_eq!(recv(&mut h.client_rx).await["id"], 1);
+        let (exit, _) = h.task.await.unwrap();
+        assert_eq!(exit, Exit::ClientClosed);
+        assert_eq!(
+            *h.gate.outcomes.lock().unwrap(),
+            vec![("call-1".to_string(), "ok")]
+        );
+    }
+
+    /// A client that stops reading has left: its calls are cancelled upstream.
+    #[tokio::test]
+    async fn a_client_that_stops_reading_has_its_calls_cancelled() {
+        let mut h = start(opts());
         send(&mut h.client_tx, call(1, "echo")).await;
         recv(&mut h.server_rx).await;
-        drop(h.client_tx);
+        drop(h.client_rx);
+        // The next thing for the client cannot be written: the proxy notices it left.
+        send(
+            &mut h.server_tx,
+            json!({"jsonrpc":"2.0","method":"notifications/message","params":{}}),
+        )
+        .await;
         let cancel = recv(&mut h.server_rx).await;
         assert_eq!(cancel["method"], "notifications/cancelled");
+        assert_eq!(cancel["params"]["requestId"], 1);
         let (exit, _) = h.task.await.unwrap();
         assert_eq!(exit, Exit::ClientClosed);
         assert_eq!(
@@ -967,9 +878,386 @@ mod tests {
         );
     }
 
+    /// A decision that waits (a call held for review) holds up nothing else: pings,
+    /// other calls and a cancellation of the held call all go on meanwhile.
+    #[tokio::test]
+    async fn a_pending_decision_blocks_nothing_else() {
+        let mut h = start(opts());
+        send(&mut h.client_tx, call(1, "slow")).await;
+        send(
+            &mut h.client_tx,
+            json!({"jsonrpc":"2.0","id":2,"method":"ping"}),
+        )
+        .await;
+        assert_eq!(recv(&mut h.server_rx).await["id"], 2);
+        send(&mut h.client_tx, call(3, "echo")).await;
+        assert_eq!(recv(&mut h.server_rx).await["id"], 3);
+        // the client gives up on the held call; when its decision comes, it goes nowhere
+        send(
+            &mut h.client_tx,
+            json!({"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":1}}),
+        )
+        .await;
+        h.gate.release.notify_one();
+        send(
+            &mut h.client_tx,
+            json!({"jsonrpc":"2.0","id":4,"method":"ping"}),
+        )
+        .await;
+        assert_eq!(
+            recv(&mut h.server_rx).await["id"],
+            4,
+            "the cancelled call was not forwarded"
+        );
+        drop(h.client_tx);
+        send(
+            &mut h.server_tx,
+            json!({"jsonrpc":"2.0","id":3,"result":{"content":[]}}),
+        )
+        .await;
+        send(
+            &mut h.server_tx,
+            json!({"jsonrpc":"2.0","id":2,"result":{}}),
+        )
+        .await;
+        send(
+            &mut h.server_tx,
+            json!({"jsonrpc":"2.0","id":4,"result":{}}),
+        )
+        .await;
+        h.task.await.unwrap();
+        let mut outcomes = h.gate.outcomes.lock().unwrap().clone();
+        outcomes.sort();
+        assert_eq!(outcomes.len(), 2, "{outcomes:?}");
+        assert!(
+            outcomes.contains(&("call-2".to_string(), "ok"))
+                || outcomes.contains(&("call-1".to_string(), "ok"))
+        );
+        assert!(outcomes.iter().any(|(_, s)| *s == "cancelled"));
+    }
+
+    /// Regression: only `tools/call` was governed. Every other request is decided as
+    /// `<server>/<method>`; a denied one never reaches the server.
+    #[tokio::test]
+    async fn every_method_is_decided_and_a_denied_one_never_reaches_the_server() {
+        let mut h = start(opts());
+        send(&mut h.client_tx, json!({"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri":"file:///etc/shadow","_meta":{"rationale":"r"}}})).await;
+        let fwd = recv(&mut h.server_rx).await;
+        assert_eq!(fwd["params"]["uri"], "file:///etc/shadow");
+        assert!(fwd["params"]["_meta"]["traceparent"].is_string());
+        send(
+            &mut h.client_tx,
+            json!({"jsonrpc":"2.0","id":2,"method":"prompts/get","params":{"name":"forbidden"}}),
+        )
+        .await;
+        let denied = recv(&mut h.client_rx).await;
+        assert_eq!(
+            (denied["id"].clone(), denied["error"]["code"].clone()),
+            (json!(2), json!(crate::engine::DENIED))
+        );
+        assert_eq!(
+            denied["error"]["data"]["warden"]["reason"],
+            "TOOL_NOT_PERMITTED"
+        );
+        send(
+            &mut h.client_tx,
+            json!({"jsonrpc":"2.0","id":3,"method":"completion/complete","params":{}}),
+        )
+        .await;
+        assert_eq!(recv(&mut h.server_rx).await["id"], 3);
+        assert_eq!(
+            *h.gate.checked.lock().unwrap(),
+            vec![
+                "srv/resources/read".to_string(),
+                "srv/prompts/get/forbidden".into(),
+                "srv/completion/complete".into()
+            ]
+        );
+        send(
+            &mut h.server_tx,
+            json!({"jsonrpc":"2.0","id":1,"result":{"contents":[]}}),
+        )
+        .await;
+        send(
+            &mut h.server_tx,
+            json!({"jsonrpc":"2.0","id":3,"result":{"completion":{"values":[]}}}),
+        )
+        .await;
+        assert_eq!(recv(&mut h.client_rx).await["id"], 1);
+        assert_eq!(recv(&mut h.client_rx).await["id"], 3);
+        // a stopped agent gets nothing, not even a ping
+        h.gate.stopped.store(true, Ordering::SeqCst);
+        send(
+            &mut h.client_tx,
+            json!({"jsonrpc":"2.0","id":4,"method":"ping"}),
+        )
+        .await;
+        let e = recv(&mut h.client_rx).await;
+        assert_eq!(
+            (e["id"].clone(), e["error"]["code"].clone()),
+            (json!(4), json!(crate::engine::AGENT_STOPPED))
+        );
+    }
+
+    /// Regression: an answer `"1"` to request `1` was dropped and the call timed out.
+    /// Ids match as the official SDKs match them; the client gets its own id back.
+    #[tokio::test]
+    async fn string_and_number_ids_match_as_the_sdks_match_them() {
+        let mut h = start(opts());
+        send(&mut h.client_tx, call(1, "echo")).await;
+        recv(&mut h.server_rx).await;
+        send(
+            &mut h.server_tx,
+            json!({"jsonrpc":"2.0","id":"1","result":{"content":[]}}),
+        )
+        .await;
+        let r = recv(&mut h.client_rx).await;
+        assert_eq!(r["id"], json!(1));
+        assert_eq!(r["result"]["content"], json!([]));
+    }
+
+    /// Regression: a ping reusing the id of a call in flight replaced the call's outcome
+    /// with the ping's answer. A request id already in flight is refused.
+    #[tokio::test]
+    async fn an_id_already_in_flight_is_refused() {
+        let mut h = start(opts());
+        send(&mut h.client_tx, call(1, "echo")).await;
+        recv(&mut h.server_rx).await;
+        send(
+            &mut h.client_tx,
+            json!({"jsonrpc":"2.0","id":"1","method":"ping"}),
+        )
+        .await;
+        let e = recv(&mut h.client_rx).await;
+        assert_eq!(
+            (e["id"].clone(), e["error"]["code"].clone()),
+            (json!("1"), json!(-32600))
+        );
+        send(
+            &mut h.server_tx,
+            json!({"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"real"}]}}),
+        )
+        .await;
+        assert_eq!(
+            recv(&mut h.client_rx).await["result"]["content"][0]["text"],
+            "real"
+        );
+    }
+
+    /// `warden.*` baggage comes from Warden only, on every message.
+    #[tokio::test]
+    async fn warden_baggage_is_stripped_from_every_message() {
+        let mut h = start(opts());
+        send(&mut h.client_tx, json!({"jsonrpc":"2.0","id":1,"method":"ping","params":{"_meta":{"baggage":"warden.agent_id=root,team=a, Warden.call_id=x"}}})).await;
+        assert_eq!(
+            recv(&mut h.server_rx).await["params"]["_meta"]["baggage"],
+            "team=a"
+        );
+        send(&mut h.client_tx, json!({"jsonrpc":"2.0","method":"notifications/progress","params":{"_meta":{"baggage":"warden.agent_id=root"}}})).await;
+        assert_eq!(
+            recv(&mut h.server_rx).await["params"]["_meta"]["baggage"],
+            ""
+        );
+    }
+
+    /// Regression: an over-limit message got an error with `id: null`. It is answered
+    /// with its own id, and a governed one is decided as refused, so it is audited.
+    #[tokio::test]
+    async fn an_over_limit_message_is_answered_with_its_id_and_audited() {
+        let mut h = start(Options {
+            max_frame: 256,
+            ..opts()
+        });
+        let big = json!({"jsonrpc":"2.0","id":"big","method":"tools/call","params":{"name":"echo","arguments":{"x":"y".repeat(1000)}}});
+        send(&mut h.client_tx, big).await;
+        let r = recv(&mut h.client_rx).await;
+        assert_eq!(r["id"], "big");
+        assert_eq!(r["result"]["isError"], true);
+        assert_eq!(
+            *h.gate.checked.lock().unwrap(),
+            vec!["srv/echo".to_string()]
+        );
+        assert!(h.gate.refusals.lock().unwrap()[0].contains("exceeds the limit"));
+        send(
+            &mut h.client_tx,
+            json!({"jsonrpc":"2.0","id":2,"method":"ping","params":{"pad":"z".repeat(1000)}}),
+        )
+        .await;
+        let r = recv(&mut h.client_rx).await;
+        assert_eq!(
+            (r["id"].clone(), r["error"]["code"].clone()),
+            (json!(2), json!(-32600))
+        );
+    }
+
+    /// Regression: a server answer over the limit was dropped and the call waited for
+    /// its timeout. The client gets an error for it at once, and the outcome is recorded.
+    #[tokio::test]
+    async fn a_large_answer_passes_and_an_over_limit_one_is_answered() {
+        let mut h = start(Options {
+            max_server_frame: 8 * 1024 * 1024,
+            ..opts()
+        });
+        send(&mut h.client_tx, call(1, "echo")).await;
+        recv(&mut h.server_rx).await;
+        // 5 MiB: normal for file and database servers, above the old 4 MiB limit
+        let text = "a".repeat(5 * 1024 * 1024);
+        send(
+            &mut h.server_tx,
+            json!({"result":{"content":[{"type":"text","text":text}]},"jsonrpc":"2.0","id":1}),
+        )
+        .await;
+        let r = tokio::time::timeout(Duration::from_secs(10), h.client_rx.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let r: Value = serde_json::from_str(&r).unwrap();
+        assert_eq!(
+            r["result"]["content"][0]["text"].as_str().map(str::len),
+            Some(5 * 1024 * 1024)
+        );
+        send(&mut h.client_tx, call(2, "echo")).await;
+        recv(&mut h.server_rx).await;
+        let text = "a".repeat(9 * 1024 * 1024);
+        send(
+            &mut h.server_tx,
+            json!({"result":{"content":[{"type":"text","text":text}]},"jsonrpc":"2.0","id":2}),
+        )
+        .await;
+        let r = recv(&mut h.client_rx).await;
+        assert_eq!(
+            (r["id"].clone(), r["error"]["code"].clone()),
+            (json!(2), json!(crate::message::UPSTREAM_UNAVAILABLE))
+        );
+        assert_eq!(
+            h.gate.outcomes.lock().unwrap()[1],
+            ("call-2".to_string(), "upstream-failed")
+        );
+    }
+
+    /// Regression: a lone surrogate escape (what `json.dumps` writes for half an emoji)
+    /// and invalid UTF-8 got unanswerable errors; the reference server accepts them.
+    /// They are repaired to U+FFFD, and what is judged is what is forwarded.
+    #[tokio::test]
+    async fn lone_surrogates_and_invalid_utf8_are_repaired_not_refused() {
+        let mut h = start(opts());
+        h.client_tx.write_all(b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"params\":{\"name\":\"echo\",\"arguments\":{\"t\":\"half \\ud83d emoji \xff\"}}}\n").await.unwrap();
+        let fwd = recv(&mut h.server_rx).await;
+        assert_eq!(
+            fwd["params"]["arguments"]["t"],
+            "half \u{FFFD} emoji \u{FFFD}"
+        );
+    }
+
+    /// A tools/call run as a task is followed to its real result; a kill cancels the
+    /// task upstream and records it; task methods name only this session's tasks.
+    #[tokio::test]
+    async fn tasks_are_followed_to_their_result_and_cancelled_on_kill() {
+        let mut h = start(Options {
+            stop_poll: Duration::from_millis(20),
+            ..opts()
+        });
+        let mut c = call(1, "echo");
+        c["params"]["task"] = json!({"ttl": 60000});
+        send(&mut h.client_tx, c.clone()).await;
+        recv(&mut h.server_rx).await;
+        send(
+            &mut h.server_tx,
+            json!({"jsonrpc":"2.0","id":1,"result":{"task":{"taskId":"t1","status":"working"}}}),
+        )
+        .await;
+        assert_eq!(
+            recv(&mut h.client_rx).await["result"]["task"]["taskId"],
+            "t1"
+        );
+        assert!(
+            h.gate.outcomes.lock().unwrap().is_empty(),
+            "the task handle is not the outcome"
+        );
+        send(
+            &mut h.client_tx,
+            json!({"jsonrpc":"2.0","id":2,"method":"tasks/get","params":{"taskId":"other"}}),
+        )
+        .await;
+        assert_eq!(recv(&mut h.client_rx).await["error"]["code"], -32602);
+        send(
+            &mut h.client_tx,
+            json!({"jsonrpc":"2.0","id":3,"method":"tasks/result","params":{"taskId":"t1"}}),
+        )
+        .await;
+        assert_eq!(recv(&mut h.server_rx).await["method"], "tasks/result");
+        send(
+            &mut h.server_tx,
+            json!({"jsonrpc":"2.0","id":3,"result":{"content":[{"type":"text","text":"done"}]}}),
+        )
+        .await;
+        recv(&mut h.client_rx).await;
+        assert_eq!(
+            *h.gate.outcomes.lock().unwrap(),
+            vec![("call-1".to_string(), "ok")]
+        );
+        // a second task, then a kill: tasks/cancel goes upstream
+        c["id"] = json!(4);
+        send(&mut h.client_tx, c).await;
+        recv(&mut h.server_rx).await;
+        send(
+            &mut h.server_tx,
+            json!({"jsonrpc":"2.0","id":4,"result":{"task":{"taskId":"t2","status":"working"}}}),
+        )
+        .await;
+        recv(&mut h.client_rx).await;
+        h.gate.stopped.store(true, Ordering::SeqCst);
+        let cancel = recv(&mut h.server_rx).await;
+        assert_eq!(
+            (cancel["method"].clone(), cancel["params"]["taskId"].clone()),
+            (json!("tasks/cancel"), json!("t2"))
+        );
+        assert_eq!(
+            h.gate.outcomes.lock().unwrap()[1],
+            ("call-2".to_string(), "cancelled")
+        );
+    }
+
+    /// Server-to-client requests are decided for the agent: a denied one is answered
+    /// to the server and never reaches the client.
+    #[tokio::test]
+    async fn server_requests_are_decided() {
+        let mut h = start(opts());
+        send(
+            &mut h.server_tx,
+            json!({"jsonrpc":"2.0","id":"s1","method":"sampling/forbidden","params":{}}),
+        )
+        .await;
+        let e = recv(&mut h.server_rx).await;
+        assert_eq!(
+            (e["id"].clone(), e["error"]["code"].clone()),
+            (json!("s1"), json!(crate::engine::DENIED))
+        );
+        send(
+            &mut h.server_tx,
+            json!({"jsonrpc":"2.0","id":"s2","method":"sampling/createMessage","params":{}}),
+        )
+        .await;
+        assert_eq!(recv(&mut h.client_rx).await["id"], "s2");
+        send(
+            &mut h.client_tx,
+            json!({"jsonrpc":"2.0","id":"s2","result":{"role":"assistant"}}),
+        )
+        .await;
+        assert_eq!(recv(&mut h.server_rx).await["id"], "s2");
+        assert_eq!(
+            *h.gate.checked.lock().unwrap(),
+            vec![
+                "srv/sampling/forbidden".to_string(),
+                "srv/sampling/createMessage".into()
+            ]
+        );
+    }
+
     #[tokio::test]
     async fn server_requests_and_client_answers_pass_through() {
-        let mut h = start(Options::default());
+        let mut h = start(opts());
         send(
             &mut h.server_tx,
             json!({"jsonrpc":"2.0","id":"s1","method":"roots/list"}),
@@ -1001,7 +1289,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_tools_call_without_an_id_is_never_forwarded() {
-        let mut h = start(Options::default());
+        let mut h = start(opts());
         send(
             &mut h.client_tx,
             json!({"jsonrpc":"2.0","method":"tools/call","params":{"name":"echo","arguments":{}}}),
@@ -1022,7 +1310,7 @@ mod tests {
 
     #[tokio::test]
     async fn batches_are_split_between_denied_and_forwarded() {
-        let mut h = start(Options::default());
+        let mut h = start(opts());
         send(
             &mut h.client_tx,
             json!([call(1, "forbidden"), call(2, "echo")]),
@@ -1043,12 +1331,12 @@ mod tests {
         let mut buf = Vec::new();
         assert!(matches!(
             read_frame(&mut r, &mut buf, 2).await.unwrap(),
-            Some(Err(FrameError::TooLarge(3, 2)))
+            Some(Frame::Refused(FrameError::TooLarge(3, 2), _))
         ));
         let mut r = tokio::io::BufReader::new(&b"{}"[..]);
         assert!(matches!(
             read_frame(&mut r, &mut buf, 2).await.unwrap(),
-            Some(Ok(()))
+            Some(Frame::Ok)
         ));
         assert_eq!(buf, b"{}");
     }
@@ -1060,7 +1348,7 @@ mod tests {
         fn arbitrary_client_bytes(frames in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200), 1..8)) {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async {
-                let mut h = start(Options { max_frame: 128, ..Options::default() });
+                let mut h = start(Options { max_frame: 128, ..opts() });
                 for f in &frames {
                     h.client_tx.write_all(f).await.unwrap();
                     h.client_tx.write_all(b"\n").await.unwrap();

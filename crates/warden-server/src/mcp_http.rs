@@ -1,27 +1,26 @@
 //! The Streamable HTTP MCP gateway: every `[[mcp_servers]]` entry with a `url` is served
-//! at `/mcp/{name}`, and POST, GET and DELETE are proxied to that URL with Warden's
-//! decision in front of every `tools/call`.
+//! at `/mcp/{name}`, and POST, GET and DELETE are proxied to that URL. A thin transport:
+//! what each message means and what Warden does with it is the session engine's
+//! ([`warden_mcp::engine`]), shared with the stdio proxy, so both govern alike:
+//! every request decided and audited or passed by the server's `passthrough` list, list
+//! answers filtered, server requests decided, ids matched as the SDKs match them,
+//! `warden.*` baggage stripped, calls cancelled on kill, timeout and client disconnect.
 //!
-//! It behaves as the stdio proxy does ([`warden_mcp::stdio`]), over HTTP:
+//! What is particular to HTTP:
 //! - every request carries the agent's own bearer token, which authenticates it here and
-//!   is never forwarded; the upstream gets `X-Agent-Id`, `traceparent` and `baggage`
-//!   instead;
-//! - a `tools/call` is decided first; a denied one is answered by the gateway with an
-//!   error result and never reaches the server; a permitted one is forwarded with its
-//!   trace context in `params._meta`, and its response (a JSON body, or an event inside
-//!   an SSE stream) is recorded as the call's outcome as it passes through;
-//! - `tools/list` responses are filtered to the tools the agent could ever call;
-//! - a response to an id that was never forwarded is dropped;
-//! - while a permitted call is in flight, a kill or a revoked credential cancels it: the
-//!   client gets an error, the server gets `notifications/cancelled`, the audit trail gets
-//!   a `cancelled` outcome. A call past its server's timeout ends the same way, as
-//!   `timeout`.
+//!   is never forwarded; the upstream gets an allow-list of the client's headers plus
+//!   `X-Agent-Id`, `traceparent` and `baggage` set by the gateway;
+//! - one engine session per upstream MCP session (`Mcp-Session-Id`), bound to the agent
+//!   that opened it: another agent presenting its id is refused, an unknown or expired
+//!   id gets 404 (the client then initializes anew, as the spec has it), and a full
+//!   table refuses new sessions (503) rather than serving them unbound;
+//! - a message over the gateway's size limit (as large as stdio's) is answered in
+//!   JSON-RPC form with its own id, and a governed one is audited as refused;
+//! - SSE is inspected event by event and re-emitted unchanged unless it had to change,
+//!   so progress notifications reach the client as they happen.
 //!
-//! SSE is inspected event by event and re-emitted unchanged unless it had to change, so
-//! progress notifications reach the client as they happen.
-//!
-//! INVARIANT: a `tools/call` reaches the upstream server only after the gate permitted
-//! it and its decision is durable in the audit trail.
+//! INVARIANT: a governed request reaches the upstream server only after the gate
+//! permitted it and its decision is durable in the audit trail.
 //! INVARIANT: the agent's credential is never sent upstream.
 
 use std::collections::{HashMap, HashSet};
@@ -29,13 +28,11 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes, HttpBody};
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -45,16 +42,12 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use warden_core::pipeline::CallContext;
 use warden_core::Reason;
-use warden_mcp::gate::{Gate, Outcome, ToolCall, Verdict};
-use warden_mcp::message::{
-    classify, error_response, id_key, into_messages, meta_mut, parse_frame, FrameError, Kind,
-    CALL_CANCELLED, CALL_TIMED_OUT, UPSTREAM_UNAVAILABLE,
-};
+use warden_mcp::engine::{error_response, Admit, Emit, IdKey, Rules, Session, Step};
+use warden_mcp::message::{into_messages, parse_frame, FrameError, UPSTREAM_UNAVAILABLE};
+use warden_mcp::sniff::{sanitize, Sniffer};
 use warden_mcp::sse;
-use warden_mcp::tools::{
-    denied_result, filter_tools_list, forward_arguments, resolve_call_paths, tool_call_of,
-    trace_headers, ToolMap,
-};
+use warden_mcp::stdio::{MAX_CLIENT_MESSAGE, MAX_SERVER_MESSAGE};
+use warden_mcp::tools::{tool_call_of, ToolMap};
 
 use crate::api::{bearer, Peer};
 use crate::error::close_connection;
@@ -63,28 +56,27 @@ use crate::ids::random_hex;
 use crate::App;
 use warden_core::trace::parse_traceparent;
 
-/// How often a stream with calls in flight asks whether the agent was stopped.
+/// How often a stream with requests in flight asks whether the agent was stopped.
 const STOP_POLL: Duration = Duration::from_millis(200);
-/// The largest upstream JSON body or SSE event the gateway will hold to inspect. Tool
-/// results can be large (images), but a server that never stops must not exhaust memory.
-const MAX_UPSTREAM_MESSAGE: usize = 32 * 1024 * 1024;
-/// Session-to-agent bindings kept at most; past this, new sessions go unbound (the
-/// upstream's own session checks still apply).
-const MAX_SESSIONS: usize = 100_000;
-/// JSON-RPC error for a request refused because the agent is stopped (kill switch).
-pub const AGENT_STOPPED: i64 = -32004;
-/// JSON-RPC "invalid params".
-const INVALID_PARAMS: i64 = -32602;
+/// Sessions kept at most. Past this (after expiring idle ones), new sessions are refused:
+/// a session Warden does not track is one it could not govern.
+const MAX_SESSIONS: usize = 10_000;
+/// A session unused this long is forgotten; its client initializes anew.
+const SESSION_IDLE: Duration = Duration::from_secs(30 * 60);
+/// How much of an over-limit body is read to find its id before giving up on it.
+const MAX_SNIFF: usize = 64 * 1024 * 1024;
 
 const MCP_SESSION_ID: &str = "mcp-session-id";
 
+type McpSession = Session<EmbeddedGate>;
+
 /// The gateway's routes, to merge into the node's router.
 pub fn routes(app: Arc<App>) -> Router {
-    let limit = app.settings.max_body_bytes;
     let gw = Arc::new(Gateway::new(app));
     Router::new()
         .route("/mcp/{server}", post(handle).get(handle).delete(handle))
-        .layer(DefaultBodyLimit::max(limit))
+        // The gateway reads bodies itself, with its own limit and a JSON-RPC answer.
+        .layer(DefaultBodyLimit::disable())
         .with_state(gw)
 }
 
@@ -96,14 +88,15 @@ pub enum GatewayError {
     UnknownServer(String),
     #[error("{message}")]
     Refused { reason: Reason, message: String },
-    #[error("unknown MCP session")]
-    ForeignSession,
-    #[error("request body is larger than the limit of {0} bytes")]
-    TooLarge(usize),
+    #[error("unknown or expired MCP session; initialize a new one")]
+    UnknownSession,
+    #[error("too many MCP sessions are open; try again later")]
+    SessionsFull,
     #[error("{0}")]
     BadBody(String),
-    #[error("{0}")]
-    Frame(FrameError),
+    /// A JSON-RPC error answering the message itself (unparsable, over the limit).
+    #[error("{message}")]
+    Rpc { message: String, body: Value },
     /// The upstream server could not be reached or answered with garbage; `body` holds a
     /// JSON-RPC error for each request that was forwarded.
     #[error("{message}")]
@@ -113,17 +106,17 @@ pub enum GatewayError {
 impl GatewayError {
     fn status(&self) -> StatusCode {
         match self {
-            GatewayError::UnknownServer(_) | GatewayError::ForeignSession => StatusCode::NOT_FOUND,
+            GatewayError::UnknownServer(_) | GatewayError::UnknownSession => StatusCode::NOT_FOUND,
             GatewayError::Refused { reason, .. } if reason.is_authentication_failure() => {
                 StatusCode::UNAUTHORIZED
             }
             GatewayError::Refused {
                 reason: Reason::Internal,
                 ..
-            } => StatusCode::SERVICE_UNAVAILABLE,
+            }
+            | GatewayError::SessionsFull => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::Refused { .. } => StatusCode::FORBIDDEN,
-            GatewayError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            GatewayError::BadBody(_) | GatewayError::Frame(_) => StatusCode::BAD_REQUEST,
+            GatewayError::BadBody(_) | GatewayError::Rpc { .. } => StatusCode::BAD_REQUEST,
             GatewayError::Upstream { .. } => StatusCode::BAD_GATEWAY,
         }
     }
@@ -133,8 +126,7 @@ impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
         let status = self.status();
         let body = match &self {
-            GatewayError::Frame(e) => error_response(&Value::Null, e.code(), e.to_string()),
-            GatewayError::Upstream { body, .. } => body.clone(),
+            GatewayError::Rpc { body, .. } | GatewayError::Upstream { body, .. } => body.clone(),
             GatewayError::Refused { reason, message } => json!({
                 "error": match status {
                     StatusCode::UNAUTHORIZED => "UNAUTHORIZED",
@@ -144,20 +136,17 @@ impl IntoResponse for GatewayError {
                 "reason": reason.code(),
                 "message": message,
             }),
-            GatewayError::UnknownServer(_) | GatewayError::ForeignSession => {
+            GatewayError::UnknownServer(_) | GatewayError::UnknownSession => {
                 json!({ "error": "NOT_FOUND", "message": self.to_string() })
             }
-            GatewayError::TooLarge(_) => {
-                json!({ "error": "PAYLOAD_TOO_LARGE", "message": self.to_string() })
+            GatewayError::SessionsFull => {
+                json!({ "error": "UNAVAILABLE", "message": self.to_string() })
             }
             GatewayError::BadBody(_) => {
                 json!({ "error": "BAD_REQUEST", "message": self.to_string() })
             }
         };
         let mut resp = (status, Json(body)).into_response();
-        if matches!(self, GatewayError::TooLarge(_)) {
-            close_connection(&mut resp);
-        }
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -174,116 +163,131 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Registry key of a forwarded request: (server, session, request id).
-type PendingKey = (String, String, String);
+/// One upstream MCP session and the agent it belongs to.
+struct Bound {
+    agent: String,
+    session: Arc<McpSession>,
+    last_used: Instant,
+}
+
+/// One configured upstream.
+struct Upstream {
+    url: String,
+    rules: Arc<Rules>,
+}
 
 /// The gateway's shared state.
 struct Gateway {
     app: Arc<App>,
     http: Result<reqwest::Client, String>,
-    /// Requests forwarded within a session and not yet answered, so that an answer
-    /// arriving on another stream (a resumed GET) or a client's `notifications/cancelled`
-    /// can settle them.
-    pending: Mutex<HashMap<PendingKey, Arc<Pending>>>,
-    /// Which agent opened each upstream session: another agent presenting the same
-    /// session id is refused, so it cannot ride on (or cancel) someone else's calls.
-    sessions: Mutex<HashMap<(String, String), String>>,
-}
-
-/// A request forwarded upstream, awaiting its answer.
-struct Pending {
-    id: Value,
-    key: Option<PendingKey>,
-    /// Set for a permitted `tools/call`: its outcome goes on the audit trail.
-    call: Option<CallInfo>,
-    list_tools: bool,
-    started: Instant,
-    deadline: Instant,
-    /// Set once by whoever settles it (answer, cancel, timeout, upstream failure), so a
-    /// call gets exactly one outcome.
-    settled: AtomicBool,
-}
-
-struct CallInfo {
-    call_id: String,
-    agent_id: String,
+    upstreams: HashMap<String, Upstream>,
+    sessions: Mutex<HashMap<(String, String), Bound>>,
 }
 
 impl Gateway {
     fn new(app: Arc<App>) -> Self {
         // No overall timeout: SSE streams live as long as the calls they carry, and each
-        // call's own timeout is enforced by the gateway. Redirects are not followed: the
+        // call's own timeout is enforced by the engine. Redirects are not followed: the
         // upstream is a configured URL, not something to be talked into leaving.
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
+            .tcp_nodelay(true)
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| format!("cannot build the gateway's HTTP client: {e}"));
+        let upstreams = app
+            .settings
+            .mcp_servers
+            .values()
+            .filter_map(|s| {
+                let url = s.url.clone()?;
+                let mut rules = Rules::new(ToolMap::new(s.name.clone(), s.actions.clone()));
+                rules.passthrough = s.passthrough.clone();
+                rules.call_timeout = Duration::from_nanos(s.timeout_ns);
+                rules.resolve_paths = s.resolve_paths.clone();
+                // The upstream's working directory is not known here: relative paths are
+                // refused rather than guessed.
+                rules.path_base = None;
+                Some((
+                    s.name.clone(),
+                    Upstream {
+                        url,
+                        rules: Arc::new(rules),
+                    },
+                ))
+            })
+            .collect();
         Self {
             app,
             http,
-            pending: Mutex::new(HashMap::new()),
+            upstreams,
             sessions: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Marks `p` settled; true for the one caller that gets to act on it.
-    fn settle(&self, p: &Arc<Pending>) -> bool {
-        if p.settled.swap(true, Ordering::SeqCst) {
+    /// The session `id` of `server`, if it is live and belongs to `agent`.
+    fn session(
+        &self,
+        server: &str,
+        id: &str,
+        agent: &str,
+    ) -> Result<Arc<McpSession>, GatewayError> {
+        let mut map = lock(&self.sessions);
+        let key = (server.to_owned(), id.to_owned());
+        let now = Instant::now();
+        match map.get_mut(&key) {
+            Some(b) if now.duration_since(b.last_used) > SESSION_IDLE => {
+                map.remove(&key);
+                Err(GatewayError::UnknownSession)
+            }
+            // Another agent's session: as good as unknown to this one.
+            Some(b) if b.agent != agent => Err(GatewayError::UnknownSession),
+            Some(b) => {
+                b.last_used = now;
+                Ok(b.session.clone())
+            }
+            None => Err(GatewayError::UnknownSession),
+        }
+    }
+
+    /// Whether a new session could be bound now (expiring idle ones to make room).
+    fn has_room(&self) -> bool {
+        let mut map = lock(&self.sessions);
+        if map.len() < MAX_SESSIONS {
+            return true;
+        }
+        let now = Instant::now();
+        map.retain(|_, b| now.duration_since(b.last_used) <= SESSION_IDLE);
+        map.len() < MAX_SESSIONS
+    }
+
+    fn bind(&self, server: &str, id: &str, agent: &str, session: Arc<McpSession>) -> bool {
+        if !self.has_room() {
             return false;
         }
-        if let Some(k) = &p.key {
-            let mut map = lock(&self.pending);
-            // A client may reuse an id once answered; remove only our own entry.
-            if map.get(k).is_some_and(|e| Arc::ptr_eq(e, p)) {
-                map.remove(k);
-            }
-        }
+        let mut map = lock(&self.sessions);
+        map.entry((server.to_owned(), id.to_owned()))
+            .or_insert_with(|| Bound {
+                agent: agent.to_owned(),
+                session,
+                last_used: Instant::now(),
+            });
         true
     }
 
-    fn register(&self, p: &Arc<Pending>) {
-        if let Some(k) = &p.key {
-            lock(&self.pending).insert(k.clone(), p.clone());
-        }
-    }
-
-    /// A request of `agent` forwarded in `session` and not yet settled.
-    fn registered(&self, key: &PendingKey, agent: &str) -> Option<Arc<Pending>> {
-        lock(&self.pending)
-            .get(key)
-            .filter(|p| p.call.as_ref().is_none_or(|c| c.agent_id == agent))
-            .cloned()
-    }
-
-    fn check_session(&self, server: &str, session: Option<&str>, agent: &str) -> bool {
-        let Some(s) = session else { return true };
+    fn unbind(&self, server: &str, id: &str) -> Option<Arc<McpSession>> {
         lock(&self.sessions)
-            .get(&(server.to_owned(), s.to_owned()))
-            .is_none_or(|owner| owner == agent)
-    }
-
-    fn bind_session(&self, server: &str, session: &str, agent: &str) {
-        let mut map = lock(&self.sessions);
-        if map.len() < MAX_SESSIONS {
-            map.entry((server.to_owned(), session.to_owned()))
-                .or_insert_with(|| agent.to_owned());
-        } else {
-            tracing::warn!(
-                "too many MCP sessions to bind to agents; session `{session}` is unbound"
-            );
-        }
+            .remove(&(server.to_owned(), id.to_owned()))
+            .map(|b| b.session)
     }
 }
 
 /// What a request asked for, resolved from the route and the node's config.
+#[derive(Clone)]
 struct Target {
     name: String,
     url: String,
-    map: ToolMap,
-    timeout: Duration,
-    /// Arguments that name files, resolved before policy sees them.
-    resolve_paths: Vec<String>,
+    rules: Arc<Rules>,
 }
 
 async fn handle(
@@ -292,10 +296,10 @@ async fn handle(
     Peer(peer): Peer,
     method: Method,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Response {
     // Detached from the client's connection: a client that hangs up mid-call must not
-    // cut the decision, the forwarding or the outcome record short.
+    // cut the decision or the outcome record short (the exchange notices it left).
     let task = tokio::spawn(serve(gw, name, peer, method, headers, body));
     match task.await {
         Ok(resp) => resp,
@@ -312,27 +316,20 @@ async fn serve(
     peer: Option<IpAddr>,
     method: Method,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Response {
-    let result = match gw.app.settings.mcp_servers.get(&name) {
-        Some(server) => match &server.url {
-            Some(url) => {
-                let target = Target {
-                    name: name.clone(),
-                    url: url.clone(),
-                    map: ToolMap::new(name.clone(), server.actions.clone()),
-                    timeout: Duration::from_nanos(server.timeout_ns),
-                    resolve_paths: server.resolve_paths.clone(),
-                };
-                if method == Method::POST {
-                    post_messages(gw, target, peer, headers, body).await
-                } else {
-                    open_or_end(gw, target, method, headers).await
-                }
-            }
-            None => Err(GatewayError::UnknownServer(name)),
-        },
-        None => Err(GatewayError::UnknownServer(name)),
+    let Some(up) = gw.upstreams.get(&name) else {
+        return GatewayError::UnknownServer(name).into_response();
+    };
+    let target = Target {
+        name: name.clone(),
+        url: up.url.clone(),
+        rules: up.rules.clone(),
+    };
+    let result = if method == Method::POST {
+        post_messages(gw, target, peer, headers, body).await
+    } else {
+        open_or_end(gw, target, method, headers).await
     };
     result.unwrap_or_else(IntoResponse::into_response)
 }
@@ -354,21 +351,18 @@ const HOP_BY_HOP: [&str; 9] = [
     "upgrade",
 ];
 
-/// Headers never forwarded upstream besides the hop-by-hop ones: the agent's credential
-/// and cookies (meant for Warden, not the tool server), what the gateway sets itself
-/// (identity and trace context, which a client must not be able to spoof), and
-/// `Accept-Encoding`, since the gateway must read the bodies it inspects.
-const NOT_FORWARDED: [&str; 10] = [
-    "host",
-    "content-length",
-    "authorization",
-    "cookie",
-    "accept-encoding",
-    "traceparent",
-    "tracestate",
-    "baggage",
-    "x-agent-id",
-    "expect",
+/// The client's headers that go upstream: what Streamable HTTP needs end to end, and
+/// nothing else. An allow-list, because a deny-list lets through whatever it forgot
+/// (`X-Forwarded-For`, `x-agent_id`, a cookie under another name): the agent's
+/// credential is for Warden, and what the upstream learns of the caller comes from
+/// Warden alone (`X-Agent-Id`, `traceparent`, `baggage`, set by [`stamp`]).
+const FORWARDED: [&str; 6] = [
+    "accept",
+    "content-type",
+    "mcp-session-id",
+    "mcp-protocol-version",
+    "last-event-id",
+    "user-agent",
 ];
 
 fn connection_listed(headers: &HeaderMap) -> HashSet<String> {
@@ -382,19 +376,13 @@ fn connection_listed(headers: &HeaderMap) -> HashSet<String> {
         .collect()
 }
 
-/// The client's headers that go upstream: the end-to-end ones (`Mcp-Session-Id`,
-/// `MCP-Protocol-Version`, `Accept`, `Content-Type`, `Last-Event-ID`, any other `Mcp-*`
-/// ...), without hop-by-hop headers, `Host`, `Content-Length`, the agent's credential
-/// and the headers the gateway sets itself.
+/// The client's headers that go upstream (see [`FORWARDED`]).
 pub fn upstream_request_headers(incoming: &HeaderMap) -> HeaderMap {
-    let listed = connection_listed(incoming);
     let mut out = HeaderMap::new();
     for (name, value) in incoming {
-        let n = name.as_str();
-        if HOP_BY_HOP.contains(&n) || NOT_FORWARDED.contains(&n) || listed.contains(n) {
-            continue;
+        if FORWARDED.contains(&name.as_str()) {
+            out.append(name.clone(), value.clone());
         }
-        out.append(name.clone(), value.clone());
     }
     out
 }
@@ -427,8 +415,8 @@ fn stamp(headers: &mut HeaderMap, agent_id: &str, traceparent: &str, baggage: &s
     }
 }
 
-/// Trace context for an upstream request that carries no permitted call: the client's
-/// trace if it sent one, else a new one.
+/// Trace context for an upstream request: the client's trace if it sent one, else a
+/// new one.
 fn fresh_trace(incoming: &HeaderMap, agent_id: &str) -> (String, String) {
     let trace = header_str(incoming, "traceparent")
         .and_then(parse_traceparent)
@@ -449,66 +437,6 @@ fn refused(d: warden_core::Decision) -> GatewayError {
     }
 }
 
-/// GET (the server's own SSE stream) and DELETE (end of session): authenticated and
-/// passed through; a GET stream is inspected like any other.
-async fn open_or_end(
-    gw: Arc<Gateway>,
-    target: Target,
-    method: Method,
-    headers: HeaderMap,
-) -> Result<Response, GatewayError> {
-    let token = bearer(&headers).map(str::to_owned);
-    let standing = gw
-        .app
-        .pipeline
-        .standing(token.as_deref())
-        .map_err(refused)?;
-    let session = header_str(&headers, MCP_SESSION_ID).map(str::to_owned);
-    if !gw.check_session(&target.name, session.as_deref(), &standing.agent.id) {
-        return Err(GatewayError::ForeignSession);
-    }
-    let http = gw.http.clone().map_err(|m| GatewayError::Upstream {
-        body: error_response(&Value::Null, UPSTREAM_UNAVAILABLE, m.clone()),
-        message: m,
-    })?;
-    let mut up = upstream_request_headers(&headers);
-    let (tp, bag) = fresh_trace(&headers, &standing.agent.id);
-    stamp(&mut up, &standing.agent.id, &tp, &bag);
-    let resp = http
-        .request(method.clone(), &target.url)
-        .headers(up.clone())
-        .send()
-        .await
-        .map_err(|e| {
-            let m = format!("MCP server `{}` is unreachable: {e}", target.name);
-            GatewayError::Upstream {
-                body: error_response(&Value::Null, UPSTREAM_UNAVAILABLE, m.clone()),
-                message: m,
-            }
-        })?;
-    if let Some(s) = &session {
-        if method == Method::DELETE && resp.status().is_success() {
-            lock(&gw.sessions).remove(&(target.name.clone(), s.clone()));
-        }
-    }
-    let status = resp.status();
-    let rh = client_response_headers(resp.headers());
-    if method == Method::GET && is_sse(resp.headers()) {
-        let ex = Exchange::new(
-            gw,
-            &target,
-            token.unwrap_or_default(),
-            standing.agent.id,
-            session,
-            up,
-        );
-        let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(pump_sse(ex, resp, Out::new(tx), Vec::new(), true));
-        return Ok(streamed(status, rh, rx));
-    }
-    Ok(pipe_raw(status, rh, resp))
-}
-
 fn is_sse(h: &HeaderMap) -> bool {
     header_str(h, "content-type").is_some_and(|c| {
         c.trim_start()
@@ -523,59 +451,6 @@ fn is_json(h: &HeaderMap) -> bool {
             .to_ascii_lowercase()
             .starts_with("application/json")
     })
-}
-
-/// What became of a `tools/call` at the gate.
-enum Decided {
-    /// The gateway answers it (denied, or malformed).
-    Answer(Value),
-    Permit(Verdict),
-}
-
-/// Decides a `tools/call` as the stdio proxy does: the client's rationale and trace are
-/// passed to the gate, path arguments are resolved first and forwarded as resolved; a
-/// permitted call gets the decision's trace context in `_meta`.
-async fn decide_call(
-    gate: &EmbeddedGate,
-    target: &Target,
-    id: &Value,
-    msg: &mut Value,
-    header_trace: Option<&str>,
-) -> Decided {
-    let Some((name, mut call)) = tool_call(&target.map, msg, header_trace) else {
-        return Decided::Answer(error_response(
-            id,
-            INVALID_PARAMS,
-            "tools/call needs `params.name`",
-        ));
-    };
-    // The upstream server's working directory is not known here, so relative paths
-    // are refused rather than guessed.
-    let resolved = resolve_call_paths(&mut call, &target.resolve_paths, None);
-    let verdict = gate.check(call).await;
-    if !verdict.permit {
-        return Decided::Answer(denied_result(id, &name, &verdict));
-    }
-    if let Some(args) = resolved {
-        forward_arguments(msg, args);
-    }
-    let (traceparent, baggage) = trace_headers(&verdict);
-    if let Some(m) = meta_mut(msg) {
-        m.insert("traceparent".into(), Value::String(traceparent));
-        m.insert("baggage".into(), Value::String(baggage));
-    }
-    Decided::Permit(verdict)
-}
-
-/// The tool name and the call to decide, if the message names a tool.
-/// A `tools/call` with the trace to join: the client's `_meta.traceparent`, else the
-/// request's `traceparent` header.
-fn tool_call(map: &ToolMap, msg: &Value, header_trace: Option<&str>) -> Option<(String, ToolCall)> {
-    let (name, mut call) = tool_call_of(map, msg)?;
-    if call.trace_id.is_none() {
-        call.trace_id = header_trace.map(str::to_owned);
-    }
-    Some((name, call))
 }
 
 /// One reply body from a list of messages: a single object if the client sent one.
@@ -619,239 +494,45 @@ fn bytes_reply(status: StatusCode, mut headers: HeaderMap, body: Vec<u8>) -> Res
     resp
 }
 
-/// POST: one message or a batch from the client.
-async fn post_messages(
-    gw: Arc<Gateway>,
-    target: Target,
-    peer: Option<IpAddr>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, GatewayError> {
-    let limit = gw.app.settings.max_body_bytes;
-    let bytes = body.map_err(|r| {
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            GatewayError::TooLarge(limit)
-        } else {
-            GatewayError::BadBody(format!("cannot read the request body: {r}"))
-        }
-    })?;
-    let token = bearer(&headers).map(str::to_owned);
-    let header_trace = header_str(&headers, "traceparent")
-        .and_then(parse_traceparent)
-        .map(|(t, _)| t);
-    let is_call = |m: &Value| m.get("method").and_then(Value::as_str) == Some("tools/call");
-
-    // Authenticate before decoding: a caller without a valid credential gets its first
-    // message read and nothing more, so a batch of N calls costs one audit entry (and
-    // one parse of one message), not N.
-    let standing = gw.app.standing(token.as_deref()).await;
-    if let Err(d) = &standing {
-        if d.reason.is_authentication_failure() {
-            // Refused, but the attempted tool call is still on the audit trail, as it is
-            // on the decision API.
-            let first = first_message(&bytes);
-            if let Some((_, call)) = first
-                .as_ref()
-                .filter(|m| is_call(m))
-                .and_then(|m| tool_call(&target.map, m, header_trace.as_deref()))
-            {
-                let ctx = CallContext {
-                    rationale: call.rationale,
-                    peer,
-                    ..Default::default()
-                };
-                gw.app
-                    .decide(
-                        token.as_deref(),
-                        &call.action,
-                        &call.arguments,
-                        &ctx,
-                        call.trace_id.as_deref(),
-                    )
-                    .await;
-            }
-            return Err(refused(d.clone()));
-        }
-    }
-    let (value, batch) = parse_frame(&bytes, limit).map_err(GatewayError::Frame)?;
-    let items = into_messages(value);
-    let stopped = match standing {
-        Ok(s) => Ok(s),
-        Err(d) => {
-            if !items.iter().any(is_call) {
-                return Err(refused(d));
-            }
-            Err(d)
-        }
-    };
-    let agent_id = match &stopped {
-        Ok(s) => s.agent.id.clone(),
-        Err(_) => String::new(),
-    };
-    let session = header_str(&headers, MCP_SESSION_ID).map(str::to_owned);
-    // A stopped agent's messages go nowhere, so only a live one needs its session checked.
-    if stopped.is_ok() && !gw.check_session(&target.name, session.as_deref(), &agent_id) {
-        return Err(GatewayError::ForeignSession);
-    }
-    let gate = EmbeddedGate::new(gw.app.clone(), token.clone().unwrap_or_default());
-
-    // Sort the messages: answered here, or forwarded (with what to watch for).
-    let mut answers: Vec<Value> = Vec::new();
-    let mut forward: Vec<Value> = Vec::with_capacity(items.len());
-    let mut pending: Vec<(Value, Option<CallInfo>, bool)> = Vec::new();
-    let mut first_permit: Option<Verdict> = None;
-    let mut changed = false;
-    let n_items = items.len();
-    for mut msg in items {
-        let kind = match classify(&msg) {
-            Ok(k) => k,
-            Err(e) => {
-                let id = msg
-                    .get("id")
-                    .filter(|i| i.is_string() || i.is_number())
-                    .cloned()
-                    .unwrap_or(Value::Null);
-                answers.push(error_response(&id, e.code(), e.to_string()));
-                continue;
-            }
+/// Reads a request body of at most `limit` bytes. Past the limit the rest is only
+/// sniffed for the message's id (up to [`MAX_SNIFF`]), so the refusal can name it.
+async fn read_body(
+    mut body: Body,
+    limit: usize,
+) -> Result<Result<Vec<u8>, (FrameError, Sniffer)>, GatewayError> {
+    let mut buf = Vec::new();
+    let mut over: Option<Sniffer> = None;
+    let mut seen = 0usize;
+    loop {
+        let frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+        let Some(frame) = frame else { break };
+        let frame = frame
+            .map_err(|e| GatewayError::BadBody(format!("cannot read the request body: {e}")))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
         };
-        match kind {
-            Kind::Request { id, method } if method == "tools/call" => {
-                match decide_call(&gate, &target, &id, &mut msg, header_trace.as_deref()).await {
-                    Decided::Answer(a) => answers.push(a),
-                    Decided::Permit(v) => {
-                        changed = true;
-                        let info = CallInfo {
-                            call_id: v.call_id.clone(),
-                            agent_id: v.agent_id.clone(),
-                        };
-                        first_permit.get_or_insert(v);
-                        pending.push((id, Some(info), false));
-                        forward.push(msg);
-                    }
+        seen += data.len();
+        match &mut over {
+            Some(s) => {
+                s.feed(&data);
+                if seen > MAX_SNIFF {
+                    break;
                 }
             }
-            Kind::Request { id, method } => match &stopped {
-                Err(d) => answers.push(error_response(
-                    &id,
-                    AGENT_STOPPED,
-                    format!("refused by Warden: {}: {}", d.reason.code(), d.message),
-                )),
-                Ok(_) => {
-                    pending.push((id, None, method == "tools/list"));
-                    forward.push(msg);
-                }
-            },
-            // A stopped agent's notifications and answers go nowhere: it is stopped.
-            Kind::Notification { .. } | Kind::Response { .. } if stopped.is_err() => {}
-            // A `tools/call` without an id is not a call anyone could answer, but a lax
-            // server might still run it: it must not pass ungoverned.
-            Kind::Notification { method } if method == "tools/call" => {
-                tracing::warn!(server = %target.name, "dropped a tools/call sent as a notification");
+            None if buf.len() + data.len() > limit => {
+                let mut s = Sniffer::default();
+                s.feed(&buf);
+                s.feed(&data);
+                buf = Vec::new();
+                over = Some(s);
             }
-            Kind::Notification { method } => {
-                if method == "notifications/cancelled" {
-                    client_cancelled(&gw, &gate, &target, session.as_deref(), &agent_id, &msg)
-                        .await;
-                }
-                forward.push(msg);
-            }
-            Kind::Response { .. } => forward.push(msg),
+            None => buf.extend_from_slice(&data),
         }
     }
-    if forward.is_empty() {
-        return Ok(json_reply(StatusCode::OK, HeaderMap::new(), answers, batch));
-    }
-    let Ok(http) = gw.http.clone() else {
-        return Err(upstream_error(
-            &gate,
-            "the gateway's HTTP client is unavailable".into(),
-            answers,
-            pending,
-            batch,
-        )
-        .await);
-    };
-
-    let payload = if !changed && forward.len() == n_items {
-        bytes.to_vec()
-    } else {
-        serde_json::to_vec(&reply_body(forward, batch)).unwrap_or_default()
-    };
-    let mut up = upstream_request_headers(&headers);
-    let (tp, bag) = match &first_permit {
-        Some(v) => trace_headers(v),
-        None => fresh_trace(&headers, &agent_id),
-    };
-    stamp(&mut up, &agent_id, &tp, &bag);
-
-    let mut ex = Exchange::new(
-        gw.clone(),
-        &target,
-        token.unwrap_or_default(),
-        agent_id,
-        session,
-        up.clone(),
-    );
-    for (id, call, list_tools) in pending {
-        ex.track(id, call, list_tools, target.timeout);
-    }
-
-    let send = http.post(&target.url).headers(up).body(payload).send();
-    tokio::pin!(send);
-    let resp = loop {
-        match ex.watched(send.as_mut(), None).await {
-            Watched::Done(Ok(r)) => break r,
-            Watched::Done(Err(e)) => {
-                let message = format!("MCP server `{}` is unreachable: {e}", target.name);
-                answers.extend(ex.finish("upstream-failed", &message).await);
-                return Err(GatewayError::Upstream {
-                    body: reply_body(answers, batch),
-                    message,
-                });
-            }
-            Watched::Stopped { errors, end } => {
-                answers.extend(errors);
-                if end || !ex.unsettled() {
-                    return Ok(json_reply(StatusCode::OK, HeaderMap::new(), answers, batch));
-                }
-            }
-            Watched::ClientGone => {}
-        }
-    };
-
-    let status = resp.status();
-    let rh = client_response_headers(resp.headers());
-    if let Some(sid) = header_str(resp.headers(), MCP_SESSION_ID) {
-        if !ex.agent_id.is_empty() {
-            gw.bind_session(&target.name, sid, &ex.agent_id);
-        }
-        // The session the server just opened is where a cancel for this exchange goes.
-        if ex.session.is_none() {
-            ex.session = Some(sid.to_owned());
-        }
-    }
-
-    if status.is_success() && is_sse(resp.headers()) {
-        let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(pump_sse(ex, resp, Out::new(tx), answers, false));
-        return Ok(streamed(status, rh, rx));
-    }
-    if status.is_success() && is_json(resp.headers()) {
-        return json_exchange(ex, resp, status, rh, answers, batch).await;
-    }
-    // Anything else (202 for notifications, an error status, another content type) is
-    // not a place where answers come from: whatever was asked is left unanswered.
-    let why = format!(
-        "MCP server `{}` answered {status} without a response",
-        target.name
-    );
-    let errors = ex.finish("upstream-failed", &why).await;
-    if answers.is_empty() && (errors.is_empty() || !status.is_success()) {
-        return Ok(pipe_raw(status, rh, resp));
-    }
-    answers.extend(errors);
-    Ok(json_reply(StatusCode::OK, rh, answers, batch))
+    Ok(match over {
+        Some(s) => Err((FrameError::TooLarge(seen, limit), s)),
+        None => Ok(buf),
+    })
 }
 
 /// The first message of a frame, decoded without reading further: the object itself, or
@@ -864,67 +545,388 @@ fn first_message(bytes: &[u8]) -> Option<Value> {
             .into_iter::<Value>()
             .next()?
             .ok(),
-        _ => serde_json::from_slice(rest).ok(),
+        _ => warden_core::json::from_slice_strict(rest).ok(),
     }
 }
 
-/// The client gave up on a call: if it is one of this agent's calls in flight here, its
-/// outcome is `cancelled`. The notification itself is forwarded by the caller.
-async fn client_cancelled(
-    gw: &Arc<Gateway>,
-    gate: &EmbeddedGate,
-    target: &Target,
-    session: Option<&str>,
-    agent_id: &str,
-    msg: &Value,
-) {
-    let (Some(session), Some(rid)) = (session, msg.pointer("/params/requestId")) else {
-        return;
-    };
-    let key = (target.name.clone(), session.to_owned(), id_key(rid));
-    let Some(p) = gw.registered(&key, agent_id) else {
-        return;
-    };
-    if gw.settle(&p) {
-        if let Some(c) = &p.call {
-            gate.outcome(Outcome {
-                call_id: c.call_id.clone(),
-                agent_id: c.agent_id.clone(),
-                status: "cancelled",
-                output: None,
-                duration_ns: p.started.elapsed().as_nanos() as u64,
-            })
-            .await;
+/// POST: one message or a batch from the client.
+async fn post_messages(
+    gw: Arc<Gateway>,
+    target: Target,
+    peer: Option<IpAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, GatewayError> {
+    let token = bearer(&headers).map(str::to_owned);
+    let header_trace = header_str(&headers, "traceparent")
+        .and_then(parse_traceparent)
+        .map(|(t, _)| t);
+    let read = read_body(body, MAX_CLIENT_MESSAGE).await?;
+
+    // Authenticate before decoding: a caller without a valid credential gets its first
+    // message read and nothing more, so a batch of N calls costs one audit entry (and
+    // one parse of one message), not N.
+    let standing = gw.app.standing(token.as_deref()).await;
+    if let Err(d) = &standing {
+        if d.reason.is_authentication_failure() {
+            // Refused, but the attempted tool call is still on the audit trail, as it is
+            // on the decision API.
+            let first = read.as_ref().ok().and_then(|b| first_message(b));
+            if let Some((_, call)) = first
+                .as_ref()
+                .filter(|m| m.get("method").and_then(Value::as_str) == Some("tools/call"))
+                .and_then(|m| tool_call_of(&target.rules.map, m))
+            {
+                let ctx = CallContext {
+                    rationale: call.rationale,
+                    peer,
+                    ..Default::default()
+                };
+                let trace = call.trace_id.or(header_trace.clone());
+                gw.app
+                    .decide(
+                        token.as_deref(),
+                        &call.action,
+                        &call.arguments,
+                        &ctx,
+                        trace.as_deref(),
+                    )
+                    .await;
+            }
+            return Err(refused(d.clone()));
         }
     }
+    let gate = EmbeddedGate::new(gw.app.clone(), token.clone().unwrap_or_default());
+    let session_id = header_str(&headers, MCP_SESSION_ID).map(str::to_owned);
+    let live = standing.is_ok();
+    let stopped = standing.as_ref().err().cloned();
+    let agent_id = standing.map(|s| s.agent.id).unwrap_or_default();
+    // A stopped agent's messages go nowhere; they are still answered (refused) by an
+    // engine of their own, so every request gets its decision and audit entry.
+    let (session, transient) = match (&session_id, live) {
+        (Some(sid), true) => (gw.session(&target.name, sid, &agent_id)?, false),
+        _ => {
+            let gate = Arc::new(EmbeddedGate::new(
+                gw.app.clone(),
+                token.clone().unwrap_or_default(),
+            ));
+            (Session::new(gate, target.rules.clone()).0, true)
+        }
+    };
+
+    let bytes = match read {
+        Ok(b) => b,
+        Err((e, sniffed)) => {
+            let step = session.oversized(&sniffed, &e).await;
+            let body = match step {
+                Step::Reply(r) => r,
+                _ => error_response(&Value::Null, e.code(), &e.to_string()),
+            };
+            let mut resp = (StatusCode::PAYLOAD_TOO_LARGE, Json(body)).into_response();
+            // The rest of an over-limit body may not have been read.
+            close_connection(&mut resp);
+            return Ok(resp);
+        }
+    };
+    let (bytes, sanitized) = match sanitize(&bytes) {
+        Some(clean) => (clean, true),
+        None => (bytes, false),
+    };
+    let (value, batch) = match parse_frame(&bytes, usize::MAX) {
+        Ok(v) => v,
+        Err(e) => {
+            let mut s = Sniffer::default();
+            s.feed(&bytes);
+            let id = s.id().unwrap_or(Value::Null);
+            return Err(GatewayError::Rpc {
+                message: e.to_string(),
+                body: error_response(&id, e.code(), &e.to_string()),
+            });
+        }
+    };
+    let items = into_messages(value);
+    if let Some(d) = stopped {
+        // A stopped agent: refused outright, unless it tried a governed request, whose
+        // denial goes on the audit trail (and is answered below).
+        let governed = |m: &Value| {
+            m.get("id").is_some()
+                && m.get("method")
+                    .and_then(Value::as_str)
+                    .is_some_and(|method| target.rules.governs(method))
+        };
+        if !items.iter().any(governed) {
+            return Err(refused(d));
+        }
+    }
+    let n_items = items.len();
+    let mut answers: Vec<Value> = Vec::new();
+    let mut forward: Vec<Value> = Vec::with_capacity(n_items);
+    let mut own: HashSet<IdKey> = HashSet::new();
+    let mut changed = sanitized;
+    let mut opens_session = false;
+    let mut first_permit: Option<(String, String)> = None;
+    for msg in items {
+        let request_key = msg.get("method").and(msg.get("id")).and_then(IdKey::of);
+        if msg.get("method").and_then(Value::as_str) == Some("initialize") {
+            opens_session = true;
+        }
+        let step = match session.admit_client(msg) {
+            Admit::Now(s) => s,
+            Admit::Later(p) => {
+                session
+                    .finish(&gate, p.join_trace(header_trace.clone()))
+                    .await
+            }
+        };
+        match step {
+            Step::Pass(m) | Step::Changed(m) if !live => {
+                // A stopped agent's messages go nowhere; its requests are refused.
+                changed = true;
+                if let Some(id) = m.get("method").and(m.get("id")) {
+                    answers.push(error_response(
+                        id,
+                        warden_mcp::engine::AGENT_STOPPED,
+                        "refused by Warden: the agent is stopped",
+                    ));
+                }
+            }
+            Step::Pass(m) => {
+                own.extend(request_key);
+                forward.push(m);
+            }
+            Step::Changed(m) => {
+                own.extend(request_key);
+                changed = true;
+                if first_permit.is_none() {
+                    first_permit = stamped_trace(&m);
+                }
+                forward.push(m);
+            }
+            Step::Reply(r) => {
+                changed = true;
+                answers.push(r);
+            }
+            Step::Drop => changed = true,
+        }
+    }
+    if forward.is_empty() {
+        if transient {
+            session.close();
+        }
+        return Ok(json_reply(StatusCode::OK, HeaderMap::new(), answers, batch));
+    }
+    if transient && opens_session && !gw.has_room() {
+        session
+            .finish_all(
+                Some(&own),
+                "upstream-failed",
+                "too many MCP sessions",
+                false,
+            )
+            .await;
+        return Err(GatewayError::SessionsFull);
+    }
+    let Ok(http) = gw.http.clone() else {
+        let why = "the gateway's HTTP client is unavailable";
+        answers.extend(client_only(
+            session
+                .finish_all(Some(&own), "upstream-failed", why, false)
+                .await,
+        ));
+        return Err(GatewayError::Upstream {
+            body: reply_body(answers, batch),
+            message: why.into(),
+        });
+    };
+    let payload = if !changed && forward.len() == n_items {
+        bytes
+    } else {
+        serde_json::to_vec(&reply_body(forward, batch)).unwrap_or_default()
+    };
+    let mut up = upstream_request_headers(&headers);
+    // The headers carry the first permitted request's trace, so a server that reads
+    // either finds the same decision.
+    let (tp, bag) = first_permit.unwrap_or_else(|| fresh_trace(&headers, &agent_id));
+    stamp(&mut up, &agent_id, &tp, &bag);
+
+    let mut ex = Exchange::new(gw.clone(), target, session, gate, up.clone(), own);
+    ex.session_id = session_id;
+    ex.transient = transient;
+
+    let send = http.post(&ex.target.url).headers(up).body(payload).send();
+    tokio::pin!(send);
+    let resp = loop {
+        match ex.watched(send.as_mut(), None).await {
+            Watched::Done(Ok(r)) => break r,
+            Watched::Done(Err(e)) => {
+                let message = format!(
+                    "MCP server `{}` is unreachable: {}",
+                    ex.target.name,
+                    error_chain(&e)
+                );
+                answers.extend(ex.finish("upstream-failed", &message, false).await);
+                ex.end();
+                return Err(GatewayError::Upstream {
+                    body: reply_body(answers, batch),
+                    message,
+                });
+            }
+            Watched::Stopped { errors, end } => {
+                answers.extend(errors);
+                if end || !ex.unsettled() {
+                    ex.end();
+                    return Ok(json_reply(StatusCode::OK, HeaderMap::new(), answers, batch));
+                }
+            }
+            Watched::ClientGone => {}
+        }
+    };
+
+    let status = resp.status();
+    let rh = client_response_headers(resp.headers());
+    if let Some(sid) = header_str(resp.headers(), MCP_SESSION_ID) {
+        if ex.transient && live {
+            if gw.bind(&ex.target.name, sid, &agent_id, ex.session.clone()) {
+                ex.transient = false;
+            } else {
+                // No room to govern it: the session is ended upstream and refused here.
+                ex.session_id = Some(sid.to_owned());
+                ex.finish("upstream-failed", "too many MCP sessions", true)
+                    .await;
+                ex.delete_upstream();
+                return Err(GatewayError::SessionsFull);
+            }
+        }
+        if ex.session_id.is_none() {
+            ex.session_id = Some(sid.to_owned());
+        }
+    }
+
+    if status.is_success() && is_sse(resp.headers()) {
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(pump_sse(ex, resp, Out::new(tx), answers));
+        return Ok(streamed(status, rh, rx));
+    }
+    if status.is_success() && is_json(resp.headers()) {
+        return json_exchange(ex, resp, status, rh, answers, batch).await;
+    }
+    // Anything else (202 for notifications, an error status, another content type) is
+    // not a place where answers come from: whatever was asked is left unanswered.
+    let why = format!(
+        "MCP server `{}` answered {status} without a response",
+        ex.target.name
+    );
+    let errors = ex.finish("upstream-failed", &why, false).await;
+    ex.end();
+    if answers.is_empty() && (errors.is_empty() || !status.is_success()) {
+        return Ok(pipe_raw(status, rh, resp));
+    }
+    answers.extend(errors);
+    Ok(json_reply(StatusCode::OK, rh, answers, batch))
 }
 
-/// The upstream could not be asked: permitted calls get `upstream-failed`, the client a
-/// 502 with an error for each forwarded request.
-async fn upstream_error(
-    gate: &EmbeddedGate,
-    message: String,
-    mut answers: Vec<Value>,
-    pending: Vec<(Value, Option<CallInfo>, bool)>,
-    batch: bool,
-) -> GatewayError {
-    for (id, call, _) in pending {
-        if let Some(c) = call {
-            gate.outcome(Outcome {
-                call_id: c.call_id,
-                agent_id: c.agent_id,
-                status: "upstream-failed",
-                output: None,
-                duration_ns: 0,
-            })
-            .await;
+/// The trace context Warden stamped into a request it permitted, if it did.
+fn stamped_trace(msg: &Value) -> Option<(String, String)> {
+    let meta = msg.pointer("/params/_meta")?;
+    let baggage = meta.get("baggage")?.as_str()?;
+    if !baggage.contains("warden.call_id=") {
+        return None;
+    }
+    Some((
+        meta.get("traceparent")?.as_str()?.to_owned(),
+        baggage.to_owned(),
+    ))
+}
+
+/// The messages meant for the client, of what the engine emitted.
+fn client_only(emits: Vec<Emit>) -> Vec<Value> {
+    emits
+        .into_iter()
+        .filter_map(|e| match e {
+            Emit::ToClient(v) => Some(v),
+            Emit::ToServer(_) => None,
+        })
+        .collect()
+}
+
+/// An error and its causes, so "error sending request" says why it could not be sent.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let text = c.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
         }
-        answers.push(error_response(&id, UPSTREAM_UNAVAILABLE, message.clone()));
+        cur = c.source();
     }
-    GatewayError::Upstream {
-        body: reply_body(answers, batch),
-        message,
+    s
+}
+
+/// GET (the server's own SSE stream) and DELETE (end of session): authenticated and
+/// passed through; a GET stream is inspected like any other.
+async fn open_or_end(
+    gw: Arc<Gateway>,
+    target: Target,
+    method: Method,
+    headers: HeaderMap,
+) -> Result<Response, GatewayError> {
+    let token = bearer(&headers).map(str::to_owned);
+    let standing = gw.app.standing(token.as_deref()).await.map_err(refused)?;
+    let agent_id = standing.agent.id;
+    let session_id = header_str(&headers, MCP_SESSION_ID).map(str::to_owned);
+    let gate = EmbeddedGate::new(gw.app.clone(), token.clone().unwrap_or_default());
+    let session = match &session_id {
+        Some(sid) => gw.session(&target.name, sid, &agent_id)?,
+        None => {
+            let g = Arc::new(EmbeddedGate::new(gw.app.clone(), token.unwrap_or_default()));
+            Session::new(g, target.rules.clone()).0
+        }
+    };
+    let http = gw.http.clone().map_err(|m| GatewayError::Upstream {
+        body: error_response(&Value::Null, UPSTREAM_UNAVAILABLE, &m),
+        message: m,
+    })?;
+    let mut up = upstream_request_headers(&headers);
+    let (tp, bag) = fresh_trace(&headers, &agent_id);
+    stamp(&mut up, &agent_id, &tp, &bag);
+    let resp = http
+        .request(method.clone(), &target.url)
+        .headers(up.clone())
+        .send()
+        .await
+        .map_err(|e| {
+            let m = format!(
+                "MCP server `{}` is unreachable: {}",
+                target.name,
+                error_chain(&e)
+            );
+            GatewayError::Upstream {
+                body: error_response(&Value::Null, UPSTREAM_UNAVAILABLE, &m),
+                message: m,
+            }
+        })?;
+    if let Some(s) = &session_id {
+        if method == Method::DELETE && resp.status().is_success() {
+            if let Some(gone) = gw.unbind(&target.name, s) {
+                gone.finish_all(None, "cancelled", "the MCP session ended", false)
+                    .await;
+                gone.close();
+            }
+        }
     }
+    let status = resp.status();
+    let rh = client_response_headers(resp.headers());
+    if method == Method::GET && is_sse(resp.headers()) {
+        let mut ex = Exchange::new(gw, target, session, gate, up, HashSet::new());
+        ex.session_id = session_id;
+        ex.is_get = true;
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(pump_sse(ex, resp, Out::new(tx), Vec::new()));
+        return Ok(streamed(status, rh, rx));
+    }
+    Ok(pipe_raw(status, rh, resp))
 }
 
 /// A JSON answer: read whole (bounded), inspected, merged with the gateway's own answers.
@@ -936,7 +938,7 @@ async fn json_exchange(
     mut answers: Vec<Value>,
     batch: bool,
 ) -> Result<Response, GatewayError> {
-    let read = read_capped(&mut resp, MAX_UPSTREAM_MESSAGE);
+    let read = read_capped(&mut resp, MAX_SERVER_MESSAGE);
     tokio::pin!(read);
     let body = loop {
         match ex.watched(read.as_mut(), None).await {
@@ -944,6 +946,7 @@ async fn json_exchange(
             Watched::Stopped { errors, end } => {
                 answers.extend(errors);
                 if end || !ex.unsettled() {
+                    ex.end();
                     return Ok(json_reply(StatusCode::OK, rh, answers, batch));
                 }
             }
@@ -951,6 +954,7 @@ async fn json_exchange(
         }
     };
     let parsed = body.and_then(|raw| {
+        let raw = sanitize(&raw).unwrap_or(raw);
         serde_json::from_slice::<Value>(&raw)
             .map(|v| (raw, v))
             .map_err(|e| e.to_string())
@@ -958,20 +962,28 @@ async fn json_exchange(
     let (raw, value) = match parsed {
         Ok(p) => p,
         Err(e) => {
-            let message = format!("unreadable answer from MCP server `{}`: {e}", ex.server);
-            answers.extend(ex.finish("upstream-failed", &message).await);
+            let message = format!(
+                "unreadable answer from MCP server `{}`: {e}",
+                ex.target.name
+            );
+            answers.extend(ex.finish("upstream-failed", &message, false).await);
+            ex.end();
             return Err(GatewayError::Upstream {
                 body: reply_body(answers, batch),
                 message,
             });
         }
     };
-    let inspected = ex.inspect_payload(value.clone()).await;
-    let why = format!("MCP server `{}` did not answer this request", ex.server);
-    let errors = ex.finish("upstream-failed", &why).await;
+    let inspected = ex.inspect_payload(value).await;
+    let why = format!(
+        "MCP server `{}` did not answer this request",
+        ex.target.name
+    );
+    let errors = ex.finish("upstream-failed", &why, false).await;
+    ex.end();
     if answers.is_empty() && errors.is_empty() {
         return Ok(match inspected {
-            Inspected::Unchanged => bytes_reply(status, rh, raw),
+            Inspected::Unchanged(_) => bytes_reply(status, rh, raw),
             Inspected::Changed(v) => {
                 bytes_reply(status, rh, serde_json::to_vec(&v).unwrap_or_default())
             }
@@ -979,8 +991,7 @@ async fn json_exchange(
         });
     }
     match inspected {
-        Inspected::Unchanged => push_messages(&mut answers, value),
-        Inspected::Changed(v) => push_messages(&mut answers, v),
+        Inspected::Unchanged(v) | Inspected::Changed(v) => push_messages(&mut answers, v),
         Inspected::Dropped => {}
     }
     answers.extend(errors);
@@ -996,7 +1007,7 @@ fn push_messages(out: &mut Vec<Value>, v: Value) {
 
 async fn read_capped(resp: &mut reqwest::Response, cap: usize) -> Result<Vec<u8>, String> {
     let mut buf = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
+    while let Some(chunk) = resp.chunk().await.map_err(|e| error_chain(&e))? {
         if buf.len() + chunk.len() > cap {
             return Err(format!("answer larger than {cap} bytes"));
         }
@@ -1007,110 +1018,84 @@ async fn read_capped(resp: &mut reqwest::Response, cap: usize) -> Result<Vec<u8>
 
 /// How a message or batch from upstream fared.
 enum Inspected {
-    Unchanged,
+    Unchanged(Value),
     Changed(Value),
     /// Nothing in it may reach the client.
     Dropped,
-}
-
-enum Keep {
-    Same,
-    Changed,
-    Drop,
 }
 
 enum Watched<T> {
     Done(T),
     /// The client of a stream hung up.
     ClientGone,
-    /// Calls were stopped: the errors to send the client, and whether to end the stream
-    /// (the agent was stopped).
+    /// Requests were stopped: the errors to send the client, and whether to end the
+    /// stream (the agent was stopped).
     Stopped {
         errors: Vec<Value>,
         end: bool,
     },
 }
 
-/// One upstream request and what it is waiting for.
+/// One upstream request (a POST, or the GET stream) and what it is waiting for.
 struct Exchange {
     gw: Arc<Gateway>,
+    target: Target,
+    session: Arc<McpSession>,
+    /// Not in the session table: this exchange owns the session and closes it.
+    transient: bool,
+    session_id: Option<String>,
+    /// Decides as the credential of the client request that opened this exchange.
     gate: EmbeddedGate,
-    server: String,
-    url: String,
-    map: ToolMap,
-    agent_id: String,
-    session: Option<String>,
-    /// The headers the request went with, for `notifications/cancelled` in the same
-    /// session.
+    /// The headers the request went with, for what the gateway sends upstream itself
+    /// (cancellations, refusals of server requests) in the same session.
     headers: HeaderMap,
-    own: HashMap<String, Arc<Pending>>,
-    visible: Option<HashSet<String>>,
+    /// The client requests this exchange carried.
+    own: HashSet<IdKey>,
     tick: tokio::time::Interval,
-    /// A GET stream: watched for a stop even with nothing in flight.
-    watch_always: bool,
+    /// The server's GET stream: watched for a stop even with nothing in flight.
+    is_get: bool,
 }
 
 impl Exchange {
     fn new(
         gw: Arc<Gateway>,
-        target: &Target,
-        token: String,
-        agent_id: String,
-        session: Option<String>,
+        target: Target,
+        session: Arc<McpSession>,
+        gate: EmbeddedGate,
         headers: HeaderMap,
+        own: HashSet<IdKey>,
     ) -> Self {
-        let gate = EmbeddedGate::new(gw.app.clone(), token);
         let mut tick = tokio::time::interval(STOP_POLL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Self {
             gw,
-            gate,
-            server: target.name.clone(),
-            url: target.url.clone(),
-            map: target.map.clone(),
-            agent_id,
+            target,
             session,
+            transient: false,
+            session_id: None,
+            gate,
             headers,
-            own: HashMap::new(),
-            visible: None,
+            own,
             tick,
-            watch_always: false,
+            is_get: false,
         }
     }
 
-    fn track(&mut self, id: Value, call: Option<CallInfo>, list_tools: bool, timeout: Duration) {
-        let k = id_key(&id);
-        let started = Instant::now();
-        let p = Arc::new(Pending {
-            key: self
-                .session
-                .as_ref()
-                .map(|s| (self.server.clone(), s.clone(), k.clone())),
-            id,
-            call,
-            list_tools,
-            started,
-            deadline: started + timeout,
-            settled: AtomicBool::new(false),
-        });
-        self.gw.register(&p);
-        self.own.insert(k, p);
-    }
-
     fn unsettled(&self) -> bool {
-        self.own.values().any(|p| !p.settled.load(Ordering::SeqCst))
+        self.own.iter().any(|k| self.session.in_flight(k))
     }
 
-    fn unsettled_calls(&self) -> bool {
-        self.own
-            .values()
-            .any(|p| p.call.is_some() && !p.settled.load(Ordering::SeqCst))
+    /// The exchange is over: a session only it knew is closed.
+    fn end(&self) {
+        if self.transient {
+            self.session.close();
+        }
     }
 
-    /// Runs `fut`, checking every tick whether the agent was stopped, a call ran out of
-    /// time, or the client (if given) hung up.
+    /// Runs `fut`, checking every tick whether the agent was stopped, a request ran out
+    /// of time, or the client (if given) hung up.
     ///
-    /// Cancel safety: only `fut` may be dropped half-way; a check, once started, settles
+    /// Cancel safety: only `fut` may be dropped half-way; a sweep, once started, settles
     /// and records what it stopped before this returns.
     async fn watched<F: Future>(
         &mut self,
@@ -1118,14 +1103,17 @@ impl Exchange {
         client: Option<&mpsc::Sender<Bytes>>,
     ) -> Watched<F::Output> {
         loop {
-            let watching = self.watch_always || self.unsettled();
+            let watching = self.is_get || self.unsettled();
             tokio::select! {
                 out = fut.as_mut() => return Watched::Done(out),
                 _ = self.tick.tick(), if watching => {
                     if client.is_some_and(mpsc::Sender::is_closed) {
                         return Watched::ClientGone;
                     }
-                    if let Some((errors, end)) = self.check().await {
+                    let emits = self.session.sweep(Some(&self.own)).await;
+                    let end = self.session.stopped().is_some();
+                    let errors = self.route(emits);
+                    if end || !errors.is_empty() {
                         return Watched::Stopped { errors, end };
                     }
                 }
@@ -1133,122 +1121,57 @@ impl Exchange {
         }
     }
 
-    /// `Some((errors, end))` if something was stopped.
-    async fn check(&mut self) -> Option<(Vec<Value>, bool)> {
-        if self.watch_always || self.unsettled_calls() {
-            if let Some(why) = self.gate.stopped().await {
-                return Some((self.stop_all(&why).await, true));
+    /// Sends what is meant for the server, returns what is meant for the client.
+    fn route(&self, emits: Vec<Emit>) -> Vec<Value> {
+        let mut to_client = Vec::new();
+        let mut to_server = Vec::new();
+        for e in emits {
+            match e {
+                Emit::ToClient(v) => to_client.push(v),
+                Emit::ToServer(v) => to_server.push(v),
             }
         }
-        let now = Instant::now();
-        let expired: Vec<Arc<Pending>> = self
-            .own
-            .values()
-            .filter(|p| !p.settled.load(Ordering::SeqCst) && p.deadline <= now)
-            .cloned()
-            .collect();
-        if expired.is_empty() {
-            return None;
+        for v in to_server {
+            self.post_upstream(v);
         }
-        let mut errors = Vec::new();
-        for p in expired {
-            if !self.gw.settle(&p) {
-                continue;
-            }
-            let secs = p.deadline.duration_since(p.started).as_secs_f64();
-            let why = format!("no answer within {secs}s");
-            let what = if p.call.is_some() {
-                self.cancel_upstream(&p.id, &why);
-                "tool call"
-            } else {
-                "request"
-            };
-            self.record(&p, "timeout", None).await;
-            errors.push(error_response(
-                &p.id,
-                CALL_TIMED_OUT,
-                format!("{what} cancelled by Warden: {why}"),
-            ));
-        }
-        Some((errors, false))
+        to_client
     }
 
-    /// The agent was stopped: every request in flight here ends now.
-    async fn stop_all(&mut self, why: &str) -> Vec<Value> {
-        let victims: Vec<Arc<Pending>> = self.own.values().cloned().collect();
-        let mut errors = Vec::new();
-        for p in victims {
-            if !self.gw.settle(&p) {
-                continue;
-            }
-            let reason = format!("agent stopped: {why}");
-            if p.call.is_some() {
-                self.cancel_upstream(&p.id, &reason);
-            }
-            self.record(&p, "cancelled", None).await;
-            errors.push(error_response(
-                &p.id,
-                CALL_CANCELLED,
-                format!("tool call cancelled by Warden: {reason}"),
-            ));
-        }
-        errors
-    }
-
-    /// Whatever is still unanswered will not be: permitted calls get `status`, the client
-    /// an error per request.
-    async fn finish(&mut self, status: &'static str, why: &str) -> Vec<Value> {
-        let left: Vec<Arc<Pending>> = self.own.values().cloned().collect();
-        let mut errors = Vec::new();
-        for p in left {
-            if !self.gw.settle(&p) {
-                continue;
-            }
-            self.record(&p, status, None).await;
-            errors.push(error_response(&p.id, UPSTREAM_UNAVAILABLE, why));
-        }
-        errors
-    }
-
-    async fn record(&self, p: &Pending, status: &'static str, output: Option<Value>) {
-        let Some(c) = &p.call else { return };
-        self.gate
-            .outcome(Outcome {
-                call_id: c.call_id.clone(),
-                agent_id: c.agent_id.clone(),
-                status,
-                output,
-                duration_ns: p.started.elapsed().as_nanos() as u64,
-            })
+    /// Whatever of this exchange is still unanswered will not be: permitted calls get
+    /// `status`, the client an error per request.
+    async fn finish(&mut self, status: &'static str, why: &str, cancel: bool) -> Vec<Value> {
+        let emits = self
+            .session
+            .finish_all(Some(&self.own), status, why, cancel)
             .await;
+        self.route(emits)
     }
 
-    /// Tells the server to stop working on a request, in the same session. Sent in the
-    /// background: the client's answer must not wait on a server that may be stuck.
-    fn cancel_upstream(&self, id: &Value, reason: &str) {
+    /// Sends one message upstream in this session, in the background: the client's
+    /// answer must not wait on a server that may be stuck.
+    fn post_upstream(&self, msg: Value) {
         let Ok(http) = self.gw.http.clone() else {
             return;
         };
-        let body = json!({
-            "jsonrpc": "2.0",
-            "method": "notifications/cancelled",
-            "params": { "requestId": id, "reason": reason },
-        });
         let mut headers = self.headers.clone();
         headers.remove("last-event-id");
         headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        headers.insert(
+            header::ACCEPT,
+            HeaderValue::from_static("application/json, text/event-stream"),
+        );
         if let Some(s) = self
-            .session
+            .session_id
             .as_deref()
             .and_then(|s| HeaderValue::from_str(s).ok())
         {
             headers.insert(HeaderName::from_static(MCP_SESSION_ID), s);
         }
-        let url = self.url.clone();
-        let bytes = serde_json::to_vec(&body).unwrap_or_default();
+        let url = self.target.url.clone();
+        let bytes = serde_json::to_vec(&msg).unwrap_or_default();
         tokio::spawn(async move {
             let res = http
                 .post(&url)
@@ -1258,87 +1181,71 @@ impl Exchange {
                 .send()
                 .await;
             if let Err(e) = res {
-                tracing::warn!(error = %e, "could not send notifications/cancelled upstream");
+                tracing::warn!(error = %error_chain(&e), "could not send a message upstream");
             }
         });
     }
 
-    /// Looks at one message from upstream: answers settle what they answer (and are
-    /// dropped if they answer nothing that was asked); `tools/list` results are filtered.
-    async fn inspect(&mut self, msg: &mut Value) -> Keep {
-        let id = match classify(msg) {
-            Ok(Kind::Response { id }) => id,
-            Ok(_) => return Keep::Same,
-            Err(e) => {
-                tracing::warn!(error = %e, server = %self.server, "dropped an invalid message from the MCP server");
-                return Keep::Drop;
-            }
+    /// Ends the upstream session (it could not be bound here).
+    fn delete_upstream(&self) {
+        let (Ok(http), Some(sid)) = (self.gw.http.clone(), self.session_id.clone()) else {
+            return;
         };
-        let key = id_key(&id);
-        let found = self.own.get(&key).cloned().or_else(|| {
-            let s = self.session.as_ref()?;
-            self.gw.registered(
-                &(self.server.clone(), s.clone(), key.clone()),
-                &self.agent_id,
-            )
-        });
-        let Some(p) = found else {
-            tracing::warn!(id = %id, server = %self.server, "MCP server answered a request that was never forwarded; dropped");
-            return Keep::Drop;
-        };
-        if !self.gw.settle(&p) {
-            // Already settled: cancelled, timed out, or answered twice.
-            return Keep::Drop;
+        let url = self.target.url.clone();
+        let mut headers = self.headers.clone();
+        if let Ok(v) = HeaderValue::from_str(&sid) {
+            headers.insert(HeaderName::from_static(MCP_SESSION_ID), v);
         }
-        if p.call.is_some() {
-            let is_error = msg.get("error").is_some()
-                || msg.pointer("/result/isError").and_then(Value::as_bool) == Some(true);
-            let output = msg.get("result").or_else(|| msg.get("error")).cloned();
-            self.record(&p, if is_error { "error" } else { "ok" }, output)
+        tokio::spawn(async move {
+            let _ = http
+                .delete(&url)
+                .headers(headers)
+                .timeout(Duration::from_secs(10))
+                .send()
                 .await;
-        }
-        if p.list_tools {
-            if self.visible.is_none() {
-                // An agent whose standing cannot be read sees no tools: fail closed.
-                self.visible = Some(self.gate.visible_actions().await.unwrap_or_default());
-            }
-            if let Some(v) = &self.visible {
-                if filter_tools_list(msg, &self.map, v) > 0 {
-                    return Keep::Changed;
-                }
-            }
-        }
-        Keep::Same
+        });
     }
 
+    /// Looks at one message or batch from upstream through the engine.
     async fn inspect_payload(&mut self, v: Value) -> Inspected {
-        match v {
-            Value::Array(items) => {
-                let mut kept = Vec::with_capacity(items.len());
-                let mut changed = false;
-                for mut m in items {
-                    match self.inspect(&mut m).await {
-                        Keep::Same => kept.push(m),
-                        Keep::Changed => {
-                            changed = true;
-                            kept.push(m);
-                        }
-                        Keep::Drop => changed = true,
-                    }
+        let (items, batch) = match v {
+            Value::Array(items) => (items, true),
+            one => (vec![one], false),
+        };
+        let mut kept = Vec::with_capacity(items.len());
+        let mut changed = false;
+        let n = items.len();
+        for m in items {
+            let step = match self.session.admit_server(m) {
+                Admit::Now(s) => s,
+                Admit::Later(p) => self.session.finish(&self.gate, p).await,
+            };
+            match step {
+                Step::Pass(m) => kept.push(m),
+                Step::Changed(m) => {
+                    changed = true;
+                    kept.push(m);
                 }
-                if kept.is_empty() {
-                    Inspected::Dropped
-                } else if changed {
-                    Inspected::Changed(Value::Array(kept))
-                } else {
-                    Inspected::Unchanged
+                Step::Reply(r) => {
+                    // A server request refused: the server hears it, the client never.
+                    self.post_upstream(r);
+                    changed = true;
                 }
+                Step::Drop => changed = true,
             }
-            mut one => match self.inspect(&mut one).await {
-                Keep::Same => Inspected::Unchanged,
-                Keep::Changed => Inspected::Changed(one),
-                Keep::Drop => Inspected::Dropped,
-            },
+        }
+        if kept.is_empty() {
+            return Inspected::Dropped;
+        }
+        let out = if batch {
+            Value::Array(kept)
+        } else {
+            kept.pop().unwrap_or(Value::Null)
+        };
+        if changed || kept_len_differs(n, &out, batch) {
+            Inspected::Changed(out)
+        } else {
+            Inspected::Unchanged(out)
         }
     }
 
@@ -1354,15 +1261,19 @@ impl Exchange {
             return Some(Bytes::from(ev.raw));
         };
         match self.inspect_payload(v).await {
-            Inspected::Unchanged => Some(Bytes::from(ev.raw)),
+            Inspected::Unchanged(_) => Some(Bytes::from(ev.raw)),
             Inspected::Changed(v) => Some(Bytes::from(ev.with_data(&v.to_string()))),
             Inspected::Dropped => None,
         }
     }
 }
 
-/// The client's side of a stream. A client that went away is noted, not fatal: a call in
-/// flight is still followed to its outcome.
+fn kept_len_differs(n: usize, out: &Value, batch: bool) -> bool {
+    batch && out.as_array().map_or(0, Vec::len) != n
+}
+
+/// The client's side of a stream. A client that went away is noted: what it asked is
+/// then cancelled upstream, as on stdio.
 struct Out {
     tx: mpsc::Sender<Bytes>,
     gone: bool,
@@ -1388,21 +1299,18 @@ impl Out {
 }
 
 /// Carries an upstream SSE stream to the client event by event.
-async fn pump_sse(
-    mut ex: Exchange,
-    mut resp: reqwest::Response,
-    mut out: Out,
-    first: Vec<Value>,
-    is_get: bool,
-) {
-    ex.watch_always = is_get;
+async fn pump_sse(mut ex: Exchange, mut resp: reqwest::Response, mut out: Out, first: Vec<Value>) {
     out.messages(first).await;
-    let mut parser = sse::Parser::new(MAX_UPSTREAM_MESSAGE);
+    let mut parser = sse::Parser::new(MAX_SERVER_MESSAGE);
     loop {
         // A POST's stream has served its purpose once everything it carried is settled
-        // (answered, or cancelled by the client). With the client gone there is nobody to
-        // stream to, but a call in flight is still followed so its outcome is recorded.
-        if (!is_get && !ex.unsettled()) || (out.gone && (is_get || !ex.unsettled_calls())) {
+        // (answered, or cancelled). A client that left has its requests cancelled.
+        if out.gone {
+            let gone = ex.finish("cancelled", "client disconnected", true).await;
+            drop(gone);
+            break;
+        }
+        if !ex.is_get && !ex.unsettled() {
             break;
         }
         let step = {
@@ -1422,8 +1330,8 @@ async fn pump_sse(
                     }
                 }
                 Err(e) => {
-                    let why = format!("MCP server `{}` sent a broken stream: {e}", ex.server);
-                    let errors = ex.finish("upstream-failed", &why).await;
+                    let why = format!("MCP server `{}` sent a broken stream: {e}", ex.target.name);
+                    let errors = ex.finish("upstream-failed", &why, false).await;
                     out.messages(errors).await;
                     break;
                 }
@@ -1437,15 +1345,19 @@ async fn pump_sse(
                 }
                 let why = format!(
                     "MCP server `{}` ended the stream without answering",
-                    ex.server
+                    ex.target.name
                 );
-                let errors = ex.finish("upstream-failed", &why).await;
+                let errors = ex.finish("upstream-failed", &why, false).await;
                 out.messages(errors).await;
                 break;
             }
             Watched::Done(Err(e)) => {
-                let why = format!("MCP server `{}` stream failed: {e}", ex.server);
-                let errors = ex.finish("upstream-failed", &why).await;
+                let why = format!(
+                    "MCP server `{}` stream failed: {}",
+                    ex.target.name,
+                    error_chain(&e)
+                );
+                let errors = ex.finish("upstream-failed", &why, false).await;
                 out.messages(errors).await;
                 break;
             }
@@ -1457,8 +1369,7 @@ async fn pump_sse(
             }
         }
     }
-    // Requests left behind by a client that went away are forgotten, not leaked.
-    ex.finish("upstream-failed", "the client went away").await;
+    ex.end();
 }
 
 /// A response body fed from a channel: each message is sent to the client as it comes.
@@ -1541,6 +1452,9 @@ mod tests {
             ),
             ("baggage", "a=b"),
             ("x-agent-id", "someone-else"),
+            ("x-agent_id", "someone-else"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("warden-assertion", "forged"),
             ("user-agent", "python-httpx"),
         ]);
         let out = upstream_request_headers(&incoming);
@@ -1552,7 +1466,6 @@ mod tests {
                 "accept",
                 "content-type",
                 "last-event-id",
-                "mcp-custom-thing",
                 "mcp-protocol-version",
                 "mcp-session-id",
                 "user-agent"
@@ -1611,8 +1524,11 @@ mod tests {
             e(Reason::Internal).status(),
             StatusCode::SERVICE_UNAVAILABLE
         );
-        let r = GatewayError::Frame(FrameError::Parse("x".into())).into_response();
-        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(GatewayError::UnknownSession.status(), StatusCode::NOT_FOUND);
+        assert_eq!(
+            GatewayError::SessionsFull.status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
     }
 
     #[test]

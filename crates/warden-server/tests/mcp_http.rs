@@ -500,10 +500,24 @@ async fn json_server_behind_the_gateway() {
         r.json::<Value>().await.unwrap()["error"]["code"],
         PARSE_ERROR
     );
-    let limit = node.app().settings.max_body_bytes;
-    let big = call(1, "echo", json!({"message": "x".repeat(limit)}));
+    // Regression: a 100 KB call got a bare 413 from the node's API body limit. The
+    // gateway has its own limit, as large as stdio's; past it the message is answered in
+    // JSON-RPC form with its own id, and the refused call is on the audit trail.
+    let before = node.tool_entries().len();
+    let big = call(1, "echo", json!({"message": "x".repeat(5 * 1024 * 1024)}));
     let r = node.post(Some(&token), None, &big).await;
     assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        (v["id"].clone(), v["result"]["isError"].clone()),
+        (json!(1), json!(true))
+    );
+    let entries = node.tool_entries();
+    assert_eq!(entries.len(), before + 1, "{entries:?}");
+    assert_eq!(
+        (entries[before].0, entries[before].2.as_str()),
+        (EntryKind::Decision, "deny")
+    );
 
     // initialize: the session comes back; the server sees who the agent is, not its token
     let r = node.post(Some(&token), None, &initialize(1)).await;
@@ -664,6 +678,7 @@ async fn json_server_behind_the_gateway() {
         decisions,
         [
             ("everything/echo", "deny"), // the forged token's
+            ("everything/echo", "deny"), // the over-limit call
             ("everything/echo", "permit"),
             ("everything/echo", "deny"),
             ("everything/get-sum", "deny"),
@@ -727,7 +742,7 @@ async fn json_server_behind_the_gateway() {
             .iter()
             .filter(|e| e.0 == EntryKind::Decision)
             .count(),
-        8
+        9 // with the over-limit call's
     );
     node.stop().await;
 }
@@ -970,10 +985,19 @@ async fn an_unreachable_server_gets_a_502_and_the_call_an_upstream_failed_outcom
         (v["id"].clone(), v["error"]["code"].clone()),
         (json!(1), json!(UPSTREAM_UNAVAILABLE))
     );
+    // a session the gateway never saw is refused before anything is decided
     let r = node
         .post(
             Some(&token),
             Some("s"),
+            &call(2, "echo", json!({"message": "hi"})),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let r = node
+        .post(
+            Some(&token),
+            None,
             &call(2, "echo", json!({"message": "hi"})),
         )
         .await;

@@ -106,14 +106,18 @@ struct McpProxyArgs {
     /// Cancel a tool call that has no answer after this long.
     #[arg(long)]
     call_timeout: Option<String>,
-    /// Largest JSON-RPC frame accepted from either side, in bytes.
-    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    /// Largest JSON-RPC message accepted from the client, in bytes.
+    #[arg(long, default_value_t = warden_mcp::stdio::MAX_CLIENT_MESSAGE)]
     max_frame: usize,
     /// Give the server this variable from this environment (NAME) or with this value
     /// (NAME=VALUE, visible to `ps`: pass secrets by name). Repeatable. The server starts
     /// with only PATH, HOME, LANG, LC_*, TZ and TMPDIR otherwise; WARDEN_* is refused.
     #[arg(long = "env", value_name = "NAME[=VALUE]", value_parser = crate::server_env::parse_env_arg)]
     env_vars: Vec<crate::server_env::EnvArg>,
+    /// Largest JSON-RPC message accepted from the server, in bytes (file and database
+    /// servers return large results).
+    #[arg(long, default_value_t = warden_mcp::stdio::MAX_SERVER_MESSAGE)]
+    max_server_frame: usize,
     /// The MCP server's command and arguments.
     #[arg(last = true, required = true, num_args = 1..)]
     command: Vec<String>,
@@ -461,17 +465,21 @@ fn mcp_proxy(config: &Path, args: McpProxyArgs) -> Result<ExitCode> {
         Some(t) => parse_duration(t).map_err(|m| anyhow!("--call-timeout: {m}"))?,
         None => declared.map_or(300 * NANOS_PER_SEC, |m| m.timeout_ns),
     };
+    let mut rules = warden_mcp::engine::Rules::new(map);
+    rules.filter_lists = !args.no_filter;
+    rules.call_timeout = Duration::from_nanos(call_timeout);
+    rules.resolve_paths = declared
+        .map(|m| m.resolve_paths.clone())
+        .unwrap_or_default();
+    // The server runs in our working directory, so its relative paths are ours.
+    rules.path_base = Some(std::env::current_dir()?);
+    if let Some(m) = declared {
+        rules.passthrough = m.passthrough.clone();
+    }
     let opts = stdio::Options {
-        map,
         max_frame: args.max_frame,
-        filter_tools: !args.no_filter,
-        call_timeout: Duration::from_nanos(call_timeout),
-        stop_poll: Duration::from_millis(200),
-        resolve_paths: declared
-            .map(|m| m.resolve_paths.clone())
-            .unwrap_or_default(),
-        // The server runs in our working directory, so its relative paths are ours.
-        path_base: std::env::current_dir()?,
+        max_server_frame: args.max_server_frame,
+        ..stdio::Options::new(rules)
     };
 
     // The server gets no credential of ours: an empty environment, what a program needs

@@ -173,6 +173,7 @@ mod tests {
             resolve_paths: vec![],
             env: [("LOG_LEVEL".to_owned(), "info".to_owned())].into(),
             pass_env: vec!["GITHUB_TOKEN".into(), "NOT_SET".into()],
+            passthrough: Vec::new(),
         };
         let args = [
             parse_env_arg("LOG_LEVEL=debug").unwrap(),

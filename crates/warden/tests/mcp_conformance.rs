@@ -212,10 +212,23 @@ impl Warden {
             "scopes = [\"conformance:run\", \"demo:echo\"",
         );
         assert!(config.contains("\"conformance:run\", \"demo:echo"));
+        // What the suite exercises besides tools passes by config (the gateways govern
+        // every method; an operator names the ones that may pass undecided).
+        let passthrough = "passthrough = [\"initialize\", \"ping\", \"notifications/*\", \
+            \"logging/setLevel\", \"resources/*\", \"prompts/*\", \"completion/complete\", \
+            \"sampling/createMessage\", \"elicitation/create\", \"roots/list\"]\n";
         if server == "everything" {
-            config = config.replace("http://127.0.0.1:3001/mcp", url);
+            config = config.replace(
+                "url = \"http://127.0.0.1:3001/mcp\"\n",
+                &format!("url = \"{url}\"\n{passthrough}"),
+            );
+            assert!(
+                config.contains(passthrough),
+                "the example's server entry moved"
+            );
         } else {
-            config += &format!("\n[[mcp_servers]]\nname = \"{server}\"\nurl = \"{url}\"\n");
+            config +=
+                &format!("\n[[mcp_servers]]\nname = \"{server}\"\nurl = \"{url}\"\n{passthrough}");
         }
         let mut schema = read(ex.join("policy/mcp.cedarschema"));
         let mut actions = Vec::new();

@@ -229,7 +229,8 @@ fn everything_plan() -> Value {
         {"op": "call", "name": "get-env", "arguments": {}},
         {"op": "list_resources"},
         {"op": "list_prompts"},
-        {"op": "ping"}
+        {"op": "ping"},
+        {"op": "read_resource", "uri": "file:///etc/shadow"}
     ])
 }
 
@@ -268,12 +269,17 @@ fn check_everything(r: &[Value]) {
         "{}",
         r[5]
     );
-    assert!(
-        r[6]["count"].as_u64().unwrap() > 0,
-        "resources pass through"
-    );
-    assert!(r[7]["count"].as_u64().unwrap() > 0, "prompts pass through");
+    // Regression: resources and prompts passed ungoverned. This agent may read no
+    // resource and get no prompt, so it is offered none, and a read is denied.
+    assert_eq!(r[6]["count"], 0, "resources are filtered");
+    assert_eq!(r[7]["count"], 0, "prompts are filtered");
     assert_eq!(r[8]["ok"], true);
+    assert_eq!(r[9]["ok"], false);
+    let e = r[9]["error"].as_str().unwrap();
+    assert!(
+        e.contains("denied") && e.contains("TOOL_NOT_PERMITTED"),
+        "{e}"
+    );
 }
 
 fn check_everything_audit(audit: &[Value]) {
@@ -296,8 +302,9 @@ fn check_everything_audit(audit: &[Value]) {
             ("everything/get-sum", "deny", "CONSTRAINT_VIOLATION"),
             ("everything/get-sum", "permit", "PERMITTED"),
             ("everything/get-env", "deny", "DATA_BOUNDARY_VIOLATION"),
+            ("everything/resources/read", "deny", "TOOL_NOT_PERMITTED"),
         ],
-        "one audit entry per tools/call, denials included"
+        "one audit entry per governed request, denials included"
     );
     assert_eq!(calls[0]["rationale"], "greeting the user");
     let outcomes: Vec<&Value> = audit.iter().filter(|e| e["kind"] == "outcome").collect();
@@ -622,19 +629,27 @@ fn remote_proxy_fails_closed_when_warden_is_unreachable() {
         {"op": "list_tools"},
         {"op": "call", "name": "echo", "arguments": {"message": "anyone there?"}}
     ]);
-    let r = results(s.client(
-        &peers,
-        &plan,
-        &["--name", "everything", "--server", &url],
-        &server,
-        &token,
-    ));
-    assert_eq!(r[0]["tools"], json!([]), "no standing, no tools offered");
-    assert_eq!(r[1]["is_error"], true);
-    let t = r[1]["text"].as_str().unwrap();
+    // Fail closed from the first message: without Warden, not even `initialize` is
+    // answered by the server, and the client is told why.
+    let out = wait_with_deadline(
+        s.client(
+            &peers,
+            &plan,
+            &["--name", "everything", "--server", &url],
+            &server,
+            &token,
+        ),
+        Duration::from_secs(60),
+    );
+    assert!(!out.status.success());
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
-        t.contains("INTERNAL") && t.contains("cannot reach Warden"),
-        "{t}"
+        all.contains("INTERNAL") && all.contains("cannot reach Warden"),
+        "{all}"
     );
 }
 
