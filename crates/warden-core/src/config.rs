@@ -156,6 +156,8 @@ struct RawServer {
     idle_timeout: Option<String>,
     max_connections: Option<usize>,
     max_connections_per_ip: Option<usize>,
+    mcp_sessions_max: Option<usize>,
+    mcp_session_idle: Option<String>,
     tls: Option<RawTls>,
 }
 
@@ -422,6 +424,10 @@ pub struct Settings {
     pub agents: Vec<Agent>,
     pub limits: Vec<LimitSpec>,
     pub mcp_servers: BTreeMap<String, McpServer>,
+    /// MCP sessions the HTTP gateway tracks at most; past it new ones are refused.
+    pub mcp_sessions_max: usize,
+    /// An MCP session unused this long is forgotten (its client initializes anew).
+    pub mcp_session_idle_ns: Nanos,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8480";
@@ -559,6 +565,18 @@ impl Settings {
         }
         let control_refresh_ns = dur("control.refresh", raw.control.refresh, "250ms")?;
         let control_stale_after_ns = dur("control.stale_after", raw.control.stale_after, "2s")?;
+        let mcp_session_idle_ns = dur(
+            "server.mcp_session_idle",
+            raw.server.mcp_session_idle.clone(),
+            "30m",
+        )?;
+        let mcp_sessions_max = raw.server.mcp_sessions_max.unwrap_or(10_000);
+        if mcp_sessions_max == 0 {
+            return Err(field(
+                "server.mcp_sessions_max",
+                "0 would refuse every MCP session; use at least 1".into(),
+            ));
+        }
         if control_stale_after_ns < 2 * control_refresh_ns {
             return Err(field(
                 "control.stale_after",
@@ -819,6 +837,8 @@ impl Settings {
             agents,
             limits,
             mcp_servers,
+            mcp_sessions_max,
+            mcp_session_idle_ns,
         })
     }
 }

@@ -58,11 +58,6 @@ use warden_core::trace::parse_traceparent;
 
 /// How often a stream with requests in flight asks whether the agent was stopped.
 const STOP_POLL: Duration = Duration::from_millis(200);
-/// Sessions kept at most. Past this (after expiring idle ones), new sessions are refused:
-/// a session Warden does not track is one it could not govern.
-const MAX_SESSIONS: usize = 10_000;
-/// A session unused this long is forgotten; its client initializes anew.
-const SESSION_IDLE: Duration = Duration::from_secs(30 * 60);
 /// How much of an over-limit body is read to find its id before giving up on it.
 const MAX_SNIFF: usize = 64 * 1024 * 1024;
 
@@ -181,6 +176,12 @@ struct Gateway {
     app: Arc<App>,
     http: Result<reqwest::Client, String>,
     upstreams: HashMap<String, Upstream>,
+    /// Sessions kept at most (`server.mcp_sessions_max`). Past this, after expiring idle
+    /// ones, new sessions are refused: a session Warden does not track is one it could
+    /// not govern.
+    max_sessions: usize,
+    /// A session unused this long is forgotten (`server.mcp_session_idle`).
+    session_idle: Duration,
     sessions: Mutex<HashMap<(String, String), Bound>>,
 }
 
@@ -218,6 +219,8 @@ impl Gateway {
             })
             .collect();
         Self {
+            max_sessions: app.settings.mcp_sessions_max,
+            session_idle: Duration::from_nanos(app.settings.mcp_session_idle_ns),
             app,
             http,
             upstreams,
@@ -236,7 +239,7 @@ impl Gateway {
         let key = (server.to_owned(), id.to_owned());
         let now = Instant::now();
         match map.get_mut(&key) {
-            Some(b) if now.duration_since(b.last_used) > SESSION_IDLE => {
+            Some(b) if now.duration_since(b.last_used) > self.session_idle => {
                 map.remove(&key);
                 Err(GatewayError::UnknownSession)
             }
@@ -253,12 +256,13 @@ impl Gateway {
     /// Whether a new session could be bound now (expiring idle ones to make room).
     fn has_room(&self) -> bool {
         let mut map = lock(&self.sessions);
-        if map.len() < MAX_SESSIONS {
+        if map.len() < self.max_sessions {
             return true;
         }
         let now = Instant::now();
-        map.retain(|_, b| now.duration_since(b.last_used) <= SESSION_IDLE);
-        map.len() < MAX_SESSIONS
+        let idle = self.session_idle;
+        map.retain(|_, b| now.duration_since(b.last_used) <= idle);
+        map.len() < self.max_sessions
     }
 
     fn bind(&self, server: &str, id: &str, agent: &str, session: Arc<McpSession>) -> bool {
@@ -299,9 +303,14 @@ async fn handle(
     body: Body,
 ) -> Response {
     // Detached from the client's connection: a client that hangs up mid-call must not
-    // cut the decision or the outcome record short (the exchange notices it left).
-    let task = tokio::spawn(serve(gw, name, peer, method, headers, body));
-    match task.await {
+    // cut the decision or the outcome record short. It is noticed instead: if this
+    // future is dropped (the connection closed) before the answer is handed over, the
+    // sender goes without a word and the exchange cancels what it carried upstream.
+    let (handed_over, client) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(serve(gw, name, peer, method, headers, body, client));
+    let resp = task.await;
+    let _ = handed_over.send(());
+    match resp {
         Ok(resp) => resp,
         Err(e) => {
             tracing::error!(error = %e, "MCP gateway task failed");
@@ -317,6 +326,7 @@ async fn serve(
     method: Method,
     headers: HeaderMap,
     body: Body,
+    client: Client,
 ) -> Response {
     let Some(up) = gw.upstreams.get(&name) else {
         return GatewayError::UnknownServer(name).into_response();
@@ -327,7 +337,7 @@ async fn serve(
         rules: up.rules.clone(),
     };
     let result = if method == Method::POST {
-        post_messages(gw, target, peer, headers, body).await
+        post_messages(gw, target, peer, headers, body, client).await
     } else {
         open_or_end(gw, target, method, headers).await
     };
@@ -556,6 +566,7 @@ async fn post_messages(
     peer: Option<IpAddr>,
     headers: HeaderMap,
     body: Body,
+    client: Client,
 ) -> Result<Response, GatewayError> {
     let token = bearer(&headers).map(str::to_owned);
     let header_trace = header_str(&headers, "traceparent")
@@ -752,6 +763,7 @@ async fn post_messages(
     let mut ex = Exchange::new(gw.clone(), target, session, gate, up.clone(), own);
     ex.session_id = session_id;
     ex.transient = transient;
+    ex.client = Some(client);
 
     let send = http.post(&ex.target.url).headers(up).body(payload).send();
     tokio::pin!(send);
@@ -778,7 +790,11 @@ async fn post_messages(
                     return Ok(json_reply(StatusCode::OK, HeaderMap::new(), answers, batch));
                 }
             }
-            Watched::ClientGone => {}
+            Watched::ClientGone => {
+                ex.finish("cancelled", "client disconnected", true).await;
+                ex.end();
+                return Ok(StatusCode::NO_CONTENT.into_response());
+            }
         }
     };
 
@@ -950,7 +966,11 @@ async fn json_exchange(
                     return Ok(json_reply(StatusCode::OK, rh, answers, batch));
                 }
             }
-            Watched::ClientGone => {}
+            Watched::ClientGone => {
+                ex.finish("cancelled", "client disconnected", true).await;
+                ex.end();
+                return Ok(StatusCode::NO_CONTENT.into_response());
+            }
         }
     };
     let parsed = body.and_then(|raw| {
@@ -1054,7 +1074,14 @@ struct Exchange {
     tick: tokio::time::Interval,
     /// The server's GET stream: watched for a stop even with nothing in flight.
     is_get: bool,
+    /// Until the answer is handed to the client's connection: fires (as an error) if
+    /// the client hangs up first.
+    client: Option<Client>,
 }
+
+/// Resolves when the client's request is over: `Ok` once its answer was handed over,
+/// `Err` if the client hung up first.
+type Client = tokio::sync::oneshot::Receiver<()>;
 
 impl Exchange {
     fn new(
@@ -1078,6 +1105,7 @@ impl Exchange {
             own,
             tick,
             is_get: false,
+            client: None,
         }
     }
 
@@ -1104,8 +1132,21 @@ impl Exchange {
     ) -> Watched<F::Output> {
         loop {
             let watching = self.is_get || self.unsettled();
+            let waiting_on_client = self.client.is_some();
+            let request = &mut self.client;
             tokio::select! {
                 out = fut.as_mut() => return Watched::Done(out),
+                left = async {
+                    match request.as_mut() {
+                        Some(c) => c.await,
+                        None => std::future::pending().await,
+                    }
+                }, if waiting_on_client => {
+                    self.client = None;
+                    if left.is_err() {
+                        return Watched::ClientGone;
+                    }
+                }
                 _ = self.tick.tick(), if watching => {
                     if client.is_some_and(mpsc::Sender::is_closed) {
                         return Watched::ClientGone;

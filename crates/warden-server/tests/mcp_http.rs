@@ -348,7 +348,14 @@ fn answer_one(msg: &Value) -> Option<Value> {
 async fn fake_mcp(State(fake): State<Fake>, headers: HeaderMap, body: Bytes) -> Response {
     let msg: Value = serde_json::from_slice(&body).unwrap();
     fake.lock().unwrap().posts.push((headers, msg.clone()));
-    let session = [("mcp-session-id", "fake-session")];
+    // A client named `s-...` gets that session id, so tests can open several.
+    let sid = msg
+        .pointer("/params/clientInfo/name")
+        .and_then(Value::as_str)
+        .filter(|n| n.starts_with("s-"))
+        .unwrap_or("fake-session")
+        .to_owned();
+    let session = [("mcp-session-id", sid)];
     if let Value::Array(items) = &msg {
         let answers: Vec<Value> = items.iter().filter_map(answer_one).collect();
         return (session, Json(Value::Array(answers))).into_response();
@@ -1355,5 +1362,70 @@ async fn the_gateway_refuses_a_post_that_is_not_json_with_415() {
         assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE, "{ct}");
     }
     assert!(fake.lock().unwrap().posts.is_empty());
+    node.stop().await;
+}
+
+/// Regression: past 100,000 sessions the table stopped binding sessions to agents and
+/// served them unbound (failing open), and it never forgot one. Idle sessions expire
+/// (their clients get 404 and initialize anew) and a full table refuses new sessions.
+#[tokio::test]
+async fn the_session_table_expires_idle_sessions_and_refuses_new_ones_when_full() {
+    let (_fake, url) = start_fake().await;
+    let node = Node::start_with(&url, "30s", |t| {
+        t.replacen(
+            "[server]\n",
+            "[server]\nmcp_sessions_max = 2\nmcp_session_idle = \"1s\"\n",
+            1,
+        )
+    })
+    .await;
+    let token = node.token().await;
+    let init = |name: &str| {
+        json!({"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18",
+               "capabilities":{},"clientInfo":{"name":name,"version":"1"}}})
+    };
+    for s in ["s-1", "s-2"] {
+        let r = node.post(Some(&token), None, &init(s)).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()["mcp-session-id"], s);
+    }
+    let r = node.post(Some(&token), None, &init("s-3")).await;
+    assert_eq!(
+        r.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "full: refused, not unbound"
+    );
+    let ping = json!({"jsonrpc":"2.0","id":2,"method":"ping"});
+    let r = node.post(Some(&token), Some("s-1"), &ping).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let r = node.post(Some(&token), Some("s-1"), &ping).await;
+    assert_eq!(
+        r.status(),
+        StatusCode::NOT_FOUND,
+        "an idle session is forgotten"
+    );
+    let r = node.post(Some(&token), None, &init("s-3")).await;
+    assert_eq!(r.status(), StatusCode::OK, "and its place is free");
+    node.stop().await;
+}
+
+/// Regression: a client leaving mid-call cancelled the call upstream on stdio but not
+/// over HTTP, where the call ran on. Both transports now cancel it and record it.
+#[tokio::test]
+async fn a_client_that_hangs_up_mid_call_has_it_cancelled_upstream() {
+    let (fake, url) = start_fake().await;
+    let node = Node::start(&url, "30s").await;
+    let token = node.token().await;
+    let r = node.post(Some(&token), None, &initialize(1)).await;
+    let session = r.headers()["mcp-session-id"].to_str().unwrap().to_owned();
+    let hang = call(2, "echo", json!({"message": "hang"}));
+    let post = node.post(Some(&token), Some(&session), &hang);
+    // The client gives up: its request future, and with it the connection, is dropped.
+    assert!(tokio::time::timeout(Duration::from_millis(500), post)
+        .await
+        .is_err());
+    wait_for_cancel(&fake, 2).await;
+    node.wait_for_outcome("cancelled").await;
     node.stop().await;
 }
