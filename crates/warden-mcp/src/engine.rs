@@ -323,7 +323,12 @@ enum Work {
         method: String,
     },
     /// A passthrough client request: forward it if the agent is not stopped.
-    Standing { key: IdKey, id: Value },
+    Standing {
+        key: IdKey,
+        id: Value,
+        /// Whether admitting it changed the message (baggage stripped).
+        changed: bool,
+    },
     /// A server request: decide it for the session's agent.
     ServerRequest {
         key: IdKey,
@@ -604,7 +609,11 @@ impl<G: Gate> Session<G> {
                             );
                             return Admit::Later(Pending {
                                 msg,
-                                work: Work::Standing { key, id },
+                                work: Work::Standing {
+                                    key,
+                                    id,
+                                    changed: stripped,
+                                },
                                 trace: None,
                             });
                         }
@@ -616,6 +625,7 @@ impl<G: Gate> Session<G> {
                     Some(Work::Standing {
                         key: key.clone(),
                         id: id.clone(),
+                        changed: stripped,
                     })
                 } else {
                     Some(Work::Decide {
@@ -753,7 +763,7 @@ impl<G: Gate> Session<G> {
             Work::Decide { key, id, method } => {
                 self.decide(gate, key, id, &method, msg, trace).await
             }
-            Work::Standing { key, id } => match gate.stopped().await {
+            Work::Standing { key, id, changed } => match gate.stopped().await {
                 Some(why) => {
                     self.lock().client.remove(&key);
                     Step::Reply(error_response(
@@ -769,7 +779,8 @@ impl<G: Gate> Session<G> {
                             if let Some(r) = t.client.get_mut(&key) {
                                 r.phase = Phase::Sent;
                             }
-                            Step::Changed(msg)
+                            // Untouched unless its baggage was: passed on byte for byte.
+                            pass(msg, changed)
                         }
                         _ => {
                             t.client.remove(&key);

@@ -1044,6 +1044,21 @@ mod tests {
         );
     }
 
+    /// What Warden does not change passes byte for byte, odd spacing and key order
+    /// included: a ping (which waits for a standing check) and a notification.
+    #[tokio::test]
+    async fn untouched_messages_pass_byte_for_byte() {
+        let mut h = start(opts());
+        let ping = r#"{ "id" : 1 , "method":"ping","jsonrpc":"2.0" ,"params":{"z":1,"a":2}}"#;
+        h.client_tx.write_all(format!("{ping}\n").as_bytes()).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), h.server_rx.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, ping);
+    }
+
     /// `warden.*` baggage comes from Warden only, on every message.
     #[tokio::test]
     async fn warden_baggage_is_stripped_from_every_message() {
