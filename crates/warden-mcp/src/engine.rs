@@ -871,7 +871,7 @@ impl<G: Gate> Session<G> {
             } else {
                 arguments_of(&msg)
             };
-            let (rationale, trace_id) = meta_rationale_trace(&msg);
+            let (rationale, trace_id) = crate::tools::rationale_and_trace(&msg);
             (
                 method.to_owned(),
                 ToolCall {
@@ -1381,20 +1381,6 @@ fn arguments_of(msg: &Value) -> Value {
         .unwrap_or_default();
     args.remove("_meta");
     Value::Object(args)
-}
-
-fn meta_rationale_trace(msg: &Value) -> (Option<String>, Option<String>) {
-    let meta = msg.pointer("/params/_meta");
-    let rationale = meta
-        .and_then(|m| m.get("rationale"))
-        .and_then(Value::as_str)
-        .map(str::to_owned);
-    let trace = meta
-        .and_then(|m| m.get("traceparent"))
-        .and_then(Value::as_str)
-        .and_then(warden_core::trace::parse_traceparent)
-        .map(|(t, _)| t);
-    (rationale, trace)
 }
 
 /// Puts the decision's trace context into a permitted request's `_meta`.

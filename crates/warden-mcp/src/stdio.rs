@@ -1050,7 +1050,10 @@ mod tests {
     async fn untouched_messages_pass_byte_for_byte() {
         let mut h = start(opts());
         let ping = r#"{ "id" : 1 , "method":"ping","jsonrpc":"2.0" ,"params":{"z":1,"a":2}}"#;
-        h.client_tx.write_all(format!("{ping}\n").as_bytes()).await.unwrap();
+        h.client_tx
+            .write_all(format!("{ping}\n").as_bytes())
+            .await
+            .unwrap();
         let got = tokio::time::timeout(Duration::from_secs(5), h.server_rx.next_line())
             .await
             .unwrap()

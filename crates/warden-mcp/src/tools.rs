@@ -44,16 +44,7 @@ pub fn tool_call_of(map: &ToolMap, msg: &Value) -> Option<(String, ToolCall)> {
         .and_then(|p| p.get("arguments"))
         .cloned()
         .unwrap_or_else(|| json!({}));
-    let meta = params.and_then(|p| p.get("_meta"));
-    let rationale = meta
-        .and_then(|m| m.get("rationale"))
-        .and_then(Value::as_str)
-        .map(str::to_owned);
-    let trace_id = meta
-        .and_then(|m| m.get("traceparent"))
-        .and_then(Value::as_str)
-        .and_then(parse_traceparent)
-        .map(|(trace, _)| trace);
+    let (rationale, trace_id) = rationale_and_trace(msg);
     let action = map.action(&name);
     Some((
         name,
@@ -65,6 +56,22 @@ pub fn tool_call_of(map: &ToolMap, msg: &Value) -> Option<(String, ToolCall)> {
             refusal: None,
         },
     ))
+}
+
+/// What a request's `params._meta` says for its decision: the agent's stated rationale
+/// (`rationale`) and the W3C trace to join (`traceparent`).
+pub fn rationale_and_trace(msg: &Value) -> (Option<String>, Option<String>) {
+    let meta = msg.pointer("/params/_meta");
+    let rationale = meta
+        .and_then(|m| m.get("rationale"))
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let trace_id = meta
+        .and_then(|m| m.get("traceparent"))
+        .and_then(Value::as_str)
+        .and_then(parse_traceparent)
+        .map(|(trace, _)| trace);
+    (rationale, trace_id)
 }
 
 /// The tool result a denied call gets: an error result the agent's model can read and
