@@ -975,7 +975,8 @@ async fn json_exchange(
     };
     let parsed = body.and_then(|raw| {
         let raw = sanitize(&raw).unwrap_or(raw);
-        serde_json::from_slice::<Value>(&raw)
+        // Strict: duplicate keys would let the client read another value than Warden.
+        warden_core::json::from_slice_strict(&raw)
             .map(|v| (raw, v))
             .map_err(|e| e.to_string())
     });
@@ -1291,15 +1292,26 @@ impl Exchange {
     }
 
     /// One SSE event from upstream: the bytes to send on, if any. Events that carry no
-    /// JSON (priming events, keep-alives, comments) pass as they came.
+    /// data (priming events, keep-alives, comments) pass as they came. Data that is not
+    /// one JSON message Warden can read whole (unparsable, duplicate keys) is dropped:
+    /// passed on uninspected, a lenient client could read an answer out of it that
+    /// Warden never saw.
     async fn pass_event(&mut self, ev: sse::Event) -> Option<Bytes> {
-        let Some(v) = ev
-            .data
-            .as_deref()
-            .filter(|d| !d.trim().is_empty())
-            .and_then(|d| serde_json::from_str::<Value>(d).ok())
-        else {
+        let Some(data) = ev.data.as_deref().filter(|d| !d.trim().is_empty()) else {
             return Some(Bytes::from(ev.raw));
+        };
+        let bytes = data.as_bytes();
+        let parsed = match sanitize(bytes) {
+            Some(clean) => warden_core::json::from_slice_strict(&clean),
+            None => warden_core::json::from_slice_strict(bytes),
+        };
+        let v = match parsed {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(server = %self.target.name, error = %e, "dropped an unreadable event from the MCP server");
+                self.session.note_rejected_frame();
+                return None;
+            }
         };
         match self.inspect_payload(v).await {
             Inspected::Unchanged(_) => Some(Bytes::from(ev.raw)),

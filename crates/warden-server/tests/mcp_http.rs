@@ -367,6 +367,18 @@ async fn fake_mcp(State(fake): State<Fake>, headers: HeaderMap, body: Bytes) -> 
     if tool == "echo" && msg["params"]["arguments"]["message"] == "hang" {
         tokio::time::sleep(Duration::from_secs(60)).await;
     }
+    // An answer with a duplicate key: one reader sees "seen", another "unseen".
+    let dup = format!(
+        r#"{{"jsonrpc":"2.0","id":{},"result":{{"content":[{{"type":"text","text":"seen"}}]}},"result":{{"content":[{{"type":"text","text":"unseen"}}]}}}}"#,
+        msg["id"]
+    );
+    if tool == "echo" && msg["params"]["arguments"]["message"] == "dup-json" {
+        return (session, [("content-type", "application/json")], dup).into_response();
+    }
+    if tool == "echo" && msg["params"]["arguments"]["message"] == "dup-sse" {
+        let body = format!("event: message\ndata: {dup}\n\n");
+        return (session, [("content-type", "text/event-stream")], body).into_response();
+    }
     if tool == "trigger-long-running-operation" {
         // A stream that reports progress until it is told to stop, with a forged answer to
         // a request nobody made at its start.
@@ -1427,5 +1439,40 @@ async fn a_client_that_hangs_up_mid_call_has_it_cancelled_upstream() {
         .is_err());
     wait_for_cancel(&fake, 2).await;
     node.wait_for_outcome("cancelled").await;
+    node.stop().await;
+}
+
+/// Regression: the HTTP gateway read upstream answers leniently, and passed an SSE event
+/// it could not parse through uninspected. An answer with a duplicate key (which readers
+/// resolve differently) is refused on both paths: never delivered, and the call is
+/// settled as failed.
+#[tokio::test]
+async fn upstream_answers_with_duplicate_keys_never_reach_the_client() {
+    let (_fake, url) = start_fake().await;
+    let node = Node::start(&url, "30s").await;
+    let token = node.token().await;
+    let r = node.post(Some(&token), None, &initialize(1)).await;
+    let session = r.headers()["mcp-session-id"].to_str().unwrap().to_owned();
+    let r = node
+        .post(
+            Some(&token),
+            Some(&session),
+            &call(2, "echo", json!({"message": "dup-json"})),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+    let text = r.text().await.unwrap();
+    assert!(!text.contains("seen\""), "{text}");
+    let r = node
+        .post(
+            Some(&token),
+            Some(&session),
+            &call(3, "echo", json!({"message": "dup-sse"})),
+        )
+        .await;
+    let text = r.text().await.unwrap();
+    assert!(!text.contains("seen\""), "{text}");
+    assert!(text.contains("without answering"), "{text}");
+    node.wait_for_outcome("upstream-failed").await;
     node.stop().await;
 }
