@@ -1095,17 +1095,15 @@ impl<G: Gate> Session<G> {
 
     // -------------------------------------------------------------- watching
 
-    /// Stops what must stop: everything in flight if the agent is stopped (asked of the
-    /// gate), else the requests past their deadline. `only` limits it to some requests
-    /// (an HTTP exchange watches its own). Outcomes are durable before this returns.
-    pub async fn sweep(&self, only: Option<&HashSet<IdKey>>) -> Vec<Emit> {
-        let stopped = match self.gate.stopped().await {
-            Some(why) => {
-                self.lock().stopped = Some(why.clone());
-                Some(why)
-            }
-            None => None,
-        };
+    /// Stops what must stop: everything in flight if the agent is stopped (asked of
+    /// `gate`: over HTTP the credential of the request being watched, which may be newer
+    /// than the one that opened the session), else the requests past their deadline.
+    /// `only` limits it to some requests (an HTTP exchange watches its own). Outcomes
+    /// are durable before this returns.
+    pub async fn sweep<G2: Gate>(&self, gate: &G2, only: Option<&HashSet<IdKey>>) -> Vec<Emit> {
+        let stopped = gate.stopped().await;
+        // Not sticky: a revived agent's session goes on.
+        self.lock().stopped = stopped.clone();
         let now = Instant::now();
         let timeout = self.rules.call_timeout;
         let (victims, tasks) = {

@@ -480,7 +480,7 @@ async fn watch<G: Gate>(session: Arc<Session<G>>, every: Duration, sides: Sides)
     loop {
         tick.tick().await;
         if session.busy() {
-            sides.emit(session.sweep(None).await);
+            sides.emit(session.sweep(session.gate().as_ref(), None).await);
         }
     }
 }
@@ -778,6 +778,21 @@ mod tests {
         assert_eq!(
             (resp["id"].clone(), resp["result"]["isError"].clone()),
             (json!(2), json!(true))
+        );
+        // revived: the session goes on, and its calls are not cancelled by a stale stop
+        h.gate.stopped.store(false, Ordering::SeqCst);
+        send(&mut h.client_tx, call(3, "echo")).await;
+        assert_eq!(recv(&mut h.server_rx).await["id"], 3);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        send(
+            &mut h.server_tx,
+            json!({"jsonrpc":"2.0","id":3,"result":{"content":[]}}),
+        )
+        .await;
+        let resp = recv(&mut h.client_rx).await;
+        assert_eq!(
+            (resp["id"].clone(), resp["result"]["content"].clone()),
+            (json!(3), json!([]))
         );
     }
 

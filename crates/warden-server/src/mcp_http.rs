@@ -1152,7 +1152,7 @@ impl Exchange {
                     if client.is_some_and(mpsc::Sender::is_closed) {
                         return Watched::ClientGone;
                     }
-                    let emits = self.session.sweep(Some(&self.own)).await;
+                    let emits = self.session.sweep(&self.gate, Some(&self.own)).await;
                     let end = self.session.stopped().is_some();
                     let errors = self.route(emits);
                     if end || !errors.is_empty() {
