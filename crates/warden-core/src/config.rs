@@ -142,6 +142,12 @@ struct RawMcpServer {
     #[serde(default)]
     pass_env: Vec<String>,
     passthrough: Option<Vec<String>>,
+    #[serde(default)]
+    ca_file: Option<String>,
+    #[serde(default)]
+    client_cert: Option<String>,
+    #[serde(default)]
+    client_key: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -313,6 +319,27 @@ pub struct McpServer {
     /// Client methods that pass the gateways without a decision (an entry ending in `/*`
     /// names a prefix). Every other request is decided and audited.
     pub passthrough: Vec<String>,
+    /// How the HTTP gateway authenticates an `https` upstream and itself to it.
+    pub tls: UpstreamTls,
+}
+
+/// TLS toward an upstream, from PEM files. Checked only for form here; the server reads
+/// the files when it builds its clients, so a missing or exposed file stops it at start.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UpstreamTls {
+    /// The CA certificates the upstream's certificate must chain to, instead of the
+    /// public roots built into Warden.
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate to present (mTLS).
+    pub identity: Option<ClientIdentity>,
+}
+
+/// A client certificate chain (leaf first) and its private key, which must not be
+/// readable by group or others.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientIdentity {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// Checks a variable name an operator asks `mcp-proxy` to give the server it starts.
@@ -788,6 +815,44 @@ impl Settings {
                     ));
                 }
             }
+            let identity = match (m.client_cert, m.client_key) {
+                (None, None) => None,
+                (Some(cert), Some(key)) => Some(ClientIdentity {
+                    cert: path(&cert),
+                    key: path(&key),
+                }),
+                (Some(_), None) => {
+                    return Err(field(
+                        &format!("mcp_servers[{i}].client_key"),
+                        "missing; `client_cert` needs the certificate's private key (PEM)".into(),
+                    ))
+                }
+                (None, Some(_)) => {
+                    return Err(field(
+                        &format!("mcp_servers[{i}].client_cert"),
+                        "missing; `client_key` needs the certificate it belongs to (PEM)".into(),
+                    ))
+                }
+            };
+            let tls = UpstreamTls {
+                ca_file: m.ca_file.as_deref().map(path),
+                identity,
+            };
+            // TLS settings for a server that is not reached over TLS would be silently
+            // ignored, and the operator would believe the link is protected.
+            if tls != UpstreamTls::default()
+                && !m.url.as_deref().is_some_and(|u| u.starts_with("https://"))
+            {
+                let which = if tls.ca_file.is_some() {
+                    "ca_file"
+                } else {
+                    "client_cert"
+                };
+                return Err(field(
+                    &format!("mcp_servers[{i}].{which}"),
+                    "applies only to a server reached over TLS; give it an `https://` url or remove the TLS settings".into(),
+                ));
+            }
             let server = McpServer {
                 name: m.name.clone(),
                 url: m.url,
@@ -797,6 +862,7 @@ impl Settings {
                 env: m.env,
                 pass_env: m.pass_env,
                 passthrough,
+                tls,
             };
             if mcp_servers.insert(m.name.clone(), server).is_some() {
                 return Err(field(
@@ -1037,6 +1103,69 @@ window = "1m"
         let err = check_child_env_name("WARDEN_TOKEN").unwrap_err();
         assert!(err.contains("never reach the MCP server"), "{err}");
         assert!(check_child_env_name("WARDENS").is_ok());
+    }
+
+    #[test]
+    fn upstream_tls_is_for_https_servers_and_a_client_cert_needs_its_key() {
+        let server = |extra: &str, url: &str| {
+            format!("{MINIMAL}\n[[mcp_servers]]\nname = \"up\"\nurl = \"{url}\"\n{extra}\n")
+        };
+        let text = server(
+            "ca_file = \"ca.pem\"\nclient_cert = \"c.pem\"\nclient_key = \"c.key\"",
+            "https://tools.internal/mcp",
+        );
+        let s = Settings::from_toml(&text, "w.toml", Path::new("/etc/w"), &no_env).unwrap();
+        let tls = &s.mcp_servers["up"].tls;
+        assert_eq!(tls.ca_file.as_deref(), Some(Path::new("/etc/w/ca.pem")));
+        assert_eq!(
+            tls.identity,
+            Some(ClientIdentity {
+                cert: PathBuf::from("/etc/w/c.pem"),
+                key: PathBuf::from("/etc/w/c.key"),
+            })
+        );
+        let s = Settings::from_toml(
+            &server("", "http://h/mcp"),
+            "w.toml",
+            Path::new("."),
+            &no_env,
+        )
+        .unwrap();
+        assert_eq!(s.mcp_servers["up"].tls, UpstreamTls::default());
+
+        for (extra, url, field) in [
+            (
+                "client_cert = \"c.pem\"",
+                "https://h/mcp",
+                "mcp_servers[0].client_key",
+            ),
+            (
+                "client_key = \"c.key\"",
+                "https://h/mcp",
+                "mcp_servers[0].client_cert",
+            ),
+            (
+                "ca_file = \"ca.pem\"",
+                "http://h/mcp",
+                "mcp_servers[0].ca_file",
+            ),
+            (
+                "client_cert = \"c.pem\"\nclient_key = \"c.key\"",
+                "http://h/mcp",
+                "mcp_servers[0].client_cert",
+            ),
+        ] {
+            let err = Settings::from_toml(&server(extra, url), "w.toml", Path::new("."), &no_env)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(field), "{extra} {url}: {err}");
+        }
+        // No url at all (a stdio server for `mcp-proxy --name`): nothing to speak TLS to.
+        let text = format!("{MINIMAL}\n[[mcp_servers]]\nname = \"up\"\nca_file = \"ca.pem\"\n");
+        let err = Settings::from_toml(&text, "w.toml", Path::new("."), &no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("https://"), "{err}");
     }
 
     #[test]
