@@ -221,12 +221,18 @@ impl SigningKeyPair {
         self.key.verifying_key()
     }
 
-    /// Signs claims into a compact JWS.
+    /// Signs an agent token's claims into a compact JWS.
     pub fn sign(&self, claims: &Claims) -> String {
+        self.sign_typed("JWT", claims)
+    }
+
+    /// Signs `claims` into a compact JWS whose header says `typ`, so a verifier can tell
+    /// one kind of token from another before reading the claims (RFC 8725, 3.11).
+    pub fn sign_typed<C: Serialize>(&self, typ: &str, claims: &C) -> String {
         let header = Header {
             alg: "EdDSA".into(),
             kid: Some(self.kid.clone()),
-            typ: Some("JWT".into()),
+            typ: Some(typ.into()),
             crit: None,
         };
         // Serializing these plain structs cannot fail; an empty object would only make
@@ -250,6 +256,54 @@ pub fn operator_id(token: &str) -> String {
 fn key_id(key: &VerifyingKey) -> String {
     let digest = Sha256::digest(key.as_bytes());
     hex::encode(&digest[..8])
+}
+
+/// The JWS `typ` of a [`Assertion`]: never `JWT`, so neither Warden nor an upstream can
+/// take one for an agent token or the other way round.
+pub const ASSERTION_TYP: &str = "warden-assertion+jwt";
+/// How long an upstream may accept an assertion: one request's worth, with room for
+/// clock skew between the two hosts.
+pub const ASSERTION_LIFETIME_SECS: u64 = 60;
+
+/// What the HTTP MCP gateway tells an upstream server about a request it forwards: this
+/// node (`iss`) sent it to this server (`aud`) on behalf of this agent (`sub`), and, when
+/// the request carries a tools/call that policy permitted, under which decision
+/// (`call_id`, the id in the audit trail). Signed with the node's token key, so an
+/// upstream checks it with `warden.pub`; `jti` is unique, for upstreams that refuse
+/// replays.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assertion {
+    pub iss: String,
+    pub aud: String,
+    pub sub: String,
+    pub iat: u64,
+    pub exp: u64,
+    pub jti: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call_id: Option<String>,
+}
+
+impl Assertion {
+    /// An assertion issued at `now`, valid for [`ASSERTION_LIFETIME_SECS`].
+    pub fn new(
+        issuer: &str,
+        audience: &str,
+        agent_id: &str,
+        call_id: Option<&str>,
+        jti: String,
+        now: Nanos,
+    ) -> Self {
+        let iat = now / NANOS_PER_SEC;
+        Assertion {
+            iss: issuer.to_owned(),
+            aud: audience.to_owned(),
+            sub: agent_id.to_owned(),
+            iat,
+            exp: iat.saturating_add(ASSERTION_LIFETIME_SECS),
+            jti,
+            call_id: call_id.map(str::to_owned),
+        }
+    }
 }
 
 /// Builds the claims for a new credential of `agent`, valid from `now` for the agent's
@@ -340,6 +394,17 @@ impl Verifier {
             return Err(CredentialError::new(
                 Reason::CredentialInvalid,
                 "credential header marks extensions critical (`crit`), which this server does not implement; issue a new token with `warden agent token`",
+            ));
+        }
+        // Other tokens this key signs (gateway assertions) say so in `typ`; one of them
+        // is never an agent's credential, whatever its claims.
+        if header.typ.as_deref().is_some_and(|t| t != "JWT") {
+            return Err(CredentialError::new(
+                Reason::CredentialInvalid,
+                format!(
+                    "credential is a `{}`, not an agent token",
+                    header.typ.as_deref().unwrap_or_default()
+                ),
             ));
         }
         if header.alg != "EdDSA" {
@@ -589,6 +654,31 @@ mod tests {
     }
 
     const T0: Nanos = 1_700_000_000 * NANOS_PER_SEC;
+
+    #[test]
+    fn a_gateway_assertion_is_never_accepted_as_an_agent_token() {
+        let key = SigningKeyPair::from_seed([7; 32]);
+        let v = Verifier::new("warden", [key.verifying_key()], 16);
+        // Even one whose audience is the agents' and whose claims are a full agent
+        // token's: the `typ` alone refuses it.
+        let claims = new_claims("warden", &agent(), "j1".into(), T0);
+        let as_assertion = key.sign_typed(ASSERTION_TYP, &claims);
+        let e = v.verify(&as_assertion, T0).unwrap_err();
+        assert_eq!(e.reason, Reason::CredentialInvalid);
+        assert!(e.message.contains(ASSERTION_TYP), "{}", e.message);
+        let a = Assertion::new(
+            "warden",
+            AGENT_AUDIENCE,
+            "claims-processor-v3",
+            None,
+            "j2".into(),
+            T0,
+        );
+        assert_eq!(a.exp - a.iat, ASSERTION_LIFETIME_SECS);
+        assert!(v.verify(&key.sign_typed(ASSERTION_TYP, &a), T0).is_err());
+        // The agent token itself still verifies.
+        assert!(v.verify(&key.sign(&claims), T0).is_ok());
+    }
 
     #[test]
     fn round_trip_and_cache() {
