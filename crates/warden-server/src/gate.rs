@@ -9,10 +9,13 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use warden_core::audit::hash_json;
+use warden_core::config::UpstreamTls;
 use warden_core::pipeline::CallContext;
 use warden_mcp::gate::{Gate, Outcome, ToolCall, Verdict};
 
 use crate::api::OutcomeRecord;
+use crate::tls::TlsError;
+use crate::upstream::{self, error_chain};
 use crate::App;
 
 /// The pipeline of this process.
@@ -94,11 +97,16 @@ pub struct RemoteGate {
 }
 
 impl RemoteGate {
-    pub fn new(base: &str, token: String) -> Result<Self, reqwest::Error> {
-        let http = reqwest::Client::builder()
+    /// A gate asking the node at `base`; `tls` says which CA its certificate chains to
+    /// (the public roots by default) and which client certificate to present.
+    pub fn new(base: &str, token: String, tls: &UpstreamTls) -> Result<Self, TlsError> {
+        let http = upstream::builder(tls)?
             .timeout(Duration::from_secs(10))
             .pool_max_idle_per_host(8)
-            .build()?;
+            .build()
+            .map_err(|e| {
+                TlsError::Config(format!("cannot build an HTTP client: {}", error_chain(&e)))
+            })?;
         Ok(Self {
             http,
             base: base.trim_end_matches('/').to_owned(),
@@ -113,12 +121,20 @@ impl RemoteGate {
             .bearer_auth(&self.token)
             .send()
             .await
-            .map_err(|e| format!("INTERNAL: cannot reach Warden at {}: {e}", self.base))?;
+            .map_err(|e| {
+                format!(
+                    "INTERNAL: cannot reach Warden at {}: {}",
+                    self.base,
+                    error_chain(&e)
+                )
+            })?;
         let ok = resp.status().is_success();
-        let body: Value = resp
-            .json()
-            .await
-            .map_err(|e| format!("INTERNAL: unreadable answer from Warden: {e}"))?;
+        let body: Value = resp.json().await.map_err(|e| {
+            format!(
+                "INTERNAL: unreadable answer from Warden: {}",
+                error_chain(&e)
+            )
+        })?;
         if ok {
             Ok(body)
         } else {
@@ -170,13 +186,22 @@ impl Gate for RemoteGate {
             .await
         {
             Ok(r) => r,
-            Err(e) => return deny_internal(format!("cannot reach Warden at {}: {e}", self.base)),
+            Err(e) => {
+                return deny_internal(format!(
+                    "cannot reach Warden at {}: {}",
+                    self.base,
+                    error_chain(&e)
+                ))
+            }
         };
         let status = resp.status();
         let v: Value = match resp.json().await {
             Ok(v) => v,
             Err(e) => {
-                return deny_internal(format!("unreadable answer from Warden ({status}): {e}"))
+                return deny_internal(format!(
+                    "unreadable answer from Warden ({status}): {}",
+                    error_chain(&e)
+                ))
             }
         };
         let s = |k: &str| {
@@ -233,7 +258,7 @@ impl Gate for RemoteGate {
                 tracing::error!(call_id = %o.call_id, status = %r.status(), "Warden refused a tool call's outcome")
             }
             Err(e) => {
-                tracing::error!(call_id = %o.call_id, error = %e, "could not record a tool call's outcome")
+                tracing::error!(call_id = %o.call_id, error = %error_chain(&e), "could not record a tool call's outcome")
             }
         }
     }

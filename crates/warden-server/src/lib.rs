@@ -23,6 +23,7 @@ pub mod mcp_http;
 pub mod policy_files;
 pub mod setup;
 pub mod tls;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -58,6 +59,8 @@ pub enum ServeError {
     },
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Upstream(#[from] upstream::UpstreamError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -72,6 +75,9 @@ pub struct App {
     /// The token signing key; `None` on a node that only verifies (the embedded
     /// `warden mcp-proxy`), which then cannot issue credentials.
     pub key: Option<SigningKeyPair>,
+    /// The HTTP MCP gateway's clients toward its upstream servers, and its signature on
+    /// what it sends them; empty on a node that only verifies.
+    pub upstream: upstream::UpstreamClients,
     /// `None` on a node that only verifies: its admin plane admits nobody.
     operator_token: Option<String>,
     /// How the holder of the operator token is named in audit entries and kill switches
@@ -130,6 +136,12 @@ impl App {
         key: Option<SigningKeyPair>,
         operator_token: Option<String>,
     ) -> Result<Arc<App>, ServeError> {
+        // Only a node that holds the signing key serves the HTTP gateway; the embedded
+        // proxy has no business reading upstreams' client keys.
+        let upstream = match &key {
+            Some(k) => upstream::UpstreamClients::new(&settings, k.clone(), clock.clone())?,
+            None => upstream::UpstreamClients::none(),
+        };
         let bundle = policy_files::load(&settings).map_err(ServeError::Policy)?;
         for agent in &settings.agents {
             store.upsert_agent(agent)?;
@@ -144,6 +156,7 @@ impl App {
         let audit = AuditWriter::start(store.clone(), settings.audit_max_batch, health.clone())?;
         let failures = flood::FailureSampler::new(&settings.audit_limits);
         let app = Arc::new(App {
+            upstream,
             failures,
             settings,
             pipeline,

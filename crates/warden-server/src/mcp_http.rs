@@ -53,6 +53,7 @@ use crate::api::{bearer, Peer};
 use crate::error::close_connection;
 use crate::gate::EmbeddedGate;
 use crate::ids::random_hex;
+use crate::upstream::{error_chain, ASSERTION_HEADER};
 use crate::App;
 use warden_core::trace::parse_traceparent;
 
@@ -174,7 +175,6 @@ struct Upstream {
 /// The gateway's shared state.
 struct Gateway {
     app: Arc<App>,
-    http: Result<reqwest::Client, String>,
     upstreams: HashMap<String, Upstream>,
     /// Sessions kept at most (`server.mcp_sessions_max`). Past this, after expiring idle
     /// ones, new sessions are refused: a session Warden does not track is one it could
@@ -187,15 +187,8 @@ struct Gateway {
 
 impl Gateway {
     fn new(app: Arc<App>) -> Self {
-        // No overall timeout: SSE streams live as long as the calls they carry, and each
-        // call's own timeout is enforced by the engine. Redirects are not followed: the
-        // upstream is a configured URL, not something to be talked into leaving.
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .tcp_nodelay(true)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| format!("cannot build the gateway's HTTP client: {e}"));
+        // The HTTP clients, one per server, are the node's (`App::upstream`), built and
+        // checked at start.
         let upstreams = app
             .settings
             .mcp_servers
@@ -222,7 +215,6 @@ impl Gateway {
             max_sessions: app.settings.mcp_sessions_max,
             session_idle: Duration::from_nanos(app.settings.mcp_session_idle_ns),
             app,
-            http,
             upstreams,
             sessions: Mutex::new(HashMap::new()),
         }
@@ -365,7 +357,8 @@ const HOP_BY_HOP: [&str; 9] = [
 /// nothing else. An allow-list, because a deny-list lets through whatever it forgot
 /// (`X-Forwarded-For`, `x-agent_id`, a cookie under another name): the agent's
 /// credential is for Warden, and what the upstream learns of the caller comes from
-/// Warden alone (`X-Agent-Id`, `traceparent`, `baggage`, set by [`stamp`]).
+/// Warden alone (`X-Agent-Id`, `traceparent`, `baggage`, set by [`stamp`], and the
+/// signed `Warden-Assertion`).
 const FORWARDED: [&str; 6] = [
     "accept",
     "content-type",
@@ -737,17 +730,25 @@ async fn post_messages(
             .await;
         return Err(GatewayError::SessionsFull);
     }
-    let Ok(http) = gw.http.clone() else {
-        let why = "the gateway's HTTP client is unavailable";
-        answers.extend(client_only(
-            session
-                .finish_all(Some(&own), "upstream-failed", why, false)
-                .await,
-        ));
-        return Err(GatewayError::Upstream {
-            body: reply_body(answers, batch),
-            message: why.into(),
-        });
+    let prepared = gw.app.upstream.for_request(
+        &target.name,
+        &target.url,
+        &agent_id,
+        single_call_id(&forward),
+    );
+    let (http, assertion) = match prepared {
+        Ok(p) => p,
+        Err(why) => {
+            answers.extend(client_only(
+                session
+                    .finish_all(Some(&own), "upstream-failed", &why, false)
+                    .await,
+            ));
+            return Err(GatewayError::Upstream {
+                body: reply_body(answers, batch),
+                message: why,
+            });
+        }
     };
     let payload = if !changed && forward.len() == n_items {
         bytes
@@ -759,6 +760,7 @@ async fn post_messages(
     // either finds the same decision.
     let (tp, bag) = first_permit.unwrap_or_else(|| fresh_trace(&headers, &agent_id));
     stamp(&mut up, &agent_id, &tp, &bag);
+    up.insert(ASSERTION_HEADER, assertion);
 
     let mut ex = Exchange::new(gw.clone(), target, session, gate, up.clone(), own);
     ex.session_id = session_id;
@@ -854,6 +856,22 @@ fn stamped_trace(msg: &Value) -> Option<(String, String)> {
     ))
 }
 
+/// The call id of the one permitted request among `forward` (from the baggage Warden
+/// stamped, which a client cannot forge: the engine strips `warden.*` from theirs), for
+/// the request's assertion; none if it carries no permitted request, or several.
+fn single_call_id(forward: &[Value]) -> Option<&str> {
+    let mut ids = forward.iter().filter_map(|m| {
+        m.pointer("/params/_meta/baggage")?
+            .as_str()?
+            .split(',')
+            .find_map(|kv| kv.trim().strip_prefix("warden.call_id="))
+    });
+    match (ids.next(), ids.next()) {
+        (Some(id), None) => Some(id),
+        _ => None,
+    }
+}
+
 /// The messages meant for the client, of what the engine emitted.
 fn client_only(emits: Vec<Emit>) -> Vec<Value> {
     emits
@@ -863,21 +881,6 @@ fn client_only(emits: Vec<Emit>) -> Vec<Value> {
             Emit::ToServer(_) => None,
         })
         .collect()
-}
-
-/// An error and its causes, so "error sending request" says why it could not be sent.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let text = c.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        cur = c.source();
-    }
-    s
 }
 
 /// GET (the server's own SSE stream) and DELETE (end of session): authenticated and
@@ -900,13 +903,18 @@ async fn open_or_end(
             Session::new(g, target.rules.clone()).0
         }
     };
-    let http = gw.http.clone().map_err(|m| GatewayError::Upstream {
-        body: error_response(&Value::Null, UPSTREAM_UNAVAILABLE, &m),
-        message: m,
-    })?;
+    let (http, assertion) = gw
+        .app
+        .upstream
+        .for_request(&target.name, &target.url, &agent_id, None)
+        .map_err(|m| GatewayError::Upstream {
+            body: error_response(&Value::Null, UPSTREAM_UNAVAILABLE, &m),
+            message: m,
+        })?;
     let mut up = upstream_request_headers(&headers);
     let (tp, bag) = fresh_trace(&headers, &agent_id);
     stamp(&mut up, &agent_id, &tp, &bag);
+    up.insert(ASSERTION_HEADER, assertion);
     let resp = http
         .request(method.clone(), &target.url)
         .headers(up.clone())
@@ -1189,13 +1197,35 @@ impl Exchange {
         self.route(emits)
     }
 
+    /// The client, and the headers of this exchange with an assertion of its own (the
+    /// request's may have expired since), for what the gateway sends upstream itself.
+    fn own_request(&self) -> Option<(reqwest::Client, HeaderMap)> {
+        // Set by `stamp`, never taken from the client.
+        let agent = header_str(&self.headers, "x-agent-id").unwrap_or_default();
+        let prepared =
+            self.gw
+                .app
+                .upstream
+                .for_request(&self.target.name, &self.target.url, agent, None);
+        match prepared {
+            Ok((http, assertion)) => {
+                let mut headers = self.headers.clone();
+                headers.insert(ASSERTION_HEADER, assertion);
+                Some((http, headers))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, server = %self.target.name, "cannot send upstream");
+                None
+            }
+        }
+    }
+
     /// Sends one message upstream in this session, in the background: the client's
     /// answer must not wait on a server that may be stuck.
     fn post_upstream(&self, msg: Value) {
-        let Ok(http) = self.gw.http.clone() else {
+        let Some((http, mut headers)) = self.own_request() else {
             return;
         };
-        let mut headers = self.headers.clone();
         headers.remove("last-event-id");
         headers.insert(
             header::CONTENT_TYPE,
@@ -1230,11 +1260,11 @@ impl Exchange {
 
     /// Ends the upstream session (it could not be bound here).
     fn delete_upstream(&self) {
-        let (Ok(http), Some(sid)) = (self.gw.http.clone(), self.session_id.clone()) else {
+        let (Some((http, mut headers)), Some(sid)) = (self.own_request(), self.session_id.clone())
+        else {
             return;
         };
         let url = self.target.url.clone();
-        let mut headers = self.headers.clone();
         if let Ok(v) = HeaderValue::from_str(&sid) {
             headers.insert(HeaderName::from_static(MCP_SESSION_ID), v);
         }

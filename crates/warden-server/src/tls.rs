@@ -25,7 +25,7 @@ pub enum TlsError {
     Secret(#[from] crate::setup::SetupError),
 }
 
-fn file_err(path: &Path, message: impl Into<String>) -> TlsError {
+pub(crate) fn file_err(path: &Path, message: impl Into<String>) -> TlsError {
     TlsError::File {
         path: path.display().to_string(),
         message: message.into(),
@@ -44,12 +44,22 @@ fn read_key(path: &Path) -> Result<Vec<u8>, TlsError> {
         .ok_or_else(|| {
             file_err(
                 path,
-                "the tls key does not exist; name the certificate's private key (PEM)",
+                "the key does not exist; name the certificate's private key (PEM)",
             )
         })
 }
 
-fn certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+/// A certificate's private key from a PEM file that only its owner may read.
+pub(crate) fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(&read_key(path)?).map_err(|e| {
+        file_err(
+            path,
+            format!("no usable private key ({e}); give the certificate's key in PEM (PKCS#8, PKCS#1 or SEC1)"),
+        )
+    })
+}
+
+pub(crate) fn certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem = read(path, what)?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
@@ -66,12 +76,7 @@ fn certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, TlsErr
 /// Builds the acceptor; every error names the file and what to put there.
 pub fn acceptor(t: &TlsSettings) -> Result<TlsAcceptor, TlsError> {
     let chain = certs(&t.cert, "certificate chain (leaf first)")?;
-    let key = PrivateKeyDer::from_pem_slice(&read_key(&t.key)?).map_err(|e| {
-        file_err(
-            &t.key,
-            format!("no usable private key ({e}); give the certificate's key in PEM (PKCS#8, PKCS#1 or SEC1)"),
-        )
-    })?;
+    let key = private_key(&t.key)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()

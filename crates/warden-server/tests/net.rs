@@ -3,6 +3,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[path = "support/example.rs"]
+mod example;
+#[path = "support/sockets.rs"]
+mod sockets;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,35 +21,23 @@ use tokio::net::TcpStream;
 use warden_core::config::Settings;
 use warden_server::Running;
 
-const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/claims");
-const OPERATOR: &str = "wop_test_operator_token_0123456789";
+use example::OPERATOR;
 /// Long enough that a loaded machine still makes it; the timeouts under test are 1 s.
 const GENEROUS: Duration = Duration::from_secs(15);
 
 /// The claims example in a temporary folder, with `server` added to its `[server]` table
 /// and `tables` (e.g. `[server.tls]`) after it.
 fn prepare(server: &str, tables: &str) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("policy")).unwrap();
-    for f in [
+    let files = [
         "warden.toml",
         "policy/warden.cedarschema",
         "policy/claims.cedar",
         "policy/database.cedar",
-    ] {
-        let text = std::fs::read_to_string(Path::new(EXAMPLE).join(f)).unwrap();
-        let text = text
-            .replace("[server]\n", &format!("[server]\n{server}\n"))
-            .replace("[store]\n", &format!("{tables}\n[store]\n"));
-        std::fs::write(dir.path().join(f), text).unwrap();
-    }
-    // 0600, as `warden init` writes it: a secret others may read is refused.
-    warden_server::setup::write_secret(
-        &dir.path().join("operator.token"),
-        &format!("{OPERATOR}\n"),
-    )
-    .unwrap();
-    dir
+    ];
+    example::copy("claims", &files, |text| {
+        text.replace("[server]\n", &format!("[server]\n{server}\n"))
+            .replace("[store]\n", &format!("{tables}\n[store]\n"))
+    })
 }
 
 fn settings(dir: &Path) -> Settings {
@@ -342,6 +335,40 @@ async fn with_admin_listen_the_admin_api_is_served_only_on_the_admin_port() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    node.stop().await.unwrap();
+}
+
+/// Small answers must not wait for the client's delayed ACK (Nagle's algorithm would hold
+/// the last segment of a response for about 40 ms): every accepted socket has
+/// `TCP_NODELAY`, on both listeners.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_connections_have_nodelay_on_both_listeners() {
+    let dir = prepare("admin_listen = \"127.0.0.1:0\"", "");
+    let node = start(dir.path()).await;
+    let admin = node.admin_addr.unwrap();
+    for addr in [node.addr, admin] {
+        let client = TcpStream::connect(addr).await.unwrap();
+        let mine = client.local_addr().unwrap();
+        // The accept loop takes the connection in its own time.
+        let deadline = tokio::time::Instant::now() + GENEROUS;
+        let accepted = loop {
+            let found: Vec<_> = sockets::connected()
+                .into_iter()
+                .filter(|s| s.local == addr && s.peer == mine)
+                .collect();
+            if !found.is_empty() {
+                break found;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{addr} never accepted"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(accepted.iter().all(|s| s.nodelay), "{accepted:?}");
+        // And the test's own end keeps the default, so the check can tell them apart.
+        assert!(!client.nodelay().unwrap());
+    }
     node.stop().await.unwrap();
 }
 

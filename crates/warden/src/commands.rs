@@ -524,7 +524,11 @@ fn mcp_proxy(config: &Path, args: McpProxyArgs) -> Result<ExitCode> {
         let server_out = tokio::io::BufReader::new(server_out);
         let (exit, stats) = match (&args.server, settings) {
             (Some(url), _) => {
-                let gate = Arc::new(warden_server::gate::RemoteGate::new(url, token)?);
+                let gate = Arc::new(warden_server::gate::RemoteGate::new(
+                    url,
+                    token,
+                    &Default::default(),
+                )?);
                 stdio::run(gate, opts, client_in, client_out, server_out, server_in).await
             }
             (None, Some(settings)) => {
