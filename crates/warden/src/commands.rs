@@ -11,7 +11,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use warden_core::audit::verify_store;
 use warden_core::clock::{Clock, SystemClock, NANOS_PER_SEC};
-use warden_core::config::{parse_duration, Classification, Settings};
+use warden_core::config::{parse_duration, Classification, ClientIdentity, Settings, UpstreamTls};
 use warden_core::control::{KillSwitch, KillTarget};
 use warden_core::identity::{
     self, issue_credential, validate_agent_id, Agent, AgentStatus, Verifier,
@@ -91,6 +91,17 @@ struct McpProxyArgs {
     /// the agent's host then holds only the agent's own token.
     #[arg(long, env = "WARDEN_SERVER", value_name = "URL")]
     server: Option<String>,
+    /// With an https:// --server: the CA certificates (PEM) its certificate chains to, in
+    /// place of the public roots built into Warden (for a node on a private CA).
+    #[arg(long, value_name = "PATH", requires = "server")]
+    ca_file: Option<PathBuf>,
+    /// With an https:// --server that asks for one: this host's client certificate (PEM,
+    /// leaf first).
+    #[arg(long, value_name = "PATH", requires_all = ["server", "client_key"])]
+    client_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM, mode 0600).
+    #[arg(long, value_name = "PATH", requires = "client_cert")]
+    client_key: Option<PathBuf>,
     /// Decide in this process instead, on the store named by the config. It needs no
     /// signing key and no operator token, but it writes the store (audit, kill switches):
     /// only for a host trusted as much as Warden itself.
@@ -424,6 +435,35 @@ fn mcp_proxy(config: &Path, args: McpProxyArgs) -> Result<ExitCode> {
         false,
     );
     let token = agent_token(args.token_file.as_deref())?;
+    let tls = UpstreamTls {
+        ca_file: args.ca_file.clone(),
+        identity: args
+            .client_cert
+            .clone()
+            .zip(args.client_key.clone())
+            .map(|(cert, key)| ClientIdentity { cert, key }),
+    };
+    if tls != UpstreamTls::default()
+        && !args
+            .server
+            .as_deref()
+            .is_some_and(|u| u.starts_with("https://"))
+    {
+        bail!(
+            "--ca-file and --client-cert apply only to an https:// --server; \
+             the node's address is given as {}",
+            args.server.as_deref().unwrap_or("nothing")
+        );
+    }
+    // Built before the MCP server starts, so a CA or key file that cannot be used stops
+    // the proxy with its name rather than after the server is up.
+    let remote = match &args.server {
+        Some(url) => Some(
+            warden_server::gate::RemoteGate::new(url, token.clone(), &tls)
+                .context("cannot set up the connection to `warden serve`")?,
+        ),
+        None => None,
+    };
     let settings = match (&args.server, args.embedded) {
         (None, false) => bail!(
             "choose a mode: `--server URL` to ask a running `warden serve` (recommended: this \
@@ -522,13 +562,9 @@ fn mcp_proxy(config: &Path, args: McpProxyArgs) -> Result<ExitCode> {
         let client_in = tokio::io::BufReader::new(tokio::io::stdin());
         let client_out = tokio::io::stdout();
         let server_out = tokio::io::BufReader::new(server_out);
-        let (exit, stats) = match (&args.server, settings) {
-            (Some(url), _) => {
-                let gate = Arc::new(warden_server::gate::RemoteGate::new(
-                    url,
-                    token,
-                    &Default::default(),
-                )?);
+        let (exit, stats) = match (remote, settings) {
+            (Some(gate), _) => {
+                let gate = Arc::new(gate);
                 stdio::run(gate, opts, client_in, client_out, server_out, server_in).await
             }
             (None, Some(settings)) => {

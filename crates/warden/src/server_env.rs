@@ -174,6 +174,7 @@ mod tests {
             env: [("LOG_LEVEL".to_owned(), "info".to_owned())].into(),
             pass_env: vec!["GITHUB_TOKEN".into(), "NOT_SET".into()],
             passthrough: Vec::new(),
+            tls: Default::default(),
         };
         let args = [
             parse_env_arg("LOG_LEVEL=debug").unwrap(),

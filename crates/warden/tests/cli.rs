@@ -299,6 +299,38 @@ fn mcp_proxy_without_a_mode_refuses_and_explains_both() {
     );
 }
 
+/// TLS options for a node reached in clear would be ignored, and the operator would think
+/// the link protected; a CA file that cannot be read stops the proxy naming it, before it
+/// starts the MCP server.
+#[test]
+fn mcp_proxy_tls_options_need_an_https_server_and_usable_files() {
+    let dir = init();
+    let proxy = |server: &str, ca: &str| {
+        run(command()
+            .args([
+                "mcp-proxy",
+                "--server",
+                server,
+                "--ca-file",
+                ca,
+                "--",
+                "true",
+            ])
+            .env("WARDEN_CONFIG", dir.path().join("warden.toml"))
+            .env("WARDEN_TOKEN", "a-token"))
+    };
+    let out = proxy("http://127.0.0.1:8480", "ca.pem");
+    assert_eq!(out.code, 2, "{out}");
+    assert!(out.stderr.contains("only to an https:// --server"), "{out}");
+    let missing = dir.path().join("missing-ca.pem");
+    let out = proxy("https://127.0.0.1:8480", missing.to_str().unwrap());
+    assert_eq!(out.code, 2, "{out}");
+    assert!(
+        out.stderr.contains(missing.to_str().unwrap()) && out.stderr.contains("CA certificate"),
+        "{out}"
+    );
+}
+
 #[test]
 fn no_command_takes_a_token_on_the_command_line() {
     let dir = init();

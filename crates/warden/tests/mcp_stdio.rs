@@ -853,3 +853,78 @@ fn the_mcp_server_gets_neither_the_agents_token_nor_other_secrets() {
         assert!(err.contains("never reach the MCP server"), "{asked}: {err}");
     }
 }
+
+/// A node that serves TLS on a private CA and requires client certificates: the remote
+/// proxy reaches it only with the CA (`--ca-file`) and a certificate of the agent's host
+/// (`--client-cert`, `--client-key`), and when it cannot, the denial says why.
+#[test]
+fn remote_proxy_reaches_a_tls_node_on_a_private_ca_with_a_client_certificate() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let peers = peers_or_skip!();
+    let s = Setup::new();
+    let d = s.path();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca.self_signed(&ca_key).unwrap();
+    for (name, file) in [("127.0.0.1", "server"), ("agent-host", "client")] {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec![name.to_owned()])
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        std::fs::write(d.join(format!("{file}.pem")), cert.pem()).unwrap();
+        warden_server::setup::write_secret(&d.join(format!("{file}.key")), &key.serialize_pem())
+            .unwrap();
+    }
+    std::fs::write(d.join("ca.pem"), ca.pem()).unwrap();
+    let config = std::fs::read_to_string(s.config()).unwrap().replace(
+        "[store]\n",
+        "[server.tls]\ncert = \"server.pem\"\nkey = \"server.key\"\nclient_ca = \"ca.pem\"\n\
+         require_client_cert = true\n\n[store]\n",
+    );
+    std::fs::write(s.config(), config).unwrap();
+    let token = s.token();
+    let (_guard, url) = serve(&s);
+    let url = url.replace("http://", "https://");
+    let server = ["node", peers.everything.to_str().unwrap(), "stdio"];
+    let plan = json!([{"op": "call", "name": "echo", "arguments": {"message": "over tls"}}]);
+    let ca_file = d.join("ca.pem").display().to_string();
+    let cert = d.join("client.pem").display().to_string();
+    let key = d.join("client.key").display().to_string();
+    let base = ["--name", "everything", "--server", &url];
+    let with_cert = ["--client-cert", cert.as_str(), "--client-key", key.as_str()];
+
+    for (extra, why) in [
+        (vec!["--ca-file", &ca_file], "CertificateRequired"),
+        (
+            with_cert.to_vec(),
+            "invalid peer certificate: UnknownIssuer",
+        ),
+    ] {
+        let args: Vec<&str> = base.iter().copied().chain(extra).collect();
+        let r = results(s.client(&peers, &plan, &args, &server, &token));
+        assert_eq!(r[0]["is_error"], true, "{}", r[0]);
+        let t = r[0]["text"].as_str().unwrap();
+        assert!(t.contains("cannot reach Warden") && t.contains(why), "{t}");
+    }
+    let args: Vec<&str> = base
+        .iter()
+        .copied()
+        .chain(["--ca-file", &ca_file])
+        .chain(with_cert)
+        .collect();
+    let r = results(s.client(&peers, &plan, &args, &server, &token));
+    assert_eq!(
+        (r[0]["is_error"].clone(), r[0]["text"].clone()),
+        (json!(false), json!("Echo: over tls"))
+    );
+    let audit = s.audit();
+    let calls = tool_calls(&audit);
+    assert_eq!(
+        calls.len(),
+        1,
+        "only the call that reached Warden is on its record"
+    );
+    assert_eq!(calls[0]["decision"], "permit");
+}
