@@ -287,6 +287,19 @@ impl Node {
         (status, resp.json().await.unwrap())
     }
 
+    /// `echo_entries` once `outcomes` outcomes are on the record: an outcome may be
+    /// appended just after the answer went out.
+    async fn echo_entries_with(&self, outcomes: usize) -> (Vec<String>, Vec<String>) {
+        let deadline = tokio::time::Instant::now() + GENEROUS;
+        loop {
+            let entries = self.echo_entries();
+            if entries.1.len() >= outcomes || tokio::time::Instant::now() > deadline {
+                return entries;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// The call ids of permitted `everything/echo` decisions and the statuses of outcomes.
     fn echo_entries(&self) -> (Vec<String>, Vec<String>) {
         let records = self.running.app.store.read_audit(0, 10_000).unwrap();
@@ -383,7 +396,7 @@ async fn an_https_upstream_on_a_private_ca_is_reached_and_sees_a_signed_assertio
 
     let posts = up.posts();
     assert_eq!(posts.len(), 2);
-    let (permits, outcomes) = node.echo_entries();
+    let (permits, outcomes) = node.echo_entries_with(1).await;
     assert_eq!(permits.len(), 1);
     assert_eq!(outcomes, ["ok"]);
     let mut jtis = Vec::new();
@@ -433,7 +446,7 @@ async fn without_ca_file_a_private_upstream_is_refused_and_the_error_names_the_c
     );
     assert!(up.posts().is_empty());
     // Permitted, then failed upstream: both on the record.
-    let (permits, outcomes) = node.echo_entries();
+    let (permits, outcomes) = node.echo_entries_with(1).await;
     assert_eq!(
         (permits.len(), outcomes),
         (1, vec!["upstream-failed".into()])

@@ -856,7 +856,7 @@ fn the_mcp_server_gets_neither_the_agents_token_nor_other_secrets() {
 
 /// A node that serves TLS on a private CA and requires client certificates: the remote
 /// proxy reaches it only with the CA (`--ca-file`) and a certificate of the agent's host
-/// (`--client-cert`, `--client-key`), and when it cannot, the denial says why.
+/// (`--client-cert`, `--client-key`), and when it cannot, the client is told why.
 #[test]
 fn remote_proxy_reaches_a_tls_node_on_a_private_ca_with_a_client_certificate() {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
@@ -902,11 +902,22 @@ fn remote_proxy_reaches_a_tls_node_on_a_private_ca_with_a_client_certificate() {
             "invalid peer certificate: UnknownIssuer",
         ),
     ] {
+        // Fail closed from the first message: the client hears why it cannot go on.
         let args: Vec<&str> = base.iter().copied().chain(extra).collect();
-        let r = results(s.client(&peers, &plan, &args, &server, &token));
-        assert_eq!(r[0]["is_error"], true, "{}", r[0]);
-        let t = r[0]["text"].as_str().unwrap();
-        assert!(t.contains("cannot reach Warden") && t.contains(why), "{t}");
+        let out = wait_with_deadline(
+            s.client(&peers, &plan, &args, &server, &token),
+            Duration::from_secs(60),
+        );
+        assert!(!out.status.success());
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            all.contains("cannot reach Warden") && all.contains(why),
+            "{all}"
+        );
     }
     let args: Vec<&str> = base
         .iter()
