@@ -267,8 +267,8 @@ pub const ASSERTION_LIFETIME_SECS: u64 = 60;
 
 /// What the HTTP MCP gateway tells an upstream server about a request it forwards: this
 /// node (`iss`) sent it to this server (`aud`) on behalf of this agent (`sub`), and, when
-/// the request carries a tools/call that policy permitted, under which decision
-/// (`call_id`, the id in the audit trail). Signed with the node's token key, so an
+/// the request carries one that policy permitted (a tools/call or another governed
+/// method), under which decision (`call_id`, the id in the audit trail). Signed with the node's token key, so an
 /// upstream checks it with `warden.pub`; `jti` is unique, for upstreams that refuse
 /// replays.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
