@@ -10,6 +10,7 @@
 //! INVARIANT: the decision path never returns an error to its caller. Every failure
 //! becomes a deny with a [`decision::Reason`] code.
 
+pub mod args;
 pub mod audit;
 pub mod clock;
 pub mod config;
