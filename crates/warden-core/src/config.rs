@@ -10,6 +10,7 @@ use std::str::FromStr;
 
 use serde::Deserialize;
 
+use crate::args::Schema;
 use crate::audit::AuditLimits;
 use crate::clock::{Nanos, NANOS_PER_MILLI, NANOS_PER_SEC};
 use crate::identity::{Agent, AgentStatus};
@@ -231,6 +232,9 @@ struct RawTool {
     classification: Option<String>,
     #[serde(default)]
     description: Option<String>,
+    /// The tool's input JSON Schema, written as a TOML table.
+    #[serde(default)]
+    input_schema: Option<toml::Table>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -260,6 +264,47 @@ struct RawLimit {
     burst: Option<u32>,
 }
 
+/// A catalog input schema, from its TOML table.
+///
+/// Written inline in the config rather than as a path to a JSON file: the catalog stays
+/// one file that parses without touching the disk (so `Settings::from_toml` stays pure
+/// and a config is valid or not on its text alone), and the schema cannot change under a
+/// running node without the config changing. The one JSON value TOML lacks, `null`,
+/// matters to a schema only in `enum` and `const` (`default` and `examples` are
+/// annotations); `type = ["string", "null"]` says the same.
+fn compile_input_schema(table: &toml::Table) -> Result<Schema, String> {
+    let json = toml_to_json(&toml::Value::Table(table.clone()), "")?;
+    Schema::compile(&json).map_err(|e| e.to_string())
+}
+
+fn toml_to_json(v: &toml::Value, at: &str) -> Result<serde_json::Value, String> {
+    use serde_json::Value as J;
+    Ok(match v {
+        toml::Value::String(s) => J::String(s.clone()),
+        toml::Value::Integer(i) => J::from(*i),
+        toml::Value::Float(f) => serde_json::Number::from_f64(*f)
+            .map(J::Number)
+            .ok_or_else(|| format!("`{at}` is {f}, which JSON cannot hold"))?,
+        toml::Value::Boolean(b) => J::Bool(*b),
+        toml::Value::Datetime(d) => {
+            return Err(format!(
+                "`{at}` is a TOML date ({d}); a JSON Schema has none: quote it"
+            ))
+        }
+        toml::Value::Array(a) => J::Array(
+            a.iter()
+                .enumerate()
+                .map(|(i, x)| toml_to_json(x, &format!("{at}/{i}")))
+                .collect::<Result<_, _>>()?,
+        ),
+        toml::Value::Table(t) => J::Object(
+            t.iter()
+                .map(|(k, x)| Ok((k.clone(), toml_to_json(x, &format!("{at}/{k}"))?)))
+                .collect::<Result<_, String>>()?,
+        ),
+    })
+}
+
 // ---------------------------------------------------------------- validated types
 
 #[derive(Clone, Debug)]
@@ -268,6 +313,9 @@ pub struct Tool {
     pub scope: String,
     pub classification: Classification,
     pub description: Option<String>,
+    /// The tool's input schema, if the catalog declares one: every call's arguments are
+    /// normalized against it before policy (see [`crate::args`]).
+    pub input_schema: Option<Schema>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -672,11 +720,21 @@ impl Settings {
                     .map_err(|m| field(&format!("tools[{i}].classification"), m))?,
                 None => Classification::Internal,
             };
+            let input_schema = match t.input_schema {
+                None => None,
+                Some(table) => Some(compile_input_schema(&table).map_err(|m| {
+                    field(
+                        &format!("tools[{i}].input_schema"),
+                        format!("tool `{}`: {m}", t.name),
+                    )
+                })?),
+            };
             let tool = Tool {
                 name: t.name.clone(),
                 scope: t.scope,
                 classification,
                 description: t.description,
+                input_schema,
             };
             if tools.insert(t.name.clone(), tool).is_some() {
                 return Err(field(
@@ -1166,6 +1224,58 @@ window = "1m"
             .unwrap_err()
             .to_string();
         assert!(err.contains("https://"), "{err}");
+    }
+
+    #[test]
+    fn a_tool_may_declare_its_input_schema_inline() {
+        let text = MINIMAL.replace(
+            "classification = \"confidential\"\n",
+            "classification = \"confidential\"\n\
+             [tools.input_schema]\n\
+             type = \"object\"\n\
+             required = [\"claim_id\"]\n\
+             properties = { claim_id = { type = \"string\" }, amount = { type = [\"number\", \"null\"] } }\n",
+        );
+        let s = Settings::from_toml(&text, "w.toml", Path::new("."), &no_env).unwrap();
+        let schema = s.tools["get_claim"].input_schema.clone().unwrap();
+        let mut args = serde_json::json!({"claim_id": "c", "amount": 5});
+        schema.normalize(&mut args).unwrap();
+        assert_eq!(args["amount"].as_f64(), Some(5.0));
+        assert_eq!(args["amount"].as_i64(), None);
+        assert!(
+            Settings::from_toml(MINIMAL, "w.toml", Path::new("."), &no_env)
+                .unwrap()
+                .tools["get_claim"]
+                .input_schema
+                .is_none()
+        );
+
+        // A schema that cannot be used is a config error naming the tool and the spot.
+        for (bad, says) in [
+            (
+                "properties = { amount = { type = \"decimal\" } }",
+                "/properties/amount",
+            ),
+            (
+                "properties = { a = { \"$ref\" = \"#/$defs/missing\" } }",
+                "names nothing",
+            ),
+            ("const = 1979-05-27", "TOML date"),
+        ] {
+            let text = MINIMAL.replace(
+                "classification = \"confidential\"\n",
+                &format!("classification = \"confidential\"\n[tools.input_schema]\n{bad}\n"),
+            );
+            let e = Settings::from_toml(&text, "w.toml", Path::new("."), &no_env)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("tools[0].input_schema")
+                    && e.contains("`get_claim`")
+                    && e.contains(says),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

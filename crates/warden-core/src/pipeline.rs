@@ -1,15 +1,17 @@
-//! The decision pipeline: control, identity, tool scope, data boundary, Cedar, limits,
-//! composed in that order, with an audit entry for every outcome.
+//! The decision pipeline: control, identity, tool scope, data boundary, argument types,
+//! Cedar, limits, composed in that order, with an audit entry for every outcome.
 //!
 //! INVARIANT: the kill switch is checked before policy; a global kill is checked before
 //! the caller is even authenticated.
 //! INVARIANT: [`Pipeline::check`] never fails; every error becomes a deny with a reason.
 //! INVARIANT: rate-limit budget is spent only by calls every other layer permits.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
+use crate::args::{ArgError, SchemaError};
 use crate::audit::{cap_text, hash_json, Entry, EntryKind, MAX_ACTION_KEPT};
 use crate::clock::{Clock, Nanos, NANOS_PER_MILLI, NANOS_PER_SEC};
 use crate::config::{Classification, Settings, Tool};
@@ -32,7 +34,11 @@ pub mod rules {
     pub const SCOPE: &str = "warden.scope";
     pub const DATA_BOUNDARY: &str = "warden.data-boundary";
     pub const POLICY_DEFAULT_DENY: &str = "warden.policy.default-deny";
+    /// A gateway's refusal of an argument it could not resolve (a file path).
     pub const GATEWAY_REFUSAL: &str = "warden.gateway.arguments";
+    /// Arguments that do not fit the tool's input schema (the catalog's, or the one an
+    /// MCP server declared, applied by its gateway).
+    pub const ARGUMENT_SCHEMA: &str = "warden.arguments.schema";
     pub const REQUEST: &str = "warden.request";
 }
 
@@ -47,12 +53,75 @@ pub struct CallContext {
     pub delegation_id: Option<String>,
     pub delegation_depth: u32,
     /// Set by a gateway that found the call unfit to judge (a file-path argument that
-    /// does not resolve): the call is denied `CONSTRAINT_VIOLATION` with this message,
-    /// after authentication, so the audit entry names the agent.
-    pub refusal: Option<String>,
+    /// does not resolve, arguments that do not fit the server's input schema): the call
+    /// is denied `CONSTRAINT_VIOLATION` under the refusal's rule, after authentication,
+    /// so the audit entry names the agent.
+    pub refusal: Option<Refusal>,
     /// The network peer that sent the call, if it came over a network. It decides
     /// nothing; floods of failures are sampled per peer.
     pub peer: Option<std::net::IpAddr>,
+}
+
+/// Why a gateway refused to have a call judged, and the rule that names it in the
+/// decision and the audit entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub rule: RefusalRule,
+    pub message: String,
+}
+
+/// The rules a gateway may refuse a call under: a closed set, so that whoever sends a
+/// refusal (a remote gateway, over `/v1/check`) cannot write another rule's id into the
+/// record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum RefusalRule {
+    /// [`rules::GATEWAY_REFUSAL`]: an argument the gateway could not resolve.
+    #[serde(rename = "warden.gateway.arguments")]
+    GatewayArguments,
+    /// [`rules::ARGUMENT_SCHEMA`]: arguments that do not fit the tool's input schema.
+    #[serde(rename = "warden.arguments.schema")]
+    ArgumentSchema,
+}
+
+impl RefusalRule {
+    pub fn id(self) -> &'static str {
+        match self {
+            RefusalRule::GatewayArguments => rules::GATEWAY_REFUSAL,
+            RefusalRule::ArgumentSchema => rules::ARGUMENT_SCHEMA,
+        }
+    }
+}
+
+impl Refusal {
+    /// An argument the gateway could not resolve (a file path).
+    pub fn unresolved(message: impl Into<String>) -> Self {
+        Refusal {
+            rule: RefusalRule::GatewayArguments,
+            message: message.into(),
+        }
+    }
+
+    /// Arguments of `tool` that do not fit its input schema; the same message the
+    /// pipeline gives for the catalog's schema.
+    pub fn misfit(tool: &str, e: &ArgError) -> Self {
+        Refusal {
+            rule: RefusalRule::ArgumentSchema,
+            message: misfit_message(tool, e),
+        }
+    }
+
+    /// A tool whose declared input schema cannot be compiled: its calls cannot be typed,
+    /// so they are refused rather than judged untyped.
+    pub fn unusable_schema(tool: &str, e: &SchemaError) -> Self {
+        Refusal {
+            rule: RefusalRule::ArgumentSchema,
+            message: format!("the input schema of `{tool}` cannot be used: {e}"),
+        }
+    }
+}
+
+fn misfit_message(tool: &str, e: &ArgError) -> String {
+    format!("arguments of `{tool}` do not fit its input schema: {e}")
 }
 
 /// One tool call to decide.
@@ -328,8 +397,8 @@ impl Pipeline {
             return (
                 Decision::deny_builtin(
                     Reason::ConstraintViolation,
-                    rules::GATEWAY_REFUSAL,
-                    why.clone(),
+                    why.rule.id(),
+                    why.message.clone(),
                 ),
                 true,
             );
@@ -509,7 +578,8 @@ impl Pipeline {
             .unwrap_or(Classification::Public)
     }
 
-    /// Everything after authentication: catalog, scope, data boundary, Cedar, limits.
+    /// Everything after authentication: catalog, scope, data boundary, argument types
+    /// (the catalog's input schema), Cedar, limits.
     /// Public so that `warden policy test` runs the same rules as a live call.
     /// `agent` carries the scopes this call may use (see [`Standing`]).
     pub fn authorize(&self, agent: &Agent, req: &CallRequest<'_>, now: Nanos) -> Decision {
@@ -546,6 +616,22 @@ impl Pipeline {
             );
         }
 
+        // Typed from the catalog's schema, policy reads the arguments as the tool takes
+        // them: `5` for a number is the decimal `5.0`, a null optional is absent.
+        let params = match &tool.input_schema {
+            None => Cow::Borrowed(req.params),
+            Some(schema) => match schema.normalized(req.params) {
+                Ok(p) => p,
+                Err(e) => {
+                    return Decision::deny_builtin(
+                        Reason::ConstraintViolation,
+                        rules::ARGUMENT_SCHEMA,
+                        misfit_message(&tool.name, &e),
+                    )
+                }
+            },
+        };
+
         let Some(policy) = self.policy() else {
             return Decision::deny_builtin(
                 Reason::Internal,
@@ -570,7 +656,7 @@ impl Pipeline {
             delegation_depth: req.context.delegation_depth,
             cost_estimate: cost,
         };
-        let rules = match policy.evaluate(agent, &tool.name, req.params, &facts) {
+        let rules = match policy.evaluate(agent, &tool.name, &params, &facts) {
             Verdict::Permit { rules } => rules,
             Verdict::Deny {
                 reason,
@@ -623,7 +709,7 @@ mod tests {
     use crate::control::{KillSwitch, KillTarget};
     use crate::identity::{new_claims, SigningKeyPair};
     use crate::policy::Source;
-    use serde_json::json;
+    use serde_json::{json, Value};
     use std::path::Path;
 
     const CONFIG: &str = r#"
@@ -647,11 +733,25 @@ classification = "internal"
 name = "write"
 scope = "w"
 classification = "internal"
+[[tools]]
+name = "pay"
+scope = "p"
+classification = "internal"
+[tools.input_schema]
+type = "object"
+required = ["amount"]
+properties = { amount = { type = "number" }, note = { anyOf = [{ type = "string" }, { type = "null" }] } }
 [[agents]]
 id = "a"
 owner = "team"
 tier = 1
 scopes = ["r", "w"]
+rotation = "1h"
+[[agents]]
+id = "c"
+owner = "team"
+tier = 1
+scopes = ["p"]
 rotation = "1h"
 [[agents]]
 id = "b"
@@ -671,10 +771,12 @@ entity Tool;
 type Call = { classification: String, hour: Long, weekday: Long, delegation_depth: Long, cost_estimate: decimal };
 action read appliesTo { principal: Agent, resource: Tool, context: { params: { id: String }, call: Call } };
 action write appliesTo { principal: Agent, resource: Tool, context: { params: { id: String }, call: Call } };
+action pay appliesTo { principal: Agent, resource: Tool, context: { params: { amount: decimal, note?: String }, call: Call } };
 "#;
     const POLICY: &str = r#"
 @id("all") permit (principal, action, resource);
 @id("no-x") forbid (principal, action == Action::"write", resource) when { context.params.id == "x" };
+@id("big-pay") forbid (principal, action == Action::"pay", resource) when { context.params.amount.greaterThan(decimal("100.0")) };
 "#;
     const T0: Nanos = 1_800_000_000 * NANOS_PER_SEC;
 
@@ -1084,6 +1186,128 @@ action write appliesTo { principal: Agent, resource: Tool, context: { params: { 
         let d = f.check(&t, "read", "1");
         assert_eq!(d.reason, Reason::CredentialInvalid, "{d:?}");
         assert!(d.message.contains("rotation period"), "{d:?}");
+    }
+
+    fn check_with(
+        f: &Fixture,
+        token: &str,
+        tool: &str,
+        params: Value,
+        ctx: &CallContext,
+    ) -> Checked {
+        let req = CallRequest {
+            credential: Some(token),
+            tool,
+            params: &params,
+            context: ctx,
+        };
+        let ids = CallIds {
+            call_id: "c".into(),
+            trace_id: "t".into(),
+            span_id: "s".into(),
+        };
+        f.pipeline.check(&req, ids)
+    }
+
+    #[test]
+    fn the_catalog_schema_types_arguments_before_policy() {
+        let f = fixture();
+        let c = f.token("c");
+        let ctx = CallContext::default();
+        // An integer where the schema says number reaches the decimal rule as a decimal.
+        let d = check_with(&f, &c, "pay", json!({"amount": 5}), &ctx).decision;
+        assert!(d.is_permit(), "{d:?}");
+        let d = check_with(&f, &c, "pay", json!({"amount": 500}), &ctx).decision;
+        assert_eq!(d.rules, vec!["big-pay".to_owned()], "{d:?}");
+        // A null for an optional argument is an absent one.
+        let d = check_with(&f, &c, "pay", json!({"amount": 5, "note": null}), &ctx).decision;
+        assert!(d.is_permit(), "{d:?}");
+        let d = check_with(&f, &c, "pay", json!({"amount": 5.5, "note": "n"}), &ctx).decision;
+        assert!(d.is_permit(), "{d:?}");
+        // What does not fit is denied under its own rule, naming the argument, and the
+        // entry names the agent and hashes what it sent.
+        let sent = json!({"amount": "5"});
+        let checked = check_with(&f, &c, "pay", sent.clone(), &ctx);
+        let d = &checked.decision;
+        assert_eq!(
+            (d.reason, d.rules.clone()),
+            (
+                Reason::ConstraintViolation,
+                vec![rules::ARGUMENT_SCHEMA.to_owned()]
+            )
+        );
+        assert_eq!(
+            d.message,
+            "arguments of `pay` do not fit its input schema: argument `/amount`: expected number, got string \"5\""
+        );
+        assert_eq!(checked.entry.agent_id, "c");
+        assert_eq!(
+            checked.entry.input_hash.as_deref(),
+            Some(crate::audit::hash_json(&sent).as_str())
+        );
+        // Scope comes first: an agent without it learns nothing about the schema.
+        let a = f.token("a");
+        let d = check_with(&f, &a, "pay", json!({"amount": "5"}), &ctx).decision;
+        assert_eq!(d.rules, vec![rules::SCOPE.to_owned()]);
+        // Without a catalog schema, Cedar alone types the call, strictly: `read`'s
+        // `id` must be a string, and a null is refused.
+        let d = check_with(&f, &a, "read", json!({"id": null}), &ctx).decision;
+        assert_eq!(
+            d.rules,
+            vec![rules::POLICY_DEFAULT_DENY.to_owned()],
+            "{d:?}"
+        );
+    }
+
+    #[test]
+    fn a_gateway_refusal_is_recorded_under_the_rule_it_names() {
+        let f = fixture();
+        let a = f.token("a");
+        for (refusal, rule) in [
+            (
+                Refusal::unresolved("argument `path`: no such file"),
+                rules::GATEWAY_REFUSAL,
+            ),
+            (
+                Refusal::misfit(
+                    "read",
+                    &crate::args::ArgError {
+                        pointer: "/id".into(),
+                        expected: "string".into(),
+                        got: "number 5".into(),
+                    },
+                ),
+                rules::ARGUMENT_SCHEMA,
+            ),
+        ] {
+            let ctx = CallContext {
+                refusal: Some(refusal.clone()),
+                ..Default::default()
+            };
+            let checked = check_with(&f, &a, "read", json!({"id": "1"}), &ctx);
+            assert_eq!(
+                (checked.decision.reason, checked.decision.rules.clone()),
+                (Reason::ConstraintViolation, vec![rule.to_owned()])
+            );
+            assert_eq!(checked.decision.message, refusal.message);
+            assert_eq!(checked.entry.agent_id, "a");
+            assert_eq!(checked.entry.rules, vec![rule.to_owned()]);
+        }
+        let ctx = CallContext {
+            refusal: Some(Refusal::misfit(
+                "read",
+                &crate::args::ArgError {
+                    pointer: "/id".into(),
+                    expected: "string".into(),
+                    got: "number 5".into(),
+                },
+            )),
+            ..Default::default()
+        };
+        assert_eq!(
+            check_with(&f, &a, "read", json!({}), &ctx).decision.message,
+            "arguments of `read` do not fit its input schema: argument `/id`: expected string, got number 5"
+        );
     }
 
     #[test]

@@ -778,6 +778,7 @@ action tag_claim appliesTo { principal: Agent, resource: Tool, context: { params
             scope: "s".into(),
             classification: Classification::Internal,
             description: None,
+            input_schema: None,
         }
     }
 

@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use warden_core::audit::{hash_json, Entry, EntryKind};
 use warden_core::clock::{Nanos, NANOS_PER_MILLI};
 use warden_core::config::Classification;
-use warden_core::pipeline::{CallContext, CallIds, CallRequest, Checked};
+use warden_core::pipeline::{CallContext, CallIds, CallRequest, Checked, Refusal, RefusalRule};
 use warden_core::tool::check_name;
 use warden_core::{Decision, Effect, Reason};
 
@@ -105,8 +105,12 @@ struct WireContext {
     rationale: Option<String>,
     trace_id: Option<String>,
     /// Sent by a remote MCP gateway that could not judge an argument (a path that does
-    /// not resolve): the call is denied and recorded. An agent can only refuse itself.
+    /// not resolve, arguments that do not fit the server's input schema): the call is
+    /// denied and recorded. An agent can only refuse itself.
     refusal: Option<String>,
+    /// The rule of that refusal, one of a closed set; `warden.gateway.arguments` if
+    /// absent.
+    refusal_rule: Option<RefusalRule>,
 }
 
 fn decision_body(d: &Decided) -> Value {
@@ -167,11 +171,21 @@ async fn check(
         }
         c => c,
     };
+    if body.context.refusal_rule.is_some() && body.context.refusal.is_none() {
+        problems.push("context.refusal_rule is set but context.refusal is not".to_owned());
+    }
+    let refusal = body.context.refusal.map(|message| Refusal {
+        rule: body
+            .context
+            .refusal_rule
+            .unwrap_or(RefusalRule::GatewayArguments),
+        message,
+    });
     let ctx = CallContext {
         classification,
         cost_estimate,
         rationale: body.context.rationale,
-        refusal: body.context.refusal,
+        refusal,
         peer,
         ..CallContext::default()
     };

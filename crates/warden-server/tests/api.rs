@@ -1939,3 +1939,153 @@ async fn concurrent_outcome_posts_record_one_outcome_per_call() {
     }
     node.stop().await;
 }
+
+/// A payments tool declared in the catalog with its input schema, as AgentDojo's banking
+/// server declares `send_money` (plus a list-or-single `attachments`), and a Cedar policy
+/// that reads the amount as a decimal.
+fn with_payments_tool(s: &mut Settings) {
+    let dir = s.base_dir.clone();
+    let mut schema = std::fs::read_to_string(&s.schema_file).unwrap();
+    schema.push_str(
+        r#"
+action send_money appliesTo {
+  principal: Agent, resource: Tool,
+  context: { params: { recipient: String, amount: decimal, subject?: String, attachments?: Set<String> }, call: Call },
+};
+"#,
+    );
+    std::fs::write(&s.schema_file, schema).unwrap();
+    std::fs::write(
+        dir.join("policy/payments.cedar"),
+        r#"
+@id("payments")
+permit (principal, action == Action::"send_money", resource)
+when { principal.scopes.contains("claims:write") };
+
+@id("big-payments")
+@message("payments over 1000.00 need a human")
+forbid (principal, action == Action::"send_money", resource)
+when { context.params.amount.greaterThan(decimal("1000.0")) };
+
+@id("no-secret-attachments")
+forbid (principal, action == Action::"send_money", resource)
+when { context.params has attachments && context.params.attachments.contains("secret.pdf") };
+"#,
+    )
+    .unwrap();
+    let mut toml = std::fs::read_to_string(dir.join("warden.toml")).unwrap();
+    toml.push_str(
+        r#"
+[[tools]]
+name = "send_money"
+scope = "claims:write"
+classification = "internal"
+[tools.input_schema]
+type = "object"
+required = ["recipient", "amount"]
+[tools.input_schema.properties]
+recipient = { type = "string" }
+amount = { type = "number", description = "Amount of the transaction" }
+subject = { anyOf = [{ type = "string" }, { type = "null" }], default = "" }
+attachments = { anyOf = [{ type = "string" }, { type = "array", items = { type = "string" } }] }
+"#,
+    );
+    *s = Settings::from_toml(&toml, "warden.toml", &dir, &|_| None).unwrap();
+}
+
+/// Typing from the tool's own schema, end to end over HTTP: an integer for a `number`
+/// reaches a decimal rule, a null optional is absent, a lone attachment is a set of one,
+/// and a wrong type is denied under `warden.arguments.schema` with the argument named.
+#[tokio::test]
+async fn arguments_are_typed_by_the_catalogs_input_schema_before_policy() {
+    let node = Node::start_configured(with_payments_tool, sqlite).await;
+    let t = node.token("claims-processor-v3").await;
+    let pay = |params: Value| json!({"tool": "send_money", "params": params});
+
+    let (st, v) = node
+        .check(Some(&t), pay(json!({"recipient": "UK12", "amount": 250})))
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_decision(&v, "permit", "PERMITTED");
+    assert_eq!(v["rules"], json!(["payments"]));
+
+    let (_, v) = node
+        .check(Some(&t), pay(json!({"recipient": "UK12", "amount": 2500})))
+        .await;
+    assert_decision(&v, "deny", "CONSTRAINT_VIOLATION");
+    assert_eq!(v["rules"], json!(["big-payments"]));
+
+    let (_, v) = node
+        .check(
+            Some(&t),
+            pay(json!({"recipient": "UK12", "amount": 98.7, "subject": null})),
+        )
+        .await;
+    assert_decision(&v, "permit", "PERMITTED");
+
+    let (_, v) = node
+        .check(
+            Some(&t),
+            pay(json!({"recipient": "UK12", "amount": 5, "attachments": "secret.pdf"})),
+        )
+        .await;
+    assert_decision(&v, "deny", "CONSTRAINT_VIOLATION");
+    assert_eq!(v["rules"], json!(["no-secret-attachments"]));
+
+    let (st, v) = node
+        .check(Some(&t), pay(json!({"recipient": "UK12", "amount": "12"})))
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_decision(&v, "deny", "CONSTRAINT_VIOLATION");
+    assert_eq!(v["rules"], json!(["warden.arguments.schema"]));
+    assert_eq!(
+        v["message"],
+        "arguments of `send_money` do not fit its input schema: argument `/amount`: expected number, got string \"12\""
+    );
+    let (_, v) = node
+        .check(
+            Some(&t),
+            pay(json!({"recipient": "UK12", "amount": 1, "attachments": ["a.pdf", 7]})),
+        )
+        .await;
+    assert_eq!(v["rules"], json!(["warden.arguments.schema"]));
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("argument `/attachments/1`: expected string, got number 7"),
+        "{v}"
+    );
+
+    // A remote gateway's refusal under the schema rule, and one naming a rule outside
+    // the closed set.
+    let refused = json!({"tool": "get_claim", "params": {"claim_id": "C"}, "context": {
+        "refusal": "arguments of `get_claim` do not fit its input schema: argument `/claim_id`: expected string, got number 7",
+        "refusal_rule": "warden.arguments.schema"}});
+    let (_, v) = node.check(Some(&t), refused).await;
+    assert_decision(&v, "deny", "CONSTRAINT_VIOLATION");
+    assert_eq!(v["rules"], json!(["warden.arguments.schema"]));
+    let forged = json!({"tool": "get_claim", "params": {"claim_id": "C"}, "context": {
+        "refusal": "x", "refusal_rule": "warden.control.kill-switch"}});
+    let (st, _) = node.check(Some(&t), forged).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    let (_, v) = node
+        .check(
+            Some(&t),
+            json!({"tool": "get_claim", "params": {"claim_id": "C"}, "context": {"refusal": "unresolved path"}}),
+        )
+        .await;
+    assert_eq!(v["rules"], json!(["warden.gateway.arguments"]));
+
+    let dir = node.stop().await;
+    let denied: Vec<Entry> = read_all(dir.path())
+        .into_iter()
+        .map(|r| r.entry)
+        .filter(|e| e.rules == ["warden.arguments.schema"])
+        .collect();
+    assert_eq!(denied.len(), 3, "{denied:?}");
+    assert!(denied
+        .iter()
+        .all(|e| e.agent_id == "claims-processor-v3" && e.reason == "CONSTRAINT_VIOLATION"));
+    assert_eq!(denied[0].action, "send_money");
+}
