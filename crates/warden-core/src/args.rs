@@ -76,7 +76,7 @@
 //! is one; `anyOf` branches tried count too).
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 
@@ -283,7 +283,7 @@ struct Prop {
 struct ObjectRules {
     properties: BTreeMap<String, Prop>,
     /// Required names with no entry in `properties` (governed by `additional`).
-    required_elsewhere: Vec<String>,
+    required_elsewhere: BTreeSet<String>,
     additional: Additional,
 }
 
@@ -416,6 +416,10 @@ impl Node {
     /// `oneOf`, each applied to the value as the one before left it.
     fn apply_rest(&self, v: &Value, at: &Path<'_>, steps: &mut u32) -> Result<Option<Value>, Fail> {
         if let Some(values) = &self.enumeration {
+            // Each candidate compared is a step: a long `enum` applied to every element
+            // of a long array must not escape the budget.
+            let cost = u32::try_from(values.len()).unwrap_or(u32::MAX);
+            *steps = steps.checked_sub(cost).ok_or(Fail::Budget)?;
             if !values.iter().any(|e| json_eq(e, v)) {
                 return Err(self.mismatch(v, at));
             }
@@ -507,7 +511,7 @@ impl ObjectRules {
                 let (required, admits_null) = match prop {
                     Some(p) => (p.required, p.node.admits_null),
                     None => (
-                        self.required_elsewhere.iter().any(|r| r == k),
+                        self.required_elsewhere.contains(k.as_str()),
                         self.additional_admits_null(),
                     ),
                 };
@@ -533,8 +537,14 @@ impl ObjectRules {
                 changes.push((k, Some(new)));
             }
         }
-        let present =
-            |k: &str| m.contains_key(k) && !changes.iter().any(|(c, new)| *c == k && new.is_none());
+        // Looked up per required name: a set, so a schema with many required names and
+        // arguments with many nulls cannot make this quadratic.
+        let removed: HashSet<&str> = changes
+            .iter()
+            .filter(|(_, new)| new.is_none())
+            .map(|(k, _)| *k)
+            .collect();
+        let present = |k: &str| m.contains_key(k) && !removed.contains(k);
         for (k, p) in &self.properties {
             if p.required && !p.node.admits_null && !present(k) {
                 return Err(missing(at, k, p.node.expected()));
@@ -935,7 +945,7 @@ impl<'s> Compiler<'s> {
         }
         let mut rules = ObjectRules {
             properties: BTreeMap::new(),
-            required_elsewhere: Vec::new(),
+            required_elsewhere: BTreeSet::new(),
             additional: Additional::Any,
         };
         if let Some(p) = props {
@@ -964,7 +974,9 @@ impl<'s> Compiler<'s> {
                 };
                 match rules.properties.get_mut(name) {
                     Some(p) => p.required = true,
-                    None => rules.required_elsewhere.push(name.clone()),
+                    None => {
+                        rules.required_elsewhere.insert(name.clone());
+                    }
                 }
             }
         }
@@ -1497,6 +1509,13 @@ mod tests {
         let e = s.normalized(&v).unwrap_err();
         assert!(e.expected.contains(&MAX_STEPS.to_string()), "{e}");
         assert_eq!(e.got, "more");
+
+        // A long `enum` on every element of a long array: a step per candidate.
+        let values: Vec<u32> = (0..1000).collect();
+        let e = schema(json!({"items": {"enum": values}}));
+        assert!(e.normalized(&json!(vec![999; 500])).is_ok());
+        let err = e.normalized(&json!(vec![999; 2000])).unwrap_err();
+        assert_eq!(err.got, "more");
     }
 
     /// The normalizer against an independent reference: a plain recursive JSON Schema
