@@ -538,13 +538,18 @@ impl ObjectRules {
             }
         }
         // Looked up per required name: a set, so a schema with many required names and
-        // arguments with many nulls cannot make this quadratic.
-        let removed: HashSet<&str> = changes
-            .iter()
-            .filter(|(_, new)| new.is_none())
-            .map(|(k, _)| *k)
-            .collect();
-        let present = |k: &str| m.contains_key(k) && !removed.contains(k);
+        // arguments with many nulls cannot make this quadratic. Built only if something
+        // was removed (the common call removes nothing).
+        let removed: Option<HashSet<&str>> =
+            changes.iter().any(|(_, new)| new.is_none()).then(|| {
+                changes
+                    .iter()
+                    .filter(|(_, new)| new.is_none())
+                    .map(|(k, _)| *k)
+                    .collect()
+            });
+        let present =
+            |k: &str| m.contains_key(k) && removed.as_ref().is_none_or(|r| !r.contains(k));
         for (k, p) in &self.properties {
             if p.required && !p.node.admits_null && !present(k) {
                 return Err(missing(at, k, p.node.expected()));
@@ -558,7 +563,7 @@ impl ObjectRules {
         if changes.is_empty() {
             return Ok(None);
         }
-        let mut out = Map::new();
+        let mut out = Map::with_capacity(m.len());
         let mut pending = changes.into_iter().peekable();
         for (k, v) in m {
             match pending.next_if(|(c, _)| *c == k.as_str()) {
