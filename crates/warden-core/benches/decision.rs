@@ -1,4 +1,5 @@
-//! In-process decision latency with the example policies: credential cached, audit
+//! In-process decision latency with the example policies (and with an input schema on
+//! `update_claim`, plus argument normalization alone): credential cached, audit
 //! excluded (the pipeline returns the entry; writing it is the server's job).
 //!
 //! Criterion measures the median; a second pass times 200,000 single calls to report the
@@ -6,12 +7,14 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
+use std::borrow::Cow;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
 use criterion::{black_box, Criterion};
 use serde_json::json;
+use warden_core::args::Schema;
 use warden_core::clock::{Clock, SystemClock, NANOS_PER_SEC};
 use warden_core::config::Settings;
 use warden_core::identity::{new_claims, SigningKeyPair, Verifier};
@@ -30,10 +33,33 @@ fn read(p: &str) -> Source {
     }
 }
 
-fn setup() -> (Pipeline, String) {
+/// `update_claim`'s arguments as a catalog `input_schema` would declare them, the shape
+/// pydantic gives an MCP tool (an optional integer with a null default).
+fn update_claim_schema() -> Schema {
+    Schema::compile(&json!({
+        "type": "object",
+        "title": "update_claim",
+        "properties": {
+            "claim_id": {"type": "string", "description": "The claim"},
+            "status": {"type": "string", "enum": ["open", "approved", "rejected"]},
+            "payout": {"anyOf": [{"type": "integer"}, {"type": "null"}], "default": null}
+        },
+        "required": ["claim_id", "status"]
+    }))
+    .expect("schema")
+}
+
+fn setup(with_schema: bool) -> (Pipeline, String) {
     let text = std::fs::read_to_string(Path::new(EXAMPLE).join("warden.toml")).expect("config");
     let mut settings =
         Settings::from_toml(&text, "warden.toml", Path::new(EXAMPLE), &|_| None).expect("settings");
+    if with_schema {
+        let tool = settings
+            .tools
+            .get_mut("update_claim")
+            .expect("update_claim");
+        tool.input_schema = Some(update_claim_schema());
+    }
     // Benchmark the policy path, not the limiter's refusal path.
     settings.limits.clear();
     // No refresher runs here; keep the control view from going stale mid-benchmark.
@@ -80,7 +106,8 @@ fn ids() -> CallIds {
 }
 
 fn main() {
-    let (pipeline, token) = setup();
+    let (pipeline, token) = setup(false);
+    let (typed_pipeline, typed_token) = setup(true);
     let permit_params = json!({"claim_id": "CLM-1001", "status": "approved", "payout": 2500});
     let forbid_params = json!({"claim_id": "CLM-1001", "status": "approved", "payout": 25000});
     let ctx = CallContext {
@@ -105,9 +132,47 @@ fn main() {
         params: &permit_params,
         context: &ctx,
     };
+    let typed_permit = CallRequest {
+        credential: Some(&typed_token),
+        ..permit
+    };
+    let misfit_params = json!({"claim_id": "CLM-1001", "status": "approved", "payout": "2500"});
+    let typed_misfit = CallRequest {
+        params: &misfit_params,
+        ..typed_permit
+    };
     assert!(pipeline.check(&permit, ids()).decision.is_permit());
+    assert!(typed_pipeline
+        .check(&typed_permit, ids())
+        .decision
+        .is_permit());
+    let d = typed_pipeline.check(&typed_misfit, ids()).decision;
+    assert_eq!(d.rules, ["warden.arguments.schema"], "{d:?}");
     let d = pipeline.check(&forbid, ids()).decision;
     assert_eq!(d.reason, warden_core::Reason::ConstraintViolation, "{d:?}");
+
+    // Normalization alone: the schema above on arguments that already fit (borrowed,
+    // no copy), and AgentDojo's `send_money` with an integer amount (retyped, a copy).
+    let schema = update_claim_schema();
+    let with_null = json!({"claim_id": "CLM-1001", "status": "approved", "payout": null});
+    let send_money = Schema::compile(&json!({
+        "type": "object",
+        "properties": {
+            "recipient": {"type": "string", "title": "Recipient"},
+            "amount": {"type": "number", "title": "Amount"},
+            "subject": {"type": "string", "title": "Subject"},
+            "date": {"type": "string", "title": "Date"}
+        },
+        "required": ["recipient", "amount", "subject", "date"]
+    }))
+    .expect("schema");
+    let payment = json!({"recipient": "UK12345678901234567890", "amount": 100,
+        "subject": "Car Rental", "date": "2022-01-01"});
+    assert!(matches!(
+        schema.normalized(&permit_params),
+        Ok(Cow::Borrowed(_))
+    ));
+    assert!(matches!(send_money.normalized(&payment), Ok(Cow::Owned(_))));
 
     let mut c = Criterion::default().configure_from_args();
     let mut g = c.benchmark_group("decision");
@@ -120,17 +185,38 @@ fn main() {
     g.bench_function("deny by scope (before cedar)", |b| {
         b.iter(|| black_box(pipeline.check(&scope, ids())))
     });
+    g.bench_function("permit, input schema on the tool", |b| {
+        b.iter(|| black_box(typed_pipeline.check(&typed_permit, ids())))
+    });
+    g.bench_function("deny by input schema (before cedar)", |b| {
+        b.iter(|| black_box(typed_pipeline.check(&typed_misfit, ids())))
+    });
+    g.finish();
+    let mut g = c.benchmark_group("args");
+    g.bench_function("normalize, arguments already fit (borrowed)", |b| {
+        b.iter(|| black_box(schema.normalized(black_box(&permit_params)).is_ok()))
+    });
+    g.bench_function("normalize, null optional removed (copy)", |b| {
+        b.iter(|| black_box(schema.normalized(black_box(&with_null)).is_ok()))
+    });
+    g.bench_function("normalize, integer amount retyped (copy)", |b| {
+        b.iter(|| black_box(send_money.normalized(black_box(&payment)).is_ok()))
+    });
     g.finish();
     c.final_summary();
 
     // Percentiles of single calls.
-    for (name, req, permitted) in [("permit", &permit, true), ("forbid", &forbid, false)] {
-        assert_eq!(pipeline.check(req, ids()).decision.is_permit(), permitted);
+    for (name, p, req, permitted) in [
+        ("permit", &pipeline, &permit, true),
+        ("forbid", &pipeline, &forbid, false),
+        ("permit+schema", &typed_pipeline, &typed_permit, true),
+    ] {
+        assert_eq!(p.check(req, ids()).decision.is_permit(), permitted);
         let n = 200_000;
         let mut samples = Vec::with_capacity(n);
         for _ in 0..n {
             let t = Instant::now();
-            black_box(pipeline.check(req, ids()));
+            black_box(p.check(req, ids()));
             samples.push(t.elapsed().as_nanos() as u64);
         }
         samples.sort_unstable();
