@@ -148,6 +148,10 @@ fn recorded_payments_reach_a_decimal_policy_once_typed() {
         let typed = schemas[&(c.suite.clone(), c.tool.clone())]
             .normalized(&c.args)
             .unwrap();
+        // As a remote gateway sends the typed arguments to `/v1/check` and the node
+        // reads them back: a retyped amount stays a float, so Cedar still sees a decimal.
+        let wire = serde_json::to_vec(&*typed).unwrap();
+        let typed = warden_core::json::from_slice_strict(&wire).unwrap();
         // Typed, every call is decided by the rules, none by its types.
         match bundle.evaluate(&agent, &c.tool, &typed, &facts) {
             Verdict::Permit { .. } => typed_permitted += c.count,
