@@ -76,7 +76,7 @@
 //! is one; `anyOf` branches tried count too).
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::sync::Arc;
 
@@ -285,6 +285,9 @@ struct ObjectRules {
     /// Required names with no entry in `properties` (governed by `additional`).
     required_elsewhere: BTreeSet<String>,
     additional: Additional,
+    /// How many properties are required and may not be absent (their schema refuses
+    /// null).
+    must_have: usize,
 }
 
 #[derive(Debug)]
@@ -504,9 +507,15 @@ impl ObjectRules {
     ) -> Result<Option<Map<String, Value>>, Fail> {
         // Changes by key, in the object's order: `None` removes the key.
         let mut changes: Vec<(&str, Option<Value>)> = Vec::new();
+        // Required arguments that may not be absent, seen: such an argument is never
+        // removed below (a null one is refused), so counting them is enough.
+        let mut held = 0;
         for (k, v) in m {
             let here = Path::Key(at, k);
             let prop = self.properties.get(k.as_str());
+            if prop.is_some_and(|p| p.required && !p.node.admits_null) {
+                held += 1;
+            }
             if v.is_null() {
                 let (required, admits_null) = match prop {
                     Some(p) => (p.required, p.node.admits_null),
@@ -537,27 +546,19 @@ impl ObjectRules {
                 changes.push((k, Some(new)));
             }
         }
-        // Looked up per required name: a set, so a schema with many required names and
-        // arguments with many nulls cannot make this quadratic. Built only if something
-        // was removed (the common call removes nothing).
-        let removed: Option<HashSet<&str>> =
-            changes.iter().any(|(_, new)| new.is_none()).then(|| {
-                changes
-                    .iter()
-                    .filter(|(_, new)| new.is_none())
-                    .map(|(k, _)| *k)
-                    .collect()
-            });
-        let present =
-            |k: &str| m.contains_key(k) && removed.as_ref().is_none_or(|r| !r.contains(k));
-        for (k, p) in &self.properties {
-            if p.required && !p.node.admits_null && !present(k) {
-                return Err(missing(at, k, p.node.expected()));
+        if held < self.must_have {
+            for (k, p) in &self.properties {
+                if p.required && !p.node.admits_null && !m.contains_key(k) {
+                    return Err(missing(at, k, p.node.expected()));
+                }
             }
         }
-        for k in &self.required_elsewhere {
-            if !self.additional_admits_null() && !present(k) {
-                return Err(missing(at, k, "a value".to_owned()));
+        // Likewise never removed: a null for one of these is refused above.
+        if !self.additional_admits_null() {
+            for k in &self.required_elsewhere {
+                if !m.contains_key(k) {
+                    return Err(missing(at, k, "a value".to_owned()));
+                }
             }
         }
         if changes.is_empty() {
@@ -952,6 +953,7 @@ impl<'s> Compiler<'s> {
             properties: BTreeMap::new(),
             required_elsewhere: BTreeSet::new(),
             additional: Additional::Any,
+            must_have: 0,
         };
         if let Some(p) = props {
             let Value::Object(p) = p else {
@@ -985,6 +987,11 @@ impl<'s> Compiler<'s> {
                 }
             }
         }
+        rules.must_have = rules
+            .properties
+            .values()
+            .filter(|p| p.required && !p.node.admits_null)
+            .count();
         // Without the patterns, which rule governs an undeclared name is unknown:
         // let it through rather than refuse a valid call.
         if !obj.contains_key("patternProperties") {
