@@ -269,15 +269,21 @@ fn check_everything(r: &[Value]) {
         "{}",
         r[5]
     );
-    // Regression: resources and prompts passed ungoverned. This agent may read no
-    // resource and get no prompt, so it is offered none, and a read is denied.
-    assert_eq!(r[6]["count"], 0, "resources are filtered");
-    assert_eq!(r[7]["count"], 0, "prompts are filtered");
+    // Regression: resources and prompts passed ungoverned, and a tier-2 agent read
+    // file:///etc/shadow as a resource. This agent may read the server's documents and
+    // get one prompt; that is what it is offered, and the read of a local file is denied.
+    // (Every method through both transports: tests/mcp_governed.rs.)
+    assert!(r[6]["count"].as_u64().unwrap() > 0, "{}", r[6]);
+    assert_eq!(
+        r[7]["names"],
+        json!(["args-prompt"]),
+        "prompts are filtered"
+    );
     assert_eq!(r[8]["ok"], true);
     assert_eq!(r[9]["ok"], false);
     let e = r[9]["error"].as_str().unwrap();
     assert!(
-        e.contains("denied") && e.contains("TOOL_NOT_PERMITTED"),
+        e.contains("denied") && e.contains("CONSTRAINT_VIOLATION") && e.contains("no-local-files"),
         "{e}"
     );
 }
@@ -302,7 +308,7 @@ fn check_everything_audit(audit: &[Value]) {
             ("everything/get-sum", "deny", "CONSTRAINT_VIOLATION"),
             ("everything/get-sum", "permit", "PERMITTED"),
             ("everything/get-env", "deny", "DATA_BOUNDARY_VIOLATION"),
-            ("everything/resources/read", "deny", "TOOL_NOT_PERMITTED"),
+            ("everything/resources/read", "deny", "CONSTRAINT_VIOLATION"),
         ],
         "one audit entry per governed request, denials included"
     );
