@@ -32,14 +32,14 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
 #[path = "support/process.rs"]
 mod process;
-use process::{root, wait_with_deadline};
+use process::{everything_over_http, root, serve_in, wait_with_deadline, warden_in, Guard};
 
 const WARDEN: &str = env!("CARGO_BIN_EXE_warden");
 
@@ -71,16 +71,6 @@ fn peers() -> Result<Peers, String> {
     Ok(p)
 }
 
-/// Kills the process when dropped.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Starts a helper that prints `listening on PORT` and returns it with that port.
 fn start_listening(cmd: &mut Command) -> (Guard, u16) {
     let mut child = cmd
@@ -100,22 +90,6 @@ fn start_listening(cmd: &mut Command) -> (Guard, u16) {
         .parse()
         .unwrap();
     (guard, port)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_for_port(port: u16, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "{what} did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// One server the suite is run against.
@@ -143,20 +117,7 @@ const FIXTURE: Server = Server {
 
 const EVERYTHING: Server = Server {
     name: "everything",
-    http: |p| {
-        let port = free_port();
-        let child = Command::new("node")
-            .arg(&p.everything)
-            .arg("streamableHttp")
-            .env("PORT", port.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let g = Guard(child);
-        wait_for_port(port, "server-everything");
-        (g, format!("http://127.0.0.1:{port}/mcp"))
-    },
+    http: |p| everything_over_http(&p.everything),
     stdio: |p| {
         vec![
             "node".into(),
@@ -257,40 +218,14 @@ impl Warden {
         )
         .unwrap();
 
-        let warden = |args: &[&str]| {
-            let out = Command::new(WARDEN)
-                .arg("--config")
-                .arg(d.join("warden.toml"))
-                .args(args)
-                .current_dir(d)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "warden {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8(out.stdout).unwrap()
-        };
-        let port = free_port();
-        let serve = Command::new(WARDEN)
-            .arg("--config")
-            .arg(d.join("warden.toml"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .current_dir(d)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let serve = Guard(serve);
-        wait_for_port(port, "warden serve");
-        let token = warden(&["agent", "token", "research-agent"])
+        let (serve, url) = serve_in(d, Stdio::inherit());
+        let token = warden_in(d, &["agent", "token", "research-agent"])
             .trim()
             .to_owned();
         Warden {
             dir,
             _serve: serve,
-            url: format!("http://127.0.0.1:{port}"),
+            url,
             token,
         }
     }

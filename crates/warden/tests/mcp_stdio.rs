@@ -13,58 +13,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+#[path = "support/peers.rs"]
+mod peers;
 #[path = "support/process.rs"]
 mod process;
-use process::{root, wait_with_deadline};
+use peers::Peers;
+use process::{root, serve_in, wait_with_deadline, Guard};
 
 const WARDEN: &str = env!("CARGO_BIN_EXE_warden");
-
-struct Peers {
-    python: PathBuf,
-    everything: PathBuf,
-    filesystem: PathBuf,
-}
-
-/// The official client and reference servers, or why they are not there.
-fn peers() -> Result<Peers, String> {
-    let r = root();
-    let python = std::env::var_os("WARDEN_TEST_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| r.join(".venv-test/bin/python"));
-    let modules = r.join("tests/mcp/node_modules/@modelcontextprotocol");
-    let p = Peers {
-        python,
-        everything: modules.join("server-everything/dist/index.js"),
-        filesystem: modules.join("server-filesystem/dist/index.js"),
-    };
-    if !p.python.exists() {
-        return Err(format!(
-            "no Python with the MCP SDK at {} (run .ci/run or see tests/mcp)",
-            p.python.display()
-        ));
-    }
-    if !p.everything.exists() || !p.filesystem.exists() {
-        return Err("reference MCP servers not installed (npm ci --prefix tests/mcp)".into());
-    }
-    if Command::new("node").arg("--version").output().is_err() {
-        return Err("node is not installed".into());
-    }
-    Ok(p)
-}
-
-macro_rules! peers_or_skip {
-    () => {
-        match peers() {
-            Ok(p) => p,
-            // CI sets WARDEN_REQUIRE_MCP_PEERS so a missing peer fails instead of skipping.
-            Err(why) if std::env::var_os("WARDEN_REQUIRE_MCP_PEERS").is_some() => panic!("{why}"),
-            Err(why) => {
-                eprintln!("skipped: {why}");
-                return;
-            }
-        }
-    };
-}
 
 /// A temp copy of examples/mcp whose documents folder is real.
 struct Setup {
@@ -352,40 +308,12 @@ fn embedded_proxy_governs_without_signing_key_or_operator_token() {
     );
 }
 
-struct ServeGuard(Child);
-
-impl Drop for ServeGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn remote_proxy_asks_a_running_warden_serve() {
     let peers = peers_or_skip!();
     let s = Setup::new();
     let token = s.token();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let serve = Command::new(WARDEN)
-        .arg("--config")
-        .arg(s.config())
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _guard = ServeGuard(serve);
-    let url = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "warden serve did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (_guard, url) = serve(&s);
     let server = ["node", peers.everything.to_str().unwrap(), "stdio"];
     let r = results(s.client(
         &peers,
@@ -660,27 +588,8 @@ fn remote_proxy_fails_closed_when_warden_is_unreachable() {
 }
 
 /// `warden serve` for `s` on a free port, until the guard drops; its base URL.
-fn serve(s: &Setup) -> (ServeGuard, String) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new(WARDEN)
-        .arg("--config")
-        .arg(s.config())
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let guard = ServeGuard(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "warden serve did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (guard, format!("http://127.0.0.1:{port}"))
+fn serve(s: &Setup) -> (Guard, String) {
+    serve_in(&s.path(), Stdio::null())
 }
 
 /// The paths policy judges are the paths the filesystem server opens: resolved as the
