@@ -2,6 +2,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[macro_use]
+#[path = "support/store.rs"]
+mod store;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -14,7 +18,7 @@ use warden_core::clock::{Clock, SystemClock, NANOS_PER_SEC};
 use warden_core::config::Settings;
 use warden_core::control::{KillSwitch, KillTarget};
 use warden_core::identity::{new_claims, Agent, AgentStatus, SigningKeyPair};
-use warden_core::store::{Acting, ControlChange, Credential, StateSnapshot, Store, StoreError};
+use warden_core::store::{Acting, ControlChange, StateSnapshot, Store, StoreError};
 use warden_server::{App, Running};
 use warden_store::SqliteStore;
 
@@ -842,6 +846,17 @@ impl FaultyStore {
 }
 
 impl Store for FaultyStore {
+    pass_to_inner!(
+        upsert_agent,
+        get_agent,
+        list_agents,
+        list_credentials,
+        apply_control,
+        read_audit,
+        call_records,
+        tail_audit,
+    );
+
     fn state_version(&self) -> Result<u64, StoreError> {
         self.down(&self.fail_reads)?;
         self.inner.state_version()
@@ -856,36 +871,12 @@ impl Store for FaultyStore {
         }
         snap
     }
-    fn upsert_agent(&self, a: &Agent) -> Result<(), StoreError> {
-        self.inner.upsert_agent(a)
-    }
-    fn get_agent(&self, id: &str) -> Result<Option<Agent>, StoreError> {
-        self.inner.get_agent(id)
-    }
-    fn list_agents(&self) -> Result<Vec<Agent>, StoreError> {
-        self.inner.list_agents()
-    }
-    fn list_credentials(&self, id: &str) -> Result<Vec<Credential>, StoreError> {
-        self.inner.list_credentials(id)
-    }
-    fn apply_control(&self, c: &ControlChange, e: Entry) -> Result<Record, StoreError> {
-        self.inner.apply_control(c, e)
-    }
     fn append_audit(&self, e: Vec<Entry>) -> Result<Vec<Record>, StoreError> {
         if self.panic_audit.load(Ordering::SeqCst) {
             panic!("injected fault: the store panicked");
         }
         self.down(&self.fail_audit)?;
         self.inner.append_audit(e)
-    }
-    fn read_audit(&self, after: u64, limit: usize) -> Result<Vec<Record>, StoreError> {
-        self.inner.read_audit(after, limit)
-    }
-    fn call_records(&self, id: &str) -> Result<Vec<Record>, StoreError> {
-        self.inner.call_records(id)
-    }
-    fn tail_audit(&self, n: usize) -> Result<Vec<Record>, StoreError> {
-        self.inner.tail_audit(n)
     }
 }
 

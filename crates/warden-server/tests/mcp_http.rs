@@ -28,13 +28,18 @@ use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
-use warden_core::audit::{verify_store, EntryKind, Record};
+use warden_core::audit::{verify_store, Entry, EntryKind, Record};
 use warden_core::clock::{SystemClock, NANOS_PER_SEC};
 use warden_core::config::Settings;
+use warden_core::store::{Store, StoreError};
 use warden_mcp::message::{CALL_CANCELLED, CALL_TIMED_OUT, PARSE_ERROR, UPSTREAM_UNAVAILABLE};
 use warden_mcp::sse;
 use warden_server::{App, Running};
 use warden_store::SqliteStore;
+
+#[macro_use]
+#[path = "support/store.rs"]
+mod store;
 
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
 const OPERATOR: &str = "wop_test_operator_token_0123456789";
@@ -63,6 +68,19 @@ impl Node {
 
     /// As `start`, with the example's files edited by `edit` first.
     async fn start_with(upstream: &str, timeout: &str, edit: fn(String) -> String) -> Node {
+        Node::start_on(upstream, timeout, edit, |s| {
+            Arc::new(SqliteStore::open(&s.store_path).unwrap())
+        })
+        .await
+    }
+
+    /// As `start_with`, on the store `store` makes for the settings.
+    async fn start_on(
+        upstream: &str,
+        timeout: &str,
+        edit: fn(String) -> String,
+        store: impl FnOnce(&Settings) -> Arc<dyn Store>,
+    ) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let example = root().join("examples/mcp");
         std::fs::create_dir_all(dir.path().join("policy")).unwrap();
@@ -84,7 +102,7 @@ impl Node {
             settings.mcp_servers["everything"].url.as_deref(),
             Some(upstream)
         );
-        let store = Arc::new(SqliteStore::open(&settings.store_path).unwrap());
+        let store = store(&settings);
         let app = App::build_with_store(settings, store, Arc::new(SystemClock)).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let running = warden_server::start_app(app, listener).await.unwrap();
@@ -1474,5 +1492,171 @@ async fn upstream_answers_with_duplicate_keys_never_reach_the_client() {
     assert!(!text.contains("seen\""), "{text}");
     assert!(text.contains("without answering"), "{text}");
     node.wait_for_outcome("upstream-failed").await;
+    node.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// A decision that waits
+
+/// The node's SQLite store, except that the append of the decision whose rationale is
+/// `hold` waits until the test lets it go: that call's decision is made by the real
+/// pipeline and is not answered until it is durable, so it waits as a call held on a slow
+/// disk would.
+struct HoldingStore {
+    inner: SqliteStore,
+    /// Told when the held append is reached; taken, so only one append is held.
+    reached: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    release: Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl Store for HoldingStore {
+    pass_to_inner!(
+        state_version,
+        snapshot,
+        upsert_agent,
+        get_agent,
+        list_agents,
+        list_credentials,
+        apply_control,
+        read_audit,
+        call_records,
+        tail_audit,
+    );
+
+    fn append_audit(&self, entries: Vec<Entry>) -> Result<Vec<Record>, StoreError> {
+        let held = entries
+            .iter()
+            .any(|e| e.kind == EntryKind::Decision && e.rationale.as_deref() == Some("hold"));
+        if held {
+            if let Some(reached) = self.reached.lock().unwrap().take() {
+                reached.send(()).unwrap();
+                // Bounded, so a failing test cannot hang the suite.
+                let _ = self
+                    .release
+                    .lock()
+                    .unwrap()
+                    .recv_timeout(Duration::from_secs(60));
+            }
+        }
+        self.inner.append_audit(entries)
+    }
+}
+
+/// A decision that waits holds up nothing else in its MCP session over HTTP: while one
+/// call's decision is not yet durable, a ping and the client's cancellation of that call
+/// go through in the same session; once decided (permitted), the call is never sent to
+/// the server and ends with exactly one outcome, `cancelled`.
+///
+/// A second call sent meanwhile is taken in and answered once the held append is done,
+/// not before: every decision of a node goes through its one group-commit audit writer
+/// ("no audit, no action"), so a slow append holds them all. That a second call is decided and answered
+/// while the first waits at the gate is shown over stdio, where the wait is on the way
+/// to `warden serve` (`a_held_decision_holds_up_nothing_else_in_the_session`), and in the
+/// engine's own tests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_decision_holds_up_nothing_else_in_the_session() {
+    let (fake, url) = start_fake().await;
+    let (reached_tx, reached) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel();
+    let node = Node::start_on(
+        &url,
+        "30s",
+        |t| t,
+        move |s| {
+            Arc::new(HoldingStore {
+                inner: SqliteStore::open(&s.store_path).unwrap(),
+                reached: Mutex::new(Some(reached_tx)),
+                release: Mutex::new(release_rx),
+            })
+        },
+    )
+    .await;
+    let token = node.token().await;
+    let r = node.post(Some(&token), None, &initialize(1)).await;
+    let session = r.headers()["mcp-session-id"].to_str().unwrap().to_owned();
+    answer(r).await;
+    let echo = |id: i64, message: &str, rationale: &str| {
+        let mut c = call(id, "echo", json!({ "message": message }));
+        c["params"]["_meta"] = json!({ "rationale": rationale });
+        c
+    };
+
+    // A POST in a task of its own, answered whenever the gateway answers it.
+    let in_background = |msg: Value| {
+        let (http, url, token, session) = (
+            node.http.clone(),
+            node.mcp_url(),
+            token.clone(),
+            session.clone(),
+        );
+        tokio::spawn(async move {
+            http.post(url)
+                .header("accept", ACCEPT)
+                .header("content-type", "application/json")
+                .header("mcp-session-id", session)
+                .bearer_auth(token)
+                .json(&msg)
+                .send()
+                .await
+                .unwrap()
+        })
+    };
+    let held = in_background(echo(2, "held", "hold"));
+    tokio::task::spawn_blocking(move || reached.recv_timeout(Duration::from_secs(30)))
+        .await
+        .unwrap()
+        .expect("the held call's decision never reached the store");
+
+    // While call 2's decision waits:
+    let ping = json!({"jsonrpc":"2.0","id":3,"method":"ping"});
+    let pong = answer(node.post(Some(&token), Some(&session), &ping).await).await;
+    assert_eq!(pong, json!({"jsonrpc":"2.0","id":3,"result":{}}));
+    let cancel = json!({"jsonrpc":"2.0","method":"notifications/cancelled",
+                        "params":{"requestId":2,"reason":"the user gave up"}});
+    let r = node.post(Some(&token), Some(&session), &cancel).await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let second = in_background(echo(4, "second", "go"));
+
+    release.send(()).unwrap();
+    let r = held.await.unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::ACCEPTED,
+        "the cancelled call is not answered"
+    );
+    let second = answer(second.await.unwrap()).await;
+    assert_eq!(second["result"]["content"][0]["text"], "Echo: second");
+    node.wait_for_outcome("cancelled").await;
+
+    let calls = seen_calls(&fake);
+    let messages: Vec<&Value> = calls
+        .iter()
+        .map(|c| &c["params"]["arguments"]["message"])
+        .collect();
+    assert_eq!(
+        messages,
+        ["second"],
+        "the held call never reached the server"
+    );
+    let audit = node.audit();
+    let held_call = audit
+        .iter()
+        .find(|r| {
+            r.entry.kind == EntryKind::Decision && r.entry.rationale.as_deref() == Some("hold")
+        })
+        .expect("the held call's decision is on the audit trail");
+    assert_eq!(held_call.entry.decision, "permit");
+    let outcomes: Vec<&str> = audit
+        .iter()
+        .filter(|r| {
+            r.entry.kind == EntryKind::Outcome && r.entry.call_id == held_call.entry.call_id
+        })
+        .map(|r| r.entry.decision.as_str())
+        .collect();
+    assert_eq!(
+        outcomes,
+        ["cancelled"],
+        "exactly one outcome for the held call"
+    );
     node.stop().await;
 }

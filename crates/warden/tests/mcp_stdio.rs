@@ -854,3 +854,263 @@ fn remote_proxy_reaches_a_tls_node_on_a_private_ca_with_a_client_certificate() {
     );
     assert_eq!(calls[0]["decision"], "permit");
 }
+
+/// Between `mcp-proxy --server` and `warden serve`: passes every request on, except that
+/// it holds the `/v1/check` whose rationale is `hold` until told to let it go. The call
+/// it holds is decided by the real pipeline, only later.
+struct Relay {
+    upstream: String,
+    http: reqwest::Client,
+    held: tokio::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    release: tokio::sync::Notify,
+}
+
+async fn relay(
+    axum::extract::State(r): axum::extract::State<std::sync::Arc<Relay>>,
+    req: axum::extract::Request,
+) -> axum::response::Response {
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, 1 << 20).await.unwrap();
+    if parts.uri.path() == "/v1/check" {
+        let check: Value = serde_json::from_slice(&body).unwrap();
+        if check["context"]["rationale"] == "hold" {
+            let reached = r.held.lock().await.take();
+            if let Some(reached) = reached {
+                let released = r.release.notified();
+                let _ = reached.send(());
+                released.await;
+            }
+        }
+    }
+    let mut up = r
+        .http
+        .request(parts.method, format!("{}{}", r.upstream, parts.uri))
+        .body(body);
+    for name in ["authorization", "content-type"] {
+        if let Some(v) = parts.headers.get(name) {
+            up = up.header(name, v);
+        }
+    }
+    let resp = up.send().await.unwrap();
+    let status = resp.status();
+    let ct = resp.headers().get("content-type").cloned();
+    let mut out =
+        axum::response::Response::new(axum::body::Body::from(resp.bytes().await.unwrap()));
+    *out.status_mut() = status;
+    if let Some(ct) = ct {
+        out.headers_mut().insert("content-type", ct);
+    }
+    out
+}
+
+/// The next message the proxy writes to its client.
+async fn next_frame(out: &mut tokio::io::BufReader<tokio::process::ChildStdout>) -> Value {
+    use tokio::io::AsyncBufReadExt;
+    let mut l = String::new();
+    tokio::time::timeout(Duration::from_secs(30), out.read_line(&mut l))
+        .await
+        .expect("the proxy said nothing for 30 s")
+        .unwrap();
+    serde_json::from_str(&l).unwrap_or_else(|e| panic!("{e}: {l:?}"))
+}
+
+/// A decision that waits holds up nothing else in its session: while Warden has not
+/// answered for one call, a ping, a second call (decided by `warden serve` and answered
+/// by the server) and the client's cancellation of the waiting call all go through; the
+/// waiting call, once decided, is never sent to the server and ends with exactly one
+/// outcome, `cancelled`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_decision_holds_up_nothing_else_in_the_session() {
+    let _peers = peers_or_skip!();
+    let s = Setup::new();
+    let token = s.token();
+    let (_serve, url) = serve(&s);
+    let (reached_tx, reached) = tokio::sync::oneshot::channel();
+    let r = std::sync::Arc::new(Relay {
+        upstream: url,
+        http: reqwest::Client::new(),
+        held: tokio::sync::Mutex::new(Some(reached_tx)),
+        release: tokio::sync::Notify::new(),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_url = format!("http://{}", listener.local_addr().unwrap());
+    let app = axum::Router::new().fallback(relay).with_state(r.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    // A server that writes down every message it gets and answers calls with an echo.
+    let seen = s.path().join("seen.jsonl");
+    let recorder = r#"
+        const fs = require('fs');
+        const log = process.argv[1];
+        require('readline').createInterface({ input: process.stdin }).on('line', (l) => {
+          fs.appendFileSync(log, l + '\n');
+          const m = JSON.parse(l);
+          if (m.id === undefined || !m.method) return;
+          let result = {};
+          if (m.method === 'initialize') {
+            result = { protocolVersion: m.params.protocolVersion, capabilities: { tools: {} },
+                       serverInfo: { name: 'recorder', version: '1' } };
+          } else if (m.method === 'tools/call') {
+            result = { content: [{ type: 'text', text: 'Echo: ' + m.params.arguments.message }] };
+          }
+          process.stdout.write(JSON.stringify({ jsonrpc: '2.0', id: m.id, result }) + '\n');
+        });"#;
+    let mut proxy = tokio::process::Command::new(WARDEN)
+        .arg("--config")
+        .arg(s.config())
+        .args([
+            "mcp-proxy",
+            "--name",
+            "everything",
+            "--server",
+            &relay_url,
+            "--",
+        ])
+        .args(["node", "-e", recorder])
+        .arg(&seen)
+        .env("WARDEN_TOKEN", &token)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = proxy.stdin.take().unwrap();
+    let mut out = tokio::io::BufReader::new(proxy.stdout.take().unwrap());
+    let send = |m: Value| format!("{m}\n").into_bytes();
+    use tokio::io::AsyncWriteExt;
+    let echo = |id: i64, message: &str, rationale: &str| {
+        json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{
+            "name":"echo","arguments":{"message":message},"_meta":{"rationale":rationale}}})
+    };
+    stdin
+        .write_all(&send(json!({"jsonrpc":"2.0","id":1,"method":"initialize","params":{
+            "protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}})))
+        .await
+        .unwrap();
+    assert_eq!(next_frame(&mut out).await["id"], 1);
+    stdin
+        .write_all(&send(
+            json!({"jsonrpc":"2.0","method":"notifications/initialized"}),
+        ))
+        .await
+        .unwrap();
+    stdin
+        .write_all(&send(echo(2, "held", "hold")))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), reached)
+        .await
+        .expect("the held call never reached Warden")
+        .unwrap();
+
+    // While Warden has not answered for call 2:
+    stdin
+        .write_all(&send(json!({"jsonrpc":"2.0","id":3,"method":"ping"})))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_frame(&mut out).await,
+        json!({"jsonrpc":"2.0","id":3,"result":{}})
+    );
+    stdin
+        .write_all(&send(echo(4, "second", "go")))
+        .await
+        .unwrap();
+    let second = next_frame(&mut out).await;
+    assert_eq!(
+        (
+            second["id"].clone(),
+            second["result"]["content"][0]["text"].clone()
+        ),
+        (json!(4), json!("Echo: second")),
+        "{second}"
+    );
+    stdin
+        .write_all(&send(
+            json!({"jsonrpc":"2.0","method":"notifications/cancelled",
+            "params":{"requestId":2,"reason":"the user gave up"}}),
+        ))
+        .await
+        .unwrap();
+    // The proxy reads its client in order: once this ping is answered, it has taken the
+    // cancellation in.
+    stdin
+        .write_all(&send(json!({"jsonrpc":"2.0","id":5,"method":"ping"})))
+        .await
+        .unwrap();
+    assert_eq!(next_frame(&mut out).await["id"], 5);
+
+    // Warden decides call 2 (permits it): it goes nowhere, and is recorded as cancelled.
+    r.release.notify_one();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let held_outcomes = loop {
+        let audit = s.audit();
+        let held = audit
+            .iter()
+            .find(|e| e["kind"] == "decision" && e["rationale"] == "hold")
+            .map(|e| e["call_id"].clone());
+        let outcomes: Vec<Value> = audit
+            .iter()
+            .filter(|e| e["kind"] == "outcome" && Some(&e["call_id"]) == held.as_ref())
+            .cloned()
+            .collect();
+        if !outcomes.is_empty() || Instant::now() > deadline {
+            break (audit, outcomes);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (audit, outcomes) = held_outcomes;
+    stdin
+        .write_all(&send(json!({"jsonrpc":"2.0","id":6,"method":"ping"})))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_frame(&mut out).await["id"],
+        6,
+        "the session goes on, and nothing answers the cancelled call"
+    );
+    drop(stdin);
+    let status = tokio::time::timeout(Duration::from_secs(20), proxy.wait())
+        .await
+        .expect("the proxy did not end when its client left")
+        .unwrap();
+    assert!(status.success());
+
+    let decisions: Vec<(&str, &str)> = audit
+        .iter()
+        .filter(|e| e["kind"] == "decision")
+        .map(|e| {
+            (
+                e["rationale"].as_str().unwrap(),
+                e["decision"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        decisions,
+        [("go", "permit"), ("hold", "permit")],
+        "{audit:?}"
+    );
+    let statuses: Vec<&str> = outcomes
+        .iter()
+        .map(|o| o["decision"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        statuses,
+        ["cancelled"],
+        "exactly one outcome for the held call"
+    );
+    let seen = std::fs::read_to_string(&seen).unwrap();
+    let calls: Vec<Value> = seen
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|m| m["method"] == "tools/call")
+        .collect();
+    assert_eq!(
+        calls.len(),
+        1,
+        "only the second call reached the server: {seen}"
+    );
+    assert_eq!(calls[0]["params"]["arguments"]["message"], "second");
+}
