@@ -42,11 +42,16 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 
+use crate::gate::Refusal;
 use crate::gate::{Gate, Outcome, ToolCall, Verdict};
 use crate::message::{
     classify, FrameError, Kind, CALL_CANCELLED, CALL_TIMED_OUT, UPSTREAM_UNAVAILABLE,
 };
 use crate::sniff::Sniffer;
+use warden_core::args::Schema;
+
+/// Tool schemas kept per session at most: a server's `tools/list` is untrusted input.
+const MAX_SCHEMAS: usize = 4096;
 use crate::tools::{forward_arguments, resolve_call_paths, tool_call_of, trace_headers, ToolMap};
 
 /// JSON-RPC "invalid request".
@@ -430,6 +435,9 @@ struct Table {
     client: HashMap<IdKey, ClientRequest>,
     server: HashMap<IdKey, ServerRequest>,
     tasks: HashMap<String, Task>,
+    /// Each tool's input schema as the server declared it in `tools/list`, compiled
+    /// (or why it cannot be used), to type a call's arguments before policy sees them.
+    schemas: HashMap<String, Result<Arc<Schema>, Refusal>>,
     /// Why the agent is stopped, once a check found it so.
     stopped: Option<String>,
     internal_ids: u64,
@@ -635,8 +643,8 @@ impl<G: Gate> Session<G> {
                     })
                 };
                 let expect = match list {
-                    Some(l) if self.rules.filter_lists => Expect::List(l),
-                    _ => Expect::Plain,
+                    Some(l) => Expect::List(l),
+                    None => Expect::Plain,
                 };
                 let phase = if work.is_some() {
                     Phase::Deciding
@@ -698,6 +706,33 @@ impl<G: Gate> Session<G> {
                     self.record_later(call, status, output, req.started);
                 }
                 Admit::Now(with_id(msg, &req.id, stripped))
+            }
+        }
+    }
+
+    /// Keeps the input schemas a `tools/list` answer declares, compiled once per listing.
+    /// A schema that cannot be compiled is kept as the refusal its tool's calls get:
+    /// untyped, they would be judged on a shape policy was not written for.
+    fn learn_schemas(&self, msg: &Value) {
+        let Some(tools) = msg.pointer("/result/tools").and_then(Value::as_array) else {
+            return;
+        };
+        let learned: Vec<(String, Result<Arc<Schema>, Refusal>)> = tools
+            .iter()
+            .filter_map(|t| {
+                let name = t.get("name")?.as_str()?;
+                let schema = t.get("inputSchema")?;
+                let action = self.rules.map.action(name);
+                let compiled = Schema::compile(schema)
+                    .map(Arc::new)
+                    .map_err(|e| Refusal::unusable_schema(&action, &e));
+                Some((name.to_owned(), compiled))
+            })
+            .collect();
+        let mut t = self.lock();
+        for (name, schema) in learned {
+            if t.schemas.len() < MAX_SCHEMAS || t.schemas.contains_key(&name) {
+                t.schemas.insert(name, schema);
             }
         }
     }
@@ -886,6 +921,24 @@ impl<G: Gate> Session<G> {
         if call.trace_id.is_none() {
             call.trace_id = trace;
         }
+        // Arguments typed by the tool's own schema (an integer for a number is a number,
+        // an absent optional is absent), so policy judges what the schema means.
+        let mut retyped = false;
+        if is_tool {
+            let schema = self.lock().schemas.get(&label).cloned();
+            match schema {
+                Some(Ok(schema)) => match schema.normalized(&call.arguments) {
+                    Ok(std::borrow::Cow::Owned(v)) => {
+                        call.arguments = v;
+                        retyped = true;
+                    }
+                    Ok(std::borrow::Cow::Borrowed(_)) => {}
+                    Err(e) => call.refusal = Some(Refusal::misfit(&call.action, &e)),
+                },
+                Some(Err(refusal)) => call.refusal = Some(refusal),
+                None => {}
+            }
+        }
         // Policy judges the resolved paths, and the server gets what policy judged.
         let resolved = if is_tool {
             resolve_call_paths(
@@ -896,6 +949,7 @@ impl<G: Gate> Session<G> {
         } else {
             None
         };
+        let resolved = resolved.or_else(|| retyped.then(|| call.arguments.clone()));
         let v = gate.check(call).await;
         let mut t = self.lock();
         let phase = t.client.get(&key).map(|r| r.phase);
@@ -978,8 +1032,14 @@ impl<G: Gate> Session<G> {
                     Expect::Internal => Admit::Now(Step::Drop),
                     Expect::List(list) => {
                         drop(t);
+                        if list == ListKind::Tools {
+                            self.learn_schemas(&msg);
+                        }
                         if restore_id {
                             set_id(&mut msg, &req.id);
+                        }
+                        if !self.rules.filter_lists {
+                            return Admit::Now(pass(msg, restore_id));
                         }
                         Admit::Later(Pending {
                             msg,
@@ -1274,7 +1334,7 @@ impl<G: Gate> Session<G> {
                 arguments: Value::Object(Map::new()),
                 rationale: None,
                 trace_id: None,
-                refusal: Some(message.clone()),
+                refusal: Some(crate::gate::Refusal::unresolved(message.clone())),
             })
             .await;
         self.lock().stats.calls_denied += 1;

@@ -4,6 +4,7 @@ use std::collections::HashSet;
 use std::future::Future;
 
 use serde_json::Value;
+pub use warden_core::pipeline::Refusal;
 
 /// One `tools/call` to decide.
 #[derive(Debug, Clone)]
@@ -16,8 +17,9 @@ pub struct ToolCall {
     /// A W3C trace id to join, from the client's `traceparent`.
     pub trace_id: Option<String>,
     /// Set when the gateway itself found the call unfit to judge (a path argument that
-    /// does not resolve): Warden denies it with this message and still records it.
-    pub refusal: Option<String>,
+    /// does not resolve, arguments that do not fit the tool's input schema): Warden
+    /// denies it under the refusal's rule and still records it.
+    pub refusal: Option<Refusal>,
 }
 
 /// Warden's answer for one call.

@@ -500,6 +500,7 @@ mod tests {
     struct FakeGate {
         checked: Mutex<Vec<String>>,
         refusals: Mutex<Vec<String>>,
+        arguments: Mutex<Vec<Value>>,
         outcomes: Mutex<Vec<(String, &'static str)>>,
         stopped: AtomicBool,
         /// Calls to actions ending in `slow` wait for this.
@@ -512,8 +513,9 @@ mod tests {
                 self.release.notified().await;
             }
             if let Some(r) = &call.refusal {
-                self.refusals.lock().unwrap().push(r.clone());
+                self.refusals.lock().unwrap().push(r.message.clone());
             }
+            self.arguments.lock().unwrap().push(call.arguments.clone());
             let n = {
                 let mut c = self.checked.lock().unwrap();
                 c.push(call.action.clone());
@@ -1075,6 +1077,51 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(got, ping);
+    }
+
+    /// Arguments are typed by the tool's own input schema from `tools/list` before policy
+    /// sees them: an integer for a number becomes a number (Cedar: decimal), a `null`
+    /// optional is absent, and the server gets what was judged; arguments that do not
+    /// fit are refused naming the argument, what was expected and what came.
+    #[tokio::test]
+    async fn arguments_are_typed_from_the_tools_own_schema() {
+        let mut h = start(opts());
+        send(
+            &mut h.client_tx,
+            json!({"jsonrpc":"2.0","id":"l","method":"tools/list"}),
+        )
+        .await;
+        recv(&mut h.server_rx).await;
+        let schema = json!({"type":"object","properties":{"amount":{"type":"number"},"memo":{"type":"string"}},"required":["amount"]});
+        send(&mut h.server_tx, json!({"jsonrpc":"2.0","id":"l","result":{"tools":[{"name":"echo","inputSchema":schema}]}})).await;
+        recv(&mut h.client_rx).await;
+        let mut c = call(1, "echo");
+        c["params"]["arguments"] = json!({"amount": 5, "memo": null});
+        send(&mut h.client_tx, c).await;
+        let fwd = recv(&mut h.server_rx).await;
+        let judged = h.gate.arguments.lock().unwrap()[0].clone();
+        assert_eq!(
+            judged, fwd["params"]["arguments"],
+            "the server gets what was judged"
+        );
+        assert!(
+            judged["amount"].is_f64(),
+            "a number, not an integer: {judged}"
+        );
+        assert!(judged.get("memo").is_none());
+        let mut c = call(2, "echo");
+        c["params"]["arguments"] = json!({"amount": "12"});
+        send(&mut h.client_tx, c).await;
+        let r = recv(&mut h.client_rx).await;
+        assert_eq!(
+            (r["id"].clone(), r["result"]["isError"].clone()),
+            (json!(2), json!(true))
+        );
+        let refusal = h.gate.refusals.lock().unwrap()[0].clone();
+        assert!(
+            refusal.contains("/amount") && refusal.contains("number"),
+            "{refusal}"
+        );
     }
 
     /// `warden.*` baggage comes from Warden only, on every message.

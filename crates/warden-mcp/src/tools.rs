@@ -141,7 +141,7 @@ pub fn resolve_call_paths(
         return None;
     }
     if let Err(e) = resolve_path_args(&mut call.arguments, names, base) {
-        call.refusal = Some(e.to_string());
+        call.refusal = Some(crate::gate::Refusal::unresolved(e.to_string()));
     }
     Some(call.arguments.clone())
 }
@@ -565,7 +565,12 @@ mod tests {
         let mut bad = json!({"params":{"name":"read","arguments":{"path":"rel"}}});
         let (_, mut call) = tool_call_of(&ToolMap::default(), &bad).unwrap();
         resolve_call_paths(&mut call, &names, None);
-        assert!(call.refusal.as_deref().unwrap().contains("argument `path`"));
+        assert!(call
+            .refusal
+            .as_ref()
+            .unwrap()
+            .message
+            .contains("argument `path`"));
         assert_eq!(resolve_call_paths(&mut call, &[], None), None);
         forward_arguments(&mut bad, json!({}));
     }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use warden_core::audit::hash_json;
 use warden_core::config::UpstreamTls;
-use warden_core::pipeline::{CallContext, Refusal};
+use warden_core::pipeline::CallContext;
 use warden_mcp::gate::{Gate, Outcome, ToolCall, Verdict};
 
 use crate::api::OutcomeRecord;
@@ -34,7 +34,7 @@ impl Gate for EmbeddedGate {
     async fn check(&self, call: ToolCall) -> Verdict {
         let ctx = CallContext {
             rationale: call.rationale,
-            refusal: call.refusal.map(Refusal::unresolved),
+            refusal: call.refusal,
             ..Default::default()
         };
         let d = self
@@ -174,7 +174,8 @@ impl Gate for RemoteGate {
             context["trace_id"] = json!(t);
         }
         if let Some(r) = call.refusal {
-            context["refusal"] = json!(r);
+            context["refusal"] = json!(r.message);
+            context["refusal_rule"] = json!(r.rule);
         }
         let body = json!({ "tool": call.action, "params": call.arguments, "context": context });
         let resp = match self
