@@ -921,24 +921,6 @@ impl<G: Gate> Session<G> {
         if call.trace_id.is_none() {
             call.trace_id = trace;
         }
-        // Arguments typed by the tool's own schema (an integer for a number is a number,
-        // an absent optional is absent), so policy judges what the schema means.
-        let mut retyped = false;
-        if is_tool {
-            let schema = self.lock().schemas.get(&label).cloned();
-            match schema {
-                Some(Ok(schema)) => match schema.normalized(&call.arguments) {
-                    Ok(std::borrow::Cow::Owned(v)) => {
-                        call.arguments = v;
-                        retyped = true;
-                    }
-                    Ok(std::borrow::Cow::Borrowed(_)) => {}
-                    Err(e) => call.refusal = Some(Refusal::misfit(&call.action, &e)),
-                },
-                Some(Err(refusal)) => call.refusal = Some(refusal),
-                None => {}
-            }
-        }
         // Policy judges the resolved paths, and the server gets what policy judged.
         let resolved = if is_tool {
             resolve_call_paths(
@@ -949,7 +931,22 @@ impl<G: Gate> Session<G> {
         } else {
             None
         };
-        let resolved = resolved.or_else(|| retyped.then(|| call.arguments.clone()));
+        // Then the arguments are typed by the tool's own schema for policy (an integer
+        // for a number is a number, an absent optional is absent). Only policy's view
+        // changes: the server gets them as sent (paths resolved), since the schema holds
+        // both forms equal and a tool may insist on a `null` the typing drops.
+        if is_tool && call.refusal.is_none() {
+            let schema = self.lock().schemas.get(&label).cloned();
+            match schema {
+                Some(Ok(schema)) => {
+                    if let Err(e) = schema.normalize(&mut call.arguments) {
+                        call.refusal = Some(Refusal::misfit(&call.action, &e));
+                    }
+                }
+                Some(Err(refusal)) => call.refusal = Some(refusal),
+                None => {}
+            }
+        }
         let v = gate.check(call).await;
         let mut t = self.lock();
         let phase = t.client.get(&key).map(|r| r.phase);
