@@ -23,10 +23,9 @@ use std::sync::OnceLock;
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 use tokio::io::BufReader;
-use warden_mcp::message::{
-    classify, error_response, id_key, meta_mut, parse_frame, FrameError, Kind,
-};
-use warden_mcp::stdio::read_frame;
+use warden_mcp::engine::{error_response, IdKey};
+use warden_mcp::message::{classify, meta_mut, parse_frame, FrameError, Kind};
+use warden_mcp::stdio::{read_frame, Frame as Read};
 
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
@@ -87,7 +86,7 @@ fn read_all(bytes: &[u8], cap: usize, limit: usize) -> Vec<Frame> {
         for _ in 0..=bytes.len() {
             match read_frame(&mut r, &mut buf, limit).await {
                 Ok(None) => return out,
-                Ok(Some(Ok(()))) => {
+                Ok(Some(Read::Ok)) => {
                     assert!(
                         buf.len() <= limit,
                         "read_frame returned a frame of {} bytes over the limit of {limit}",
@@ -96,12 +95,14 @@ fn read_all(bytes: &[u8], cap: usize, limit: usize) -> Vec<Frame> {
                     assert!(!buf.contains(&b'\n'), "a frame holds a newline");
                     out.push(Frame::Ok(buf.clone()));
                 }
-                Ok(Some(Err(FrameError::TooLarge(seen, l)))) => {
+                Ok(Some(Read::Refused(FrameError::TooLarge(seen, l), _))) => {
                     assert_eq!(l, limit);
                     assert!(seen > limit, "TooLarge({seen}, {limit}) is not too large");
                     out.push(Frame::TooLarge(seen));
                 }
-                Ok(Some(Err(e))) => panic!("read_frame reported {e:?}, not a framing error"),
+                Ok(Some(Read::Refused(e, _))) => {
+                    panic!("read_frame reported {e:?}, not a framing error")
+                }
                 Err(e) => panic!("reading from memory failed: {e}"),
             }
         }
@@ -125,7 +126,7 @@ fn check_message(m: &Value) {
                     );
                     assert_eq!(member("id"), Some(id), "{m}");
                     assert!(id.is_string() || id.is_number(), "request id {id} in {m}");
-                    let _ = id_key(id);
+                    assert!(IdKey::of(id).is_some(), "a request id has a key: {id}");
                     let mut copy = m.clone();
                     let _ = meta_mut(&mut copy);
                 }
@@ -160,10 +161,10 @@ fn check_message(m: &Value) {
     }
 }
 
-/// The proxy answers a bad frame with `error_response(null, e.code(), e)`: it must be a
-/// well-formed response.
+/// The proxy answers a bad frame with `error_response(null, e.code(), e)` when it cannot
+/// tell its id: it must be a well-formed response.
 fn check_error_reply(e: &FrameError) {
-    let reply = error_response(&Value::Null, e.code(), e.to_string());
+    let reply = error_response(&Value::Null, e.code(), &e.to_string());
     assert_eq!(
         classify(&reply),
         Ok(Kind::Response { id: Value::Null }),

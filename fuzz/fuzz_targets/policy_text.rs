@@ -65,6 +65,7 @@ fn fixture() -> &'static Fixture {
             scope: "claims:read".into(),
             classification: Classification::Internal,
             description: None,
+            input_schema: None,
         },
     })
 }
