@@ -33,6 +33,12 @@ const CONFIG: &str = r#"
 name = "everything/trigger-sampling-request"
 scope = "test:trigger"
 classification = "public"
+# As the server declares it: with it in the catalog, policy reads maxTokens as a decimal
+# whether or not the session listed tools first.
+[tools.input_schema]
+type = "object"
+required = ["prompt"]
+properties = { prompt = { type = "string" }, maxTokens = { type = "number" } }
 
 [[tools]]
 name = "everything/trigger-elicitation-request"
@@ -65,9 +71,10 @@ rotation = "30d"
 
 /// Added to examples/mcp/policy/mcp.cedarschema.
 const SCHEMA: &str = r#"
+// The tool declares maxTokens a JSON Schema number, so policy reads a decimal.
 action "everything/trigger-sampling-request" appliesTo {
   principal: Agent, resource: Tool,
-  context: { params: { prompt: String, maxTokens?: Long }, call: Call },
+  context: { params: { prompt: String, maxTokens?: decimal }, call: Call },
 };
 
 action "everything/trigger-elicitation-request" appliesTo {
