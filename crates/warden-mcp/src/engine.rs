@@ -52,6 +52,8 @@ use warden_core::args::Schema;
 
 /// Tool schemas kept per session at most: a server's `tools/list` is untrusted input.
 const MAX_SCHEMAS: usize = 4096;
+/// Server-to-client requests awaiting the client's answer, at most.
+const MAX_SERVER_REQUESTS: usize = 1024;
 use crate::tools::{forward_arguments, resolve_call_paths, tool_call_of, trace_headers, ToolMap};
 
 /// JSON-RPC "invalid request".
@@ -383,6 +385,9 @@ enum Expect {
     Call(CallInfo),
     /// `tasks/result` for a task of this session: the answer is the task's outcome.
     TaskResult(String),
+    /// `tasks/cancel` for a task of this session: once the server confirms, the task's
+    /// call is settled as `cancelled`.
+    TaskCancel(String),
     /// `tasks/list`: only this session's tasks are shown.
     TaskList,
     /// Sent by Warden itself (a `tasks/cancel` on kill): the answer goes nowhere.
@@ -412,6 +417,9 @@ struct ServerRequest {
     id: Value,
     call: Option<CallInfo>,
     started: Instant,
+    /// Passed on to the client. Until then (while it is being decided) nothing the
+    /// client sends can answer it: a client must not answer what Warden may refuse.
+    forwarded: bool,
 }
 
 #[derive(Debug)]
@@ -602,7 +610,12 @@ impl<G: Gate> Session<G> {
                 let list = ListKind::of(&method);
                 let task_method = method.starts_with("tasks/");
                 let work = if list.is_some() {
-                    None
+                    // Passed (and its answer filtered), but not to a stopped agent.
+                    Some(Work::Standing {
+                        key: key.clone(),
+                        id: id.clone(),
+                        changed: stripped,
+                    })
                 } else if task_method {
                     match self.task_expect(&t, &method, &msg) {
                         Ok(expect) => {
@@ -691,7 +704,12 @@ impl<G: Gate> Session<G> {
                 };
                 let found = {
                     let mut t = self.lock();
-                    let r = t.server.remove(&key);
+                    let forwarded = t.server.get(&key).is_some_and(|r| r.forwarded);
+                    let r = if forwarded {
+                        t.server.remove(&key)
+                    } else {
+                        None
+                    };
                     if r.is_none() {
                         t.stats.responses_dropped += 1;
                     }
@@ -751,6 +769,7 @@ impl<G: Gate> Session<G> {
         }
         Ok(match method {
             "tasks/result" => Expect::TaskResult(task_id.to_owned()),
+            "tasks/cancel" => Expect::TaskCancel(task_id.to_owned()),
             _ => Expect::Plain,
         })
     }
@@ -844,6 +863,7 @@ impl<G: Gate> Session<G> {
                         call_id: v.call_id.clone(),
                         agent_id: v.agent_id.clone(),
                     });
+                    r.forwarded = true;
                 }
                 t.stats.calls_permitted += 1;
                 stamp_trace(&mut msg, &v);
@@ -1096,6 +1116,20 @@ impl<G: Gate> Session<G> {
                         }
                         Admit::Now(with_id(msg, &req.id, false))
                     }
+                    Expect::TaskCancel(task_id) => {
+                        // A refused cancel leaves the task running, and still owed.
+                        let task = if msg.get("error").is_none() {
+                            t.tasks.remove(&task_id)
+                        } else {
+                            None
+                        };
+                        drop(t);
+                        if let Some(task) = task {
+                            self.lock().stats.calls_cancelled += 1;
+                            self.record_later(task.call, "cancelled", None, task.started);
+                        }
+                        Admit::Now(with_id(msg, &req.id, false))
+                    }
                 }
             }
             Kind::Request { id, method } => {
@@ -1110,16 +1144,27 @@ impl<G: Gate> Session<G> {
                         "request id is already in use by a request in flight",
                     )));
                 }
+                if t.server.len() >= MAX_SERVER_REQUESTS {
+                    // A server asking faster than the client answers must not grow the
+                    // table without bound.
+                    return Admit::Now(Step::Reply(error_response(
+                        &id,
+                        INVALID_REQUEST,
+                        "too many requests to the client are unanswered",
+                    )));
+                }
+                let passes = method == "ping" || self.rules.passes(&method);
                 t.server.insert(
                     key.clone(),
                     ServerRequest {
                         id: id.clone(),
                         call: None,
                         started: Instant::now(),
+                        forwarded: passes,
                     },
                 );
                 drop(t);
-                if method == "ping" || self.rules.passes(&method) {
+                if passes {
                     // The passthrough list names methods of either side.
                     return Admit::Now(Step::Pass(msg));
                 }

@@ -1014,6 +1014,17 @@ mod tests {
             (e["id"].clone(), e["error"]["code"].clone()),
             (json!(4), json!(crate::engine::AGENT_STOPPED))
         );
+        // nor a list
+        send(
+            &mut h.client_tx,
+            json!({"jsonrpc":"2.0","id":5,"method":"tools/list"}),
+        )
+        .await;
+        let e = recv(&mut h.client_rx).await;
+        assert_eq!(
+            (e["id"].clone(), e["error"]["code"].clone()),
+            (json!(5), json!(crate::engine::AGENT_STOPPED))
+        );
     }
 
     /// Regression: an answer `"1"` to request `1` was dropped and the call timed out.
@@ -1298,6 +1309,83 @@ mod tests {
         assert_eq!(
             h.gate.outcomes.lock().unwrap()[1],
             ("call-2".to_string(), "cancelled")
+        );
+    }
+
+    /// A client cannot answer a server request Warden has not passed on yet (it may be
+    /// refused): such an answer is dropped; once passed on, the real answer goes through.
+    #[tokio::test]
+    async fn a_server_request_cannot_be_answered_before_it_is_decided() {
+        let mut h = start(opts());
+        send(
+            &mut h.server_tx,
+            json!({"jsonrpc":"2.0","id":"s1","method":"sampling/slow","params":{}}),
+        )
+        .await;
+        // the client guesses the id and answers while the decision waits
+        send(
+            &mut h.client_tx,
+            json!({"jsonrpc":"2.0","id":"s1","result":{"forged":true}}),
+        )
+        .await;
+        send(
+            &mut h.client_tx,
+            json!({"jsonrpc":"2.0","id":1,"method":"ping"}),
+        )
+        .await;
+        assert_eq!(
+            recv(&mut h.server_rx).await["id"],
+            1,
+            "the early answer was dropped"
+        );
+        h.gate.release.notify_one();
+        assert_eq!(recv(&mut h.client_rx).await["id"], "s1");
+        send(
+            &mut h.client_tx,
+            json!({"jsonrpc":"2.0","id":"s1","result":{"real":true}}),
+        )
+        .await;
+        assert_eq!(recv(&mut h.server_rx).await["result"]["real"], true);
+    }
+
+    /// A task the client cancels is settled as `cancelled` once the server confirms.
+    #[tokio::test]
+    async fn a_cancelled_task_is_settled() {
+        let mut h = start(opts());
+        let mut c = call(1, "echo");
+        c["params"]["task"] = json!({"ttl": 60000});
+        send(&mut h.client_tx, c).await;
+        recv(&mut h.server_rx).await;
+        send(
+            &mut h.server_tx,
+            json!({"jsonrpc":"2.0","id":1,"result":{"task":{"taskId":"t1","status":"working"}}}),
+        )
+        .await;
+        recv(&mut h.client_rx).await;
+        send(
+            &mut h.client_tx,
+            json!({"jsonrpc":"2.0","id":2,"method":"tasks/cancel","params":{"taskId":"t1"}}),
+        )
+        .await;
+        assert_eq!(recv(&mut h.server_rx).await["method"], "tasks/cancel");
+        send(
+            &mut h.server_tx,
+            json!({"jsonrpc":"2.0","id":2,"result":{"taskId":"t1","status":"cancelled"}}),
+        )
+        .await;
+        recv(&mut h.client_rx).await;
+        // the task is gone from the session: its methods no longer name it
+        send(
+            &mut h.client_tx,
+            json!({"jsonrpc":"2.0","id":3,"method":"tasks/get","params":{"taskId":"t1"}}),
+        )
+        .await;
+        assert_eq!(recv(&mut h.client_rx).await["error"]["code"], -32602);
+        drop(h.client_tx);
+        h.task.await.unwrap();
+        assert_eq!(
+            *h.gate.outcomes.lock().unwrap(),
+            vec![("call-1".to_string(), "cancelled")]
         );
     }
 
