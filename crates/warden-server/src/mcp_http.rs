@@ -498,10 +498,12 @@ fn bytes_reply(status: StatusCode, mut headers: HeaderMap, body: Vec<u8>) -> Res
 }
 
 /// Reads a request body of at most `limit` bytes. Past the limit the rest is only
-/// sniffed for the message's id (up to [`MAX_SNIFF`]), so the refusal can name it.
+/// sniffed for the message's id (up to `sniff_up_to` bytes in all), so the refusal can
+/// name it.
 async fn read_body(
     mut body: Body,
     limit: usize,
+    sniff_up_to: usize,
 ) -> Result<Result<Vec<u8>, (FrameError, Sniffer)>, GatewayError> {
     let mut buf = Vec::new();
     let mut over: Option<Sniffer> = None;
@@ -516,12 +518,7 @@ async fn read_body(
         };
         seen += data.len();
         match &mut over {
-            Some(s) => {
-                s.feed(&data);
-                if seen > MAX_SNIFF {
-                    break;
-                }
-            }
+            Some(s) => s.feed(&data),
             None if buf.len() + data.len() > limit => {
                 let mut s = Sniffer::default();
                 s.feed(&buf);
@@ -530,6 +527,10 @@ async fn read_body(
                 over = Some(s);
             }
             None => buf.extend_from_slice(&data),
+        }
+        if over.is_some() && seen >= sniff_up_to {
+            // Not waited for: the peer may never send the rest.
+            break;
         }
     }
     Ok(match over {
@@ -565,12 +566,18 @@ async fn post_messages(
     let header_trace = header_str(&headers, "traceparent")
         .and_then(parse_traceparent)
         .map(|(t, _)| t);
-    let read = read_body(body, MAX_CLIENT_MESSAGE).await?;
-
-    // Authenticate before decoding: a caller without a valid credential gets its first
-    // message read and nothing more, so a batch of N calls costs one audit entry (and
-    // one parse of one message), not N.
+    // Authenticate before reading: a caller without a valid credential gets no more of
+    // its body read than the decision API would read (and nothing sniffed past it), and
+    // its first message parsed and nothing more, so a batch of N calls costs one audit
+    // entry, not N. The gateway's own, larger limit is for agents Warden knows.
     let standing = gw.app.standing(token.as_deref()).await;
+    let unknown = matches!(&standing, Err(d) if d.reason.is_authentication_failure());
+    let read = if unknown {
+        let limit = gw.app.settings.max_body_bytes;
+        read_body(body, limit, limit).await?
+    } else {
+        read_body(body, MAX_CLIENT_MESSAGE, MAX_SNIFF).await?
+    };
     if let Err(d) = &standing {
         if d.reason.is_authentication_failure() {
             // Refused, but the attempted tool call is still on the audit trail, as it is
@@ -597,7 +604,12 @@ async fn post_messages(
                     )
                     .await;
             }
-            return Err(refused(d.clone()));
+            let mut resp = refused(d.clone()).into_response();
+            if read.is_err() {
+                // The rest of the body was not read: this connection cannot go on.
+                close_connection(&mut resp);
+            }
+            return Ok(resp);
         }
     }
     let gate = EmbeddedGate::new(gw.app.clone(), token.clone().unwrap_or_default());

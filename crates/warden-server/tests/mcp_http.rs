@@ -1660,3 +1660,30 @@ async fn a_held_decision_holds_up_nothing_else_in_the_session() {
     );
     node.stop().await;
 }
+
+/// An unauthenticated peer gets no more of its body read than the decision API would
+/// read: a request announcing 100 MiB is refused after the first part, without waiting
+/// for (or sniffing through) the rest, and the connection is closed.
+#[tokio::test]
+async fn an_unauthenticated_body_is_read_no_further_than_the_api_limit() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_fake, url) = start_fake().await;
+    let node = Node::start(&url, "30s").await;
+    let addr = node.base.trim_start_matches("http://").to_owned();
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /mcp/everything HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n\
+         accept: application/json, text/event-stream\r\ncontent-length: {}\r\n\r\n",
+        100 * 1024 * 1024
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    // More than the API limit, far less than announced; then the peer goes quiet.
+    let limit = node.app().settings.max_body_bytes;
+    conn.write_all(&vec![b' '; limit + 1024]).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), conn.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "the node waited for the rest of the body");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 401"), "{text}");
+    node.stop().await;
+}
