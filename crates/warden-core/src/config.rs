@@ -1164,6 +1164,40 @@ window = "1m"
     }
 
     #[test]
+    fn passthrough_never_lets_tool_calls_through_and_session_limits_are_read() {
+        let server = |extra: &str| format!("{MINIMAL}\n[[mcp_servers]]\nname = \"up\"\n{extra}\n");
+        let s = Settings::from_toml(&server(""), "w.toml", Path::new("."), &no_env).unwrap();
+        assert_eq!(
+            s.mcp_servers["up"].passthrough,
+            DEFAULT_PASSTHROUGH.map(String::from)
+        );
+        assert_eq!(
+            (s.mcp_sessions_max, s.mcp_session_idle_ns),
+            (10_000, 30 * 60 * NANOS_PER_SEC)
+        );
+        let s = Settings::from_toml(
+            &server("passthrough = [\"ping\", \"resources/*\"]"),
+            "w.toml",
+            Path::new("."),
+            &no_env,
+        )
+        .unwrap();
+        assert_eq!(s.mcp_servers["up"].passthrough, ["ping", "resources/*"]);
+        // A careless operator cannot wave tool calls through, however it is spelled.
+        for bad in ["tools/call", "tools/*", "*", ""] {
+            let text = server(&format!("passthrough = [\"ping\", \"{bad}\"]"));
+            let e = Settings::from_toml(&text, "w.toml", Path::new("."), &no_env).unwrap_err();
+            assert!(
+                e.to_string().contains("mcp_servers[0].passthrough"),
+                "{bad}: {e}"
+            );
+        }
+        let text = format!("[server]\nmcp_sessions_max = 0\n{MINIMAL}");
+        let e = Settings::from_toml(&text, "w.toml", Path::new("."), &no_env).unwrap_err();
+        assert!(e.to_string().contains("server.mcp_sessions_max"), "{e}");
+    }
+
+    #[test]
     fn upstream_tls_is_for_https_servers_and_a_client_cert_needs_its_key() {
         let server = |extra: &str, url: &str| {
             format!("{MINIMAL}\n[[mcp_servers]]\nname = \"up\"\nurl = \"{url}\"\n{extra}\n")
