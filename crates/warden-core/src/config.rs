@@ -211,6 +211,7 @@ struct RawControl {
 #[serde(deny_unknown_fields)]
 struct RawAudit {
     max_batch: Option<usize>,
+    linger: Option<String>,
     max_rationale_bytes: Option<usize>,
     failure_window: Option<String>,
     failure_full_entries: Option<u32>,
@@ -491,6 +492,9 @@ pub struct Settings {
     pub control_refresh_ns: Nanos,
     pub control_stale_after_ns: Nanos,
     pub audit_max_batch: usize,
+    /// How long an outcome may wait for a decision to share its commit (see
+    /// `warden_server::audit_writer`).
+    pub audit_linger_ns: Nanos,
     /// Caps on agent-supplied text and sampling of failure floods.
     pub audit_limits: AuditLimits,
     /// Highest data class each trust tier may touch.
@@ -659,6 +663,14 @@ impl Settings {
             ));
         }
 
+        let audit_linger_ns = dur("audit.linger", raw.audit.linger.clone(), "2ms")?;
+        if audit_linger_ns > 100 * NANOS_PER_MILLI {
+            return Err(field(
+                "audit.linger",
+                "is out of range; use 1ms to 100ms (an outcome is answered only once durable)"
+                    .into(),
+            ));
+        }
         let audit_limits = {
             let d = AuditLimits::default();
             let max_rationale_bytes = raw
@@ -955,6 +967,7 @@ impl Settings {
             control_refresh_ns,
             control_stale_after_ns,
             audit_max_batch: raw.audit.max_batch.unwrap_or(512).clamp(1, 10_000),
+            audit_linger_ns,
             audit_limits,
             tiers,
             tools,
@@ -1026,10 +1039,12 @@ window = "1m"
         let s = Settings::from_toml(MINIMAL, "warden.toml", Path::new("."), &no_env).unwrap();
         assert_eq!(s.audit_limits, AuditLimits::default());
         assert_eq!(s.audit_limits.max_rationale_bytes, 2048);
+        assert_eq!(s.audit_linger_ns, 2 * NANOS_PER_MILLI);
         let text = format!(
-            "[audit]\nmax_rationale_bytes = 512\nfailure_window = \"1s\"\nfailure_full_entries = 3\n{MINIMAL}"
+            "[audit]\nmax_rationale_bytes = 512\nfailure_window = \"1s\"\nfailure_full_entries = 3\nlinger = \"10ms\"\n{MINIMAL}"
         );
         let s = Settings::from_toml(&text, "warden.toml", Path::new("."), &no_env).unwrap();
+        assert_eq!(s.audit_linger_ns, 10 * NANOS_PER_MILLI);
         assert_eq!(
             s.audit_limits,
             AuditLimits {
@@ -1042,6 +1057,8 @@ window = "1m"
             "max_rationale_bytes = 1",
             "max_rationale_bytes = 10000000",
             "failure_window = \"1ms\"",
+            "linger = \"0ms\"",
+            "linger = \"1s\"",
         ] {
             let text = format!("[audit]\n{bad}\n{MINIMAL}");
             let e = Settings::from_toml(&text, "warden.toml", Path::new("."), &no_env)

@@ -38,6 +38,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use futures_util::future::join_all;
 use serde::Serialize;
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
@@ -468,8 +469,12 @@ impl<G: Gate> Session<G> {
         let (tx, mut rx) = mpsc::unbounded_channel::<Outcome>();
         let recorder_gate = gate.clone();
         let recorder = tokio::spawn(async move {
-            while let Some(o) = rx.recv().await {
-                recorder_gate.outcome(o).await;
+            // What has queued up is recorded together (sent in order, awaited together):
+            // a gate may let an outcome wait a little for company (the audit writer's
+            // linger), and one at a time a burst of answers would pay that wait each.
+            let mut queued = Vec::new();
+            while rx.recv_many(&mut queued, 256).await > 0 {
+                join_all(queued.drain(..).map(|o| recorder_gate.outcome(o))).await;
             }
         });
         (

@@ -29,6 +29,7 @@ use crate::audit_writer::AuditError;
 use crate::error::ApiError;
 use crate::flood::{Admit, Source, Suppressed};
 use crate::ids::{self, call_id, random_hex};
+use crate::open_calls::{Lookup, Permitted};
 use crate::{blocking, App};
 use warden_core::trace::parse_traceparent;
 
@@ -343,13 +344,21 @@ impl App {
                 return out;
             }
         }
+        let permitted = out.decision.is_permit().then(|| Permitted::of(&entry));
         // No audit, no action: the answer waits for the entry to be durable.
-        if let Err(e) = self.audit.append(entry).await {
-            out.decision = Decision::deny_builtin(
-                Reason::Internal,
-                "warden.audit",
-                format!("the decision could not be recorded ({e}); no audit, no action"),
-            );
+        match self.audit.append(entry).await {
+            Ok(_) => {
+                if let Some(p) = permitted {
+                    self.open_calls.insert(&out.call_id, p);
+                }
+            }
+            Err(e) => {
+                out.decision = Decision::deny_builtin(
+                    Reason::Internal,
+                    "warden.audit",
+                    format!("the decision could not be recorded ({e}); no audit, no action"),
+                );
+            }
         }
         out
     }
@@ -366,7 +375,7 @@ impl App {
             s.count,
             s.window_ns,
         );
-        if let Err(e) = self.audit.append(entry).await {
+        if let Err(e) = self.audit.append_lingering(entry).await {
             tracing::error!(error = %e, count = s.count, reason = %s.reason, "could not record a summary of failures; keeping the counts");
             self.failures.restore(s);
         }
@@ -382,25 +391,73 @@ impl App {
     }
 
     /// Appends the outcome of a permitted call made by `agent_id`. Refuses calls the agent
-    /// did not make, calls that were denied, and a second outcome.
+    /// did not make, calls that were denied, and a second outcome. With `linger`, the
+    /// entry may wait up to `[audit] linger` to share a commit with a decision (for
+    /// reporters nobody waits on, such as the MCP gateways).
     pub async fn record_outcome(
         self: &Arc<Self>,
         agent_id: &str,
         call_id: &str,
         outcome: OutcomeRecord,
+        linger: bool,
     ) -> Result<u64, ApiError> {
         if call_id.len() > 64 {
             return Err(ApiError::NotFound("no such call".into()));
         }
+        let call = match self.open_calls.take(call_id, agent_id) {
+            Lookup::Mine(p) => p,
+            Lookup::Foreign => return Err(no_such_call(agent_id, call_id)),
+            Lookup::Unknown => self.permitted_in_store(agent_id, call_id).await?,
+        };
+        let entry = Entry {
+            ts_ns: self.pipeline.clock().now_ns(),
+            kind: EntryKind::Outcome,
+            call_id: call_id.to_owned(),
+            trace_id: call.trace_id.clone(),
+            span_id: call.span_id.clone(),
+            agent_id: agent_id.to_owned(),
+            delegation_id: call.delegation_id.clone(),
+            action: call.action.clone(),
+            input_hash: call.input_hash.clone(),
+            output_hash: outcome.output_hash,
+            decision: outcome.status.to_owned(),
+            reason: String::new(),
+            rules: Vec::new(),
+            cost: outcome.cost,
+            duration_ns: outcome.duration_ns,
+            rationale: None,
+        };
+        // The checks answer the common mistakes early; the store's own rule decides
+        // between concurrent reports, and only one of them is written.
+        let appended = if linger {
+            self.audit.append_lingering(entry).await
+        } else {
+            self.audit.append(entry).await
+        };
+        appended.map(|r| r.seq).map_err(|e| match e {
+            AuditError::Refused(m) => ApiError::Conflict(m),
+            AuditError::Failed(m) => {
+                // Not written: a retry must find the call again.
+                self.open_calls.put_back(call_id, call);
+                ApiError::Unavailable(format!("outcome could not be recorded: {m}"))
+            }
+        })
+    }
+
+    /// The decision an outcome reports on, read from the store: the call must be
+    /// `agent_id`'s, permitted, and without an outcome yet.
+    async fn permitted_in_store(
+        &self,
+        agent_id: &str,
+        call_id: &str,
+    ) -> Result<Permitted, ApiError> {
         let store = self.store.clone();
         let cid = call_id.to_owned();
         let records = blocking(move || store.call_records(&cid)).await?;
         let decision = records
             .iter()
             .find(|r| r.entry.kind == EntryKind::Decision && r.entry.agent_id == agent_id)
-            .ok_or_else(|| {
-                ApiError::NotFound(format!("agent `{agent_id}` made no call `{call_id}`"))
-            })?;
+            .ok_or_else(|| no_such_call(agent_id, call_id))?;
         if decision.entry.decision != "permit" {
             return Err(ApiError::Conflict(format!(
                 "call `{call_id}` was denied; nothing ran, so there is no outcome"
@@ -411,37 +468,12 @@ impl App {
                 "call `{call_id}` already has an outcome"
             )));
         }
-        let entry = Entry {
-            ts_ns: self.pipeline.clock().now_ns(),
-            kind: EntryKind::Outcome,
-            call_id: call_id.to_owned(),
-            trace_id: decision.entry.trace_id.clone(),
-            span_id: decision.entry.span_id.clone(),
-            agent_id: agent_id.to_owned(),
-            delegation_id: decision.entry.delegation_id.clone(),
-            action: decision.entry.action.clone(),
-            input_hash: decision.entry.input_hash.clone(),
-            output_hash: outcome.output_hash,
-            decision: outcome.status.to_owned(),
-            reason: String::new(),
-            rules: Vec::new(),
-            cost: outcome.cost,
-            duration_ns: outcome.duration_ns,
-            rationale: None,
-        };
-        // The check above answers the common mistake early; the store's own rule decides
-        // between concurrent reports, and only one of them is written.
-        self.audit
-            .append(entry)
-            .await
-            .map(|r| r.seq)
-            .map_err(|e| match e {
-                AuditError::Refused(m) => ApiError::Conflict(m),
-                AuditError::Failed(m) => {
-                    ApiError::Unavailable(format!("outcome could not be recorded: {m}"))
-                }
-            })
+        Ok(Permitted::of(&decision.entry))
     }
+}
+
+fn no_such_call(agent_id: &str, call_id: &str) -> ApiError {
+    ApiError::NotFound(format!("agent `{agent_id}` made no call `{call_id}`"))
 }
 
 /// The reason under which a decision is sampled rather than always recorded: every
@@ -492,6 +524,11 @@ struct OutcomeBody {
     output: Option<Value>,
     cost: Option<f64>,
     duration_ms: Option<f64>,
+    /// The reporter does not wait on this answer to go on (a gateway's background
+    /// recorder): the entry may wait up to `[audit] linger` to share a commit with a
+    /// decision. Answered once durable either way.
+    #[serde(default)]
+    linger: bool,
 }
 
 async fn outcome(
@@ -554,6 +591,7 @@ async fn outcome(
                 cost: body.cost,
                 duration_ns,
             },
+            body.linger,
         )
         .await?;
     Ok((

@@ -11,6 +11,16 @@
 //! every later call. Failures and recoveries are reported to [`Health`], so the node is
 //! unready while appends fail.
 //!
+//! An outcome or a summary holds up no call: the call it reports on was decided and has
+//! answered. A batch of nothing else may therefore *linger* for a short bound (`[audit]
+//! linger`, 2 ms by default) waiting for a decision to share its commit, as a Kafka
+//! producer lingers to fill a batch. Without it a sequential session pays two fsyncs per
+//! call, and the second is on the next call's path: the outcome of call N is being synced
+//! when the decision of call N+1 arrives, and that decision waits for it before its own.
+//! With it the two entries share one. A lingering entry is still answered only when it is
+//! durable; only callers that asked ([`AuditWriter::append_lingering`]) linger, so a
+//! client that waits for its outcome's answer before its next check is never slowed.
+//!
 //! The store refuses a batch whole when one entry breaks a rule (a second outcome for a
 //! call); the writer then appends that batch's entries one by one, so only the offending
 //! entry is refused and the others are written.
@@ -18,6 +28,7 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::thread;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use warden_core::audit::{Entry, EntryKind, Record};
@@ -40,32 +51,62 @@ pub enum AuditError {
 type Answer = Result<Record, AuditError>;
 type Reply = oneshot::Sender<Answer>;
 
+/// One entry to append, whether it may wait for company, and where its answer goes.
+struct Job {
+    entry: Entry,
+    linger: bool,
+    reply: Reply,
+}
+
 #[derive(Clone)]
 pub struct AuditWriter {
-    tx: mpsc::Sender<(Entry, Reply)>,
+    tx: mpsc::Sender<Job>,
 }
 
 impl AuditWriter {
     /// Starts the writer thread. It stops when every `AuditWriter` clone is dropped.
+    /// `linger` bounds how long a batch of lingering entries alone waits for a decision.
     pub fn start(
         store: Arc<dyn Store>,
         max_batch: usize,
+        linger: Duration,
         health: Arc<Health>,
     ) -> std::io::Result<AuditWriter> {
-        let (tx, mut rx) = mpsc::channel::<(Entry, Reply)>(max_batch.saturating_mul(8).max(1024));
+        let (tx, mut rx) = mpsc::channel::<Job>(max_batch.saturating_mul(8).max(1024));
+        // A runtime of the thread's own, for nothing but waiting on the channel with a
+        // deadline (a blocking `recv` has none).
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()?;
         thread::Builder::new()
             .name("warden-audit".into())
             .spawn(move || {
                 let mut batch = Vec::with_capacity(max_batch);
-                while let Some(first) = rx.blocking_recv() {
+                while let Some(first) = rt.block_on(rx.recv()) {
                     batch.push(first);
-                    while batch.len() < max_batch {
-                        match rx.try_recv() {
-                            Ok(item) => batch.push(item),
-                            Err(_) => break,
+                    take_queued(&mut rx, &mut batch, max_batch);
+                    if batch.iter().all(|j| j.linger) {
+                        let until = tokio::time::Instant::now() + linger;
+                        while batch.len() < max_batch {
+                            // The timer is made inside `block_on`: it needs the runtime.
+                            let next = rt.block_on(async {
+                                tokio::time::timeout_at(until, rx.recv()).await
+                            });
+                            match next {
+                                Ok(Some(job)) => {
+                                    batch.push(job);
+                                    take_queued(&mut rx, &mut batch, max_batch);
+                                    if batch.iter().any(|j| !j.linger) {
+                                        break;
+                                    }
+                                }
+                                // Closed (the batch is still written) or the bound passed.
+                                Ok(None) | Err(_) => break,
+                            }
                         }
                     }
-                    let (entries, replies): (Vec<Entry>, Vec<Reply>) = batch.drain(..).unzip();
+                    let (entries, replies): (Vec<Entry>, Vec<Reply>) =
+                        batch.drain(..).map(|j| (j.entry, j.reply)).unzip();
                     let answers = append(store.as_ref(), entries, replies.len());
                     // Nor may a log subscriber that panics end the thread.
                     let _ = catch_unwind(AssertUnwindSafe(|| report(&health, &answers)));
@@ -77,11 +118,27 @@ impl AuditWriter {
         Ok(AuditWriter { tx })
     }
 
-    /// Appends one entry and waits until it is durable.
+    /// Appends one entry and waits until it is durable. For a decision: it is committed
+    /// with whatever is queued, at once.
     pub async fn append(&self, entry: Entry) -> Result<Record, AuditError> {
+        self.submit(entry, false).await
+    }
+
+    /// Appends an entry that holds up no call (an outcome, a summary) and waits until it
+    /// is durable, which may take up to the writer's linger longer: a batch of such
+    /// entries waits that long for a decision to share its commit.
+    pub async fn append_lingering(&self, entry: Entry) -> Result<Record, AuditError> {
+        self.submit(entry, true).await
+    }
+
+    async fn submit(&self, entry: Entry, linger: bool) -> Result<Record, AuditError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send((entry, reply))
+            .send(Job {
+                entry,
+                linger,
+                reply,
+            })
             .await
             .map_err(|_| AuditError::Failed("audit writer has stopped".to_owned()))?;
         rx.await
@@ -91,6 +148,16 @@ impl AuditWriter {
     /// False once the writer thread has ended, after which every append fails.
     pub fn is_running(&self) -> bool {
         !self.tx.is_closed()
+    }
+}
+
+/// Moves what is queued now into `batch`, up to `max`.
+fn take_queued(rx: &mut mpsc::Receiver<Job>, batch: &mut Vec<Job>, max: usize) {
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(_) => break,
+        }
     }
 }
 
@@ -175,5 +242,141 @@ fn report(health: &Health, answers: &[Answer]) {
         }
         (true, None) => tracing::info!("audit appends work again"),
         (false, _) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use warden_core::identity::Agent;
+    use warden_core::store::{ControlChange, Credential, StateSnapshot};
+    use warden_store::conformance::sample_entry;
+    use warden_store::SqliteStore;
+
+    use super::*;
+
+    /// A real store that remembers the kinds of every batch appended, in order.
+    struct Batches {
+        inner: SqliteStore,
+        seen: Mutex<Vec<Vec<EntryKind>>>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Batches {
+        fn new() -> Arc<Self> {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let inner = SqliteStore::open(&dir.path().join("w.db")).expect("store");
+            Arc::new(Self {
+                inner,
+                seen: Mutex::new(Vec::new()),
+                _dir: dir,
+            })
+        }
+        fn seen(&self) -> Vec<Vec<EntryKind>> {
+            self.seen.lock().expect("lock").clone()
+        }
+    }
+
+    impl Store for Batches {
+        fn state_version(&self) -> Result<u64, StoreError> {
+            self.inner.state_version()
+        }
+        fn snapshot(&self, now: u64) -> Result<StateSnapshot, StoreError> {
+            self.inner.snapshot(now)
+        }
+        fn upsert_agent(&self, a: &Agent) -> Result<(), StoreError> {
+            self.inner.upsert_agent(a)
+        }
+        fn get_agent(&self, id: &str) -> Result<Option<Agent>, StoreError> {
+            self.inner.get_agent(id)
+        }
+        fn list_agents(&self) -> Result<Vec<Agent>, StoreError> {
+            self.inner.list_agents()
+        }
+        fn list_credentials(&self, id: &str) -> Result<Vec<Credential>, StoreError> {
+            self.inner.list_credentials(id)
+        }
+        fn apply_control(&self, c: &ControlChange, e: Entry) -> Result<Record, StoreError> {
+            self.inner.apply_control(c, e)
+        }
+        fn append_audit(&self, entries: Vec<Entry>) -> Result<Vec<Record>, StoreError> {
+            self.seen
+                .lock()
+                .expect("lock")
+                .push(entries.iter().map(|e| e.kind).collect());
+            self.inner.append_audit(entries)
+        }
+        fn read_audit(&self, after: u64, limit: usize) -> Result<Vec<Record>, StoreError> {
+            self.inner.read_audit(after, limit)
+        }
+        fn call_records(&self, id: &str) -> Result<Vec<Record>, StoreError> {
+            self.inner.call_records(id)
+        }
+        fn tail_audit(&self, n: usize) -> Result<Vec<Record>, StoreError> {
+            self.inner.tail_audit(n)
+        }
+    }
+
+    fn entry(kind: EntryKind, call: &str) -> Entry {
+        Entry {
+            kind,
+            ..sample_entry(0, call)
+        }
+    }
+
+    fn writer(store: &Arc<Batches>, linger: Duration) -> AuditWriter {
+        AuditWriter::start(store.clone(), 64, linger, Arc::new(Health::default())).expect("writer")
+    }
+
+    // Current-thread runtime: a spawned task runs up to its first wait when this one
+    // yields, so the order in which entries reach the writer is the test's.
+    #[tokio::test]
+    async fn a_lingering_outcome_shares_the_next_decisions_commit() {
+        let store = Batches::new();
+        // Far longer than the test: the outcome can only be written with the decision.
+        let w = writer(&store, Duration::from_secs(60));
+        let outcome = tokio::spawn({
+            let w = w.clone();
+            async move { w.append_lingering(entry(EntryKind::Outcome, "c1")).await }
+        });
+        tokio::task::yield_now().await;
+        let decision = w.append(entry(EntryKind::Decision, "c2")).await;
+        assert!(decision.is_ok(), "{decision:?}");
+        let outcome = outcome.await.expect("task");
+        assert!(outcome.is_ok(), "{outcome:?}");
+        assert_eq!(
+            store.seen(),
+            vec![vec![EntryKind::Outcome, EntryKind::Decision]]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_lingering_outcome_alone_is_written_once_the_linger_ends() {
+        let store = Batches::new();
+        let w = writer(&store, Duration::from_millis(1));
+        let first = w.append_lingering(entry(EntryKind::Outcome, "c1")).await;
+        assert!(first.is_ok(), "{first:?}");
+        let second = w.append_lingering(entry(EntryKind::Outcome, "c2")).await;
+        assert!(second.is_ok(), "{second:?}");
+        assert_eq!(
+            store.seen(),
+            vec![vec![EntryKind::Outcome], vec![EntryKind::Outcome]]
+        );
+        assert_eq!(store.inner.tail_audit(5).expect("tail").len(), 2);
+    }
+
+    #[tokio::test]
+    async fn only_callers_that_ask_linger() {
+        let store = Batches::new();
+        let w = writer(&store, Duration::from_secs(60));
+        // Were it held for the linger, this would wait a minute.
+        let plain = tokio::time::timeout(
+            Duration::from_secs(20),
+            w.append(entry(EntryKind::Outcome, "c1")),
+        )
+        .await;
+        assert!(matches!(plain, Ok(Ok(_))), "{plain:?}");
+        assert_eq!(store.seen(), vec![vec![EntryKind::Outcome]]);
     }
 }

@@ -68,7 +68,7 @@ impl Gate for EmbeddedGate {
         };
         if let Err(e) = self
             .app
-            .record_outcome(&o.agent_id, &o.call_id, record)
+            .record_outcome(&o.agent_id, &o.call_id, record, true)
             .await
         {
             tracing::error!(call_id = %o.call_id, error = %e, "could not record a tool call's outcome");
@@ -245,6 +245,8 @@ impl Gate for RemoteGate {
             "status": o.status,
             "output_hash": o.output.as_ref().map(hash_json),
             "duration_ms": o.duration_ns as f64 / 1e6,
+            // The session's recorder waits on this, not the agent.
+            "linger": true,
         });
         let res = self
             .http

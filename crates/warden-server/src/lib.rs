@@ -20,6 +20,7 @@ pub mod health;
 pub mod ids;
 pub mod listener;
 pub mod mcp_http;
+pub mod open_calls;
 pub mod policy_files;
 pub mod setup;
 pub mod tls;
@@ -86,6 +87,8 @@ pub struct App {
     reload_lock: Mutex<()>,
     /// Floods of failures from unauthenticated callers, sampled (see [`flood`]).
     failures: flood::FailureSampler,
+    /// Permitted calls awaiting their outcome (see [`open_calls`]).
+    open_calls: open_calls::OpenCalls,
 }
 
 impl App {
@@ -153,7 +156,12 @@ impl App {
         );
         let pipeline = Arc::new(Pipeline::new(&settings, bundle, verifier, clock));
         let health = Arc::new(health::Health::default());
-        let audit = AuditWriter::start(store.clone(), settings.audit_max_batch, health.clone())?;
+        let audit = AuditWriter::start(
+            store.clone(),
+            settings.audit_max_batch,
+            Duration::from_nanos(settings.audit_linger_ns),
+            health.clone(),
+        )?;
         let failures = flood::FailureSampler::new(&settings.audit_limits);
         let app = Arc::new(App {
             upstream,
@@ -169,6 +177,7 @@ impl App {
                 .map_or_else(String::new, identity::operator_id),
             operator_token,
             reload_lock: Mutex::new(()),
+            open_calls: open_calls::OpenCalls::default(),
         });
         app.refresh_state()?;
         Ok(app)

@@ -19,6 +19,8 @@ use warden_core::config::Settings;
 use warden_core::control::{KillSwitch, KillTarget};
 use warden_core::identity::{new_claims, Agent, AgentStatus, SigningKeyPair};
 use warden_core::store::{Acting, ControlChange, StateSnapshot, Store, StoreError};
+use warden_server::api::OutcomeRecord;
+use warden_server::error::ApiError;
 use warden_server::{App, Running};
 use warden_store::SqliteStore;
 
@@ -1869,6 +1871,67 @@ async fn an_operator_action_whose_audit_entry_fails_does_not_happen() {
     conn.execute_batch("DROP TRIGGER no_audit;").unwrap();
     let (_, v) = node.check(Some(&t), get_claim()).await;
     assert_decision(&v, "permit", "PERMITTED");
+    node.stop().await;
+}
+
+/// A node knows the calls it permitted; an outcome for a call it did not decide (another
+/// node on the store, or before a restart) is checked against the store instead, with
+/// the same answers.
+#[tokio::test]
+async fn an_outcome_for_a_call_another_node_decided_is_checked_against_the_store() {
+    let node = Node::start().await;
+    let t = node.token("claims-processor-v3").await;
+    let (_, v) = node.check(Some(&t), get_claim()).await;
+    let call = v["call_id"].as_str().unwrap().to_owned();
+    let (_, v) = node
+        .check(
+            Some(&t),
+            json!({"tool": "run_sql", "params": {"query": "x"}}),
+        )
+        .await;
+    let denied = v["call_id"].as_str().unwrap().to_owned();
+
+    let s = settings(&node.path());
+    let store = Arc::new(SqliteStore::open(&s.store_path).unwrap());
+    let other = App::build_with_store(s, store, Arc::new(SystemClock)).unwrap();
+    let ok = || OutcomeRecord {
+        status: "ok",
+        output_hash: None,
+        cost: None,
+        duration_ns: Some(1_000),
+    };
+    let agent = "claims-processor-v3";
+    let foreign = other
+        .record_outcome("fraud-analyst", &call, ok(), false)
+        .await;
+    assert!(matches!(foreign, Err(ApiError::NotFound(_))), "{foreign:?}");
+    let on_denied = other.record_outcome(agent, &denied, ok(), false).await;
+    assert!(
+        matches!(on_denied, Err(ApiError::Conflict(_))),
+        "{on_denied:?}"
+    );
+    let first = other.record_outcome(agent, &call, ok(), true).await;
+    assert!(first.is_ok(), "{first:?}");
+    // And the node that decided it no longer takes one either.
+    let url = format!("{}/v1/calls/{call}/outcome", node.base);
+    let resp = node
+        .http
+        .post(&url)
+        .bearer_auth(&t)
+        .json(&json!({"status": "ok"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CONFLICT);
+
+    let records = node.app().store.call_records(&call).unwrap();
+    assert_eq!(records.len(), 2);
+    let (d, o) = (&records[0].entry, &records[1].entry);
+    assert_eq!(o.kind, EntryKind::Outcome);
+    assert_eq!(
+        (&o.trace_id, &o.span_id, &o.action, &o.input_hash),
+        (&d.trace_id, &d.span_id, &d.action, &d.input_hash)
+    );
     node.stop().await;
 }
 
