@@ -559,8 +559,8 @@ fn mcp_proxy(config: &Path, args: McpProxyArgs) -> Result<ExitCode> {
         let (Some(server_in), Some(server_out)) = (child.stdin.take(), child.stdout.take()) else {
             bail!("the MCP server's pipes are not available");
         };
-        let client_in = tokio::io::BufReader::new(tokio::io::stdin());
-        let client_out = tokio::io::stdout();
+        let (_pipes, client_in, client_out) = crate::client_pipes::ClientPipes::open();
+        let client_in = tokio::io::BufReader::new(client_in);
         let server_out = tokio::io::BufReader::new(server_out);
         let (exit, stats) = match (remote, settings) {
             (Some(gate), _) => {

@@ -6,6 +6,7 @@
 //! (250 ms by default). `main` prints the error chain and picks the exit code: 0 done,
 //! 1 a check failed (broken audit, failing policy test), 2 bad usage or config.
 
+mod client_pipes;
 mod commands;
 mod logging;
 mod server_env;

@@ -546,6 +546,106 @@ fn bad_frames_crashes_and_hangs_end_cleanly() {
     assert_eq!(outcome["decision"], "timeout");
 }
 
+/// The proxy reads and writes the client's pipes without blocking, and a pipe's
+/// `O_NONBLOCK` is shared with whoever else holds it: after the proxy, the next program
+/// on the same pipes (here, in a shell) finds them blocking as before. Files and socket
+/// pairs work too.
+#[test]
+fn stdin_and_stdout_work_as_pipes_or_files_and_are_left_as_found() {
+    let peers = peers_or_skip!();
+    let s = Setup::new();
+    let token = s.token();
+    // An MCP server that answers every request with an empty result.
+    let server = "require('readline').createInterface({input: process.stdin}).on('line', l => { const m = JSON.parse(l); if (m.id !== undefined) console.log(JSON.stringify({jsonrpc: '2.0', id: m.id, result: {}})); });";
+    let ping = "{\"jsonrpc\":\"2.0\",\"id\":7,\"method\":\"ping\"}\n";
+    let flags = "import fcntl, os; print('nonblocking', [bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK) for fd in (0, 1)], flush=True)";
+    let script = "\"$WARDEN\" --config \"$CONFIG\" mcp-proxy --embedded --name everything -- node -e \"$SERVER\" && \"$PY\" -c \"$FLAGS\"";
+    let mut sh = Command::new("sh")
+        .args(["-c", script])
+        .env("WARDEN", WARDEN)
+        .env("CONFIG", s.config())
+        .env("SERVER", server)
+        .env("PY", &peers.python)
+        .env("FLAGS", flags)
+        .env("WARDEN_TOKEN", &token)
+        .current_dir(s.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut stdin = sh.stdin.take().unwrap();
+    stdin.write_all(ping.as_bytes()).unwrap();
+    drop(stdin);
+    let out = wait_with_deadline(sh, Duration::from_secs(20));
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    let answer: Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(
+        (answer["id"].clone(), answer["result"].clone()),
+        (json!(7), json!({}))
+    );
+    assert_eq!(lines[1], "nonblocking [False, False]");
+
+    // Files: the same request read from one, the answer written to another.
+    std::fs::write(s.path().join("in.jsonl"), ping).unwrap();
+    let p = Command::new(WARDEN)
+        .arg("--config")
+        .arg(s.config())
+        .args(["mcp-proxy", "--embedded", "--name", "everything", "--"])
+        .args(["node", "-e", server])
+        .env("WARDEN_TOKEN", &token)
+        .current_dir(s.path())
+        .env("WARDEN_LOG", "debug")
+        .stdin(std::fs::File::open(s.path().join("in.jsonl")).unwrap())
+        .stdout(std::fs::File::create(s.path().join("out.jsonl")).unwrap())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = wait_with_deadline(p, Duration::from_secs(20));
+    assert!(out.status.success(), "{out:?}");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("stdin is neither a pipe nor a socket"),
+        "{log}"
+    );
+    let answer: Value =
+        serde_json::from_str(&std::fs::read_to_string(s.path().join("out.jsonl")).unwrap())
+            .unwrap();
+    assert_eq!(answer["id"], 7);
+
+    // A Unix socket pair, as Node's child_process gives its children for stdin and stdout.
+    let (mut ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let p = Command::new(WARDEN)
+        .arg("--config")
+        .arg(s.config())
+        .args(["mcp-proxy", "--embedded", "--name", "everything", "--"])
+        .args(["node", "-e", server])
+        .env("WARDEN_TOKEN", &token)
+        .current_dir(s.path())
+        .env("WARDEN_LOG", "debug")
+        .stdin(std::os::fd::OwnedFd::from(theirs.try_clone().unwrap()))
+        .stdout(std::os::fd::OwnedFd::from(theirs))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    ours.write_all(ping.as_bytes()).unwrap();
+    ours.shutdown(std::net::Shutdown::Write).unwrap();
+    let out = wait_with_deadline(p, Duration::from_secs(20));
+    assert!(out.status.success(), "{out:?}");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!log.contains("neither a pipe nor a socket"), "{log}");
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut ours, &mut text).unwrap();
+    let answer: Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(
+        (answer["id"].clone(), answer["result"].clone()),
+        (json!(7), json!({}))
+    );
+}
+
 #[test]
 fn remote_proxy_fails_closed_when_warden_is_unreachable() {
     let peers = peers_or_skip!();
