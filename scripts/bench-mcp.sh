@@ -9,6 +9,9 @@
 #
 # each with 1 session x CALLS sequential `tools/call`s and SESSIONS concurrent sessions x
 # CALLS/4, plus 1 session x CALLS `resources/read`s (governed as `bench/resources/read`).
+# Mode ts1 times the HTTP `tools/call` with the official TypeScript SDK's client instead
+# (tests/mcp/http_latency.mjs; needs `npm ci --prefix tests/mcp`), so the figures hold for
+# a real client too; it reports no CPU (the throughput includes its warm-up).
 # The added latency is a mode's figure minus the direct figure of the same transport in
 # the same round.
 #
@@ -25,7 +28,7 @@
 # script ends with `warden audit verify` on each store (a failed verification fails it).
 #
 # Environment: CARGO_TARGET_DIR (default target), CALLS (1000), SESSIONS (32), ROUNDS (3),
-# BEFORE (unset), MODES (all of: stdio1 stdio32 http1 http32 read), KEEP=1 keeps the setup,
+# BEFORE (unset), MODES (all of: stdio1 stdio32 http1 http32 read; also ts1), KEEP=1 keeps the setup,
 # TMPDIR (where the stores go: TMPDIR=/dev/shm takes the disk out, to split its share).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -237,8 +240,11 @@ warden_runs() {
   esac
   case $mode in
     http*|read) run "$round" "$mode" "http-$b" "${lat[@]}" --url "${URL[$b]}/mcp/bench" ;;
+    ts*) run "$round" "$mode" "http-$b" env "WARDEN_TOKEN=${TOKEN[$b]}" "${TS[@]}" --sessions "$sessions" \
+           --calls "$calls" --warmup "$WARMUP" --url "${URL[$b]}/mcp/bench" ;;
   esac
 }
+TS=(node "$PWD/tests/mcp/http_latency.mjs")
 
 for round in $(seq "$ROUNDS"); do
   echo "== round $round: $(busy_now) cores busy in the second before it (of $(nproc)); $(fsync_probe)"
@@ -256,6 +262,8 @@ for round in $(seq "$ROUNDS"); do
     esac
     case $mode in
       http*|read) run "$round" "$mode" direct-http "${lat[@]}" --url "http://$UPSTREAM/mcp" ;;
+      ts*) run "$round" "$mode" direct-http env -u WARDEN_TOKEN "${TS[@]}" --sessions "$sessions" \
+             --calls "$calls" --warmup "$WARMUP" --url "http://$UPSTREAM/mcp" ;;
     esac
     for b in "${order[@]}"; do
       warden_runs "$round" "$mode" "$b" "$sessions" "$calls" "${extra[@]}"
@@ -290,7 +298,7 @@ awk -F'\t' '
       key = f[2] SUBSEP f[3]
       a50[key] = a50[key] " " (f[4] - d50[f[1], f[2], base])
       a99[key] = a99[key] " " (f[5] - d99[f[1], f[2], base])
-      acpu[key] = acpu[key] " " (f[8] - dcpu[f[1], f[2], base])
+      if (f[8] != "-") acpu[key] = acpu[key] " " (f[8] - dcpu[f[1], f[2], base])
     }
     printf "| %-7s | %-16s | %8s | %8s | %9s | %9s | %10s | %9s | %6s |\n", "mode", "variant", "p50", "p99", "added p50", "added p99", "throughput", "added cpu", "failed"
     print "|---|---|---:|---:|---:|---:|---:|---:|---:|"
@@ -299,6 +307,7 @@ awk -F'\t' '
       ad50 = (order[i] in a50) ? sprintf("%.3f", median(a50[order[i]])) : "-"
       ad99 = (order[i] in a99) ? sprintf("%.3f", median(a99[order[i]])) : "-"
       adcpu = (order[i] in acpu) ? sprintf("%.0f us", median(acpu[order[i]])) : sprintf("(%.0f us)", median(cpu[order[i]]))
+      if (k[1] ~ /^ts/) adcpu = "-"
       printf "| %-7s | %-16s | %8.3f | %8.3f | %9s | %9s | %10.0f | %9s | %6d |\n", k[1], k[2], median(p50[order[i]]), median(p99[order[i]]), ad50, ad99, median(tp[order[i]]), adcpu, failed[order[i]]
     }
   }' "$RESULTS"
