@@ -98,6 +98,67 @@ pub fn parse_duration(s: &str) -> Result<Nanos, String> {
         .ok_or_else(|| format!("`{s}` must be greater than zero and less than 500 years"))
 }
 
+/// Which `Host` header values the MCP HTTP gateway answers, against DNS rebinding (a web
+/// page whose name was re-pointed at this node reaches it with its own name as `Host`).
+#[derive(Clone, Debug, PartialEq)]
+pub enum HostAllowList {
+    /// Not configured: the loopback names (`localhost`, `127.0.0.1`, `[::1]`, any port)
+    /// when the node listens on a loopback address, any host otherwise (it cannot know
+    /// the names it is reached by).
+    Default,
+    /// `["*"]`: any host.
+    Any,
+    /// These hosts, lower case; an entry without a port matches any port.
+    Only(Vec<String>),
+}
+
+impl HostAllowList {
+    fn parse(list: &[String]) -> Result<Self, String> {
+        if list.iter().any(|h| h == "*") {
+            return if list.len() == 1 {
+                Ok(HostAllowList::Any)
+            } else {
+                Err("`*` (any host) cannot be combined with other entries".into())
+            };
+        }
+        if list.is_empty() {
+            return Err("an empty list would refuse every request; list hosts, or `*`".into());
+        }
+        list.iter()
+            .map(|h| {
+                let h = h.trim().to_ascii_lowercase();
+                let ok = !h.is_empty()
+                    && h.bytes().all(|b| {
+                        b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']')
+                    });
+                if ok {
+                    Ok(h)
+                } else {
+                    Err(format!(
+                        "`{h}` is not a host name (`mcp.example.com`, `10.0.0.5:8480`, `[::1]`)"
+                    ))
+                }
+            })
+            .collect::<Result<_, _>>()
+            .map(HostAllowList::Only)
+    }
+}
+
+/// `scheme://host[:port]` in lower case, or why `o` is not an origin.
+fn parse_origin(o: &str) -> Result<String, String> {
+    let lower = o.trim().trim_end_matches('/').to_ascii_lowercase();
+    let rest = lower
+        .strip_prefix("https://")
+        .or_else(|| lower.strip_prefix("http://"))
+        .ok_or_else(|| format!("`{o}` is not an origin: write `https://host[:port]`"))?;
+    if rest.is_empty() || rest.contains(['/', '?', '#', '@']) {
+        return Err(format!(
+            "`{o}` is not an origin: write `https://host[:port]`, no path"
+        ));
+    }
+    Ok(lower)
+}
+
 // ---------------------------------------------------------------- raw (serde) types
 
 #[derive(Debug, Deserialize, Default)]
@@ -165,6 +226,8 @@ struct RawServer {
     max_connections_per_ip: Option<usize>,
     mcp_sessions_max: Option<usize>,
     mcp_session_idle: Option<String>,
+    allowed_hosts: Option<Vec<String>>,
+    allowed_origins: Option<Vec<String>>,
     tls: Option<RawTls>,
 }
 
@@ -505,6 +568,12 @@ pub struct Settings {
     pub mcp_servers: BTreeMap<String, McpServer>,
     /// MCP sessions the HTTP gateway tracks at most; past it new ones are refused.
     pub mcp_sessions_max: usize,
+    /// `Host` values the MCP HTTP gateway answers (`[server] allowed_hosts`; see
+    /// [`HostAllowList`]).
+    pub mcp_allowed_hosts: HostAllowList,
+    /// Browser origins the MCP HTTP gateway accepts besides its own hosts
+    /// (`[server] allowed_origins`), each `scheme://host[:port]`, lower case.
+    pub mcp_allowed_origins: Vec<String>,
     /// An MCP session unused this long is forgotten (its client initializes anew).
     pub mcp_session_idle_ns: Nanos,
 }
@@ -649,6 +718,17 @@ impl Settings {
             raw.server.mcp_session_idle.clone(),
             "30m",
         )?;
+        let mcp_allowed_hosts = match raw.server.allowed_hosts.clone() {
+            Some(list) => {
+                HostAllowList::parse(&list).map_err(|m| field("server.allowed_hosts", m))?
+            }
+            None => HostAllowList::Default,
+        };
+        let mut mcp_allowed_origins = Vec::new();
+        for o in raw.server.allowed_origins.clone().unwrap_or_default() {
+            mcp_allowed_origins
+                .push(parse_origin(&o).map_err(|m| field("server.allowed_origins", m))?);
+        }
         let mcp_sessions_max = raw.server.mcp_sessions_max.unwrap_or(10_000);
         if mcp_sessions_max == 0 {
             return Err(field(
@@ -975,6 +1055,8 @@ impl Settings {
             limits,
             mcp_servers,
             mcp_sessions_max,
+            mcp_allowed_hosts,
+            mcp_allowed_origins,
             mcp_session_idle_ns,
         })
     }
@@ -1065,6 +1147,40 @@ window = "1m"
                 .unwrap_err()
                 .to_string();
             assert!(e.contains("audit."), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn allowed_hosts_and_origins_are_checked() {
+        let s = Settings::from_toml(MINIMAL, "warden.toml", Path::new("."), &no_env).unwrap();
+        assert_eq!(s.mcp_allowed_hosts, HostAllowList::Default);
+        assert!(s.mcp_allowed_origins.is_empty());
+        let text = format!(
+            "[server]\nallowed_hosts = [\"MCP.example.com\", \"10.0.0.5:8480\"]\nallowed_origins = [\"https://Console.example.com/\"]\n{MINIMAL}"
+        );
+        let s = Settings::from_toml(&text, "warden.toml", Path::new("."), &no_env).unwrap();
+        assert_eq!(
+            s.mcp_allowed_hosts,
+            HostAllowList::Only(vec!["mcp.example.com".into(), "10.0.0.5:8480".into()])
+        );
+        assert_eq!(s.mcp_allowed_origins, vec!["https://console.example.com"]);
+        let text = format!("[server]\nallowed_hosts = [\"*\"]\n{MINIMAL}");
+        let s = Settings::from_toml(&text, "warden.toml", Path::new("."), &no_env).unwrap();
+        assert_eq!(s.mcp_allowed_hosts, HostAllowList::Any);
+        for bad in [
+            "allowed_hosts = []",
+            "allowed_hosts = [\"*\", \"a.example\"]",
+            "allowed_hosts = [\"https://a.example\"]",
+            "allowed_hosts = [\"a.example/x\"]",
+            "allowed_origins = [\"a.example\"]",
+            "allowed_origins = [\"https://a.example/path\"]",
+            "allowed_origins = [\"https://\"]",
+        ] {
+            let text = format!("[server]\n{bad}\n{MINIMAL}");
+            let e = Settings::from_toml(&text, "warden.toml", Path::new("."), &no_env)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("server.allowed_"), "{bad}: {e}");
         }
     }
 

@@ -22,6 +22,7 @@ pub mod listener;
 pub mod mcp_http;
 pub mod open_calls;
 pub mod policy_files;
+pub mod rebinding;
 pub mod setup;
 pub mod tls;
 pub mod upstream;

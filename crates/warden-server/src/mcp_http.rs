@@ -53,6 +53,7 @@ use crate::api::{bearer, Peer};
 use crate::error::close_connection;
 use crate::gate::EmbeddedGate;
 use crate::ids::random_hex;
+use crate::rebinding::RebindingGuard;
 use crate::upstream::{error_chain, ASSERTION_HEADER};
 use crate::App;
 use warden_core::trace::parse_traceparent;
@@ -90,6 +91,9 @@ pub enum GatewayError {
     SessionsFull,
     #[error("{0}")]
     BadBody(String),
+    /// `Host` or `Origin` not one the gateway answers (see [`crate::rebinding`]).
+    #[error("{0}")]
+    ForeignHost(String),
     /// A JSON-RPC error answering the message itself (unparsable, over the limit).
     #[error("{message}")]
     Rpc { message: String, body: Value },
@@ -111,7 +115,7 @@ impl GatewayError {
                 ..
             }
             | GatewayError::SessionsFull => StatusCode::SERVICE_UNAVAILABLE,
-            GatewayError::Refused { .. } => StatusCode::FORBIDDEN,
+            GatewayError::Refused { .. } | GatewayError::ForeignHost(_) => StatusCode::FORBIDDEN,
             GatewayError::BadBody(_) | GatewayError::Rpc { .. } => StatusCode::BAD_REQUEST,
             GatewayError::Upstream { .. } => StatusCode::BAD_GATEWAY,
         }
@@ -140,6 +144,9 @@ impl IntoResponse for GatewayError {
             }
             GatewayError::BadBody(_) => {
                 json!({ "error": "BAD_REQUEST", "message": self.to_string() })
+            }
+            GatewayError::ForeignHost(_) => {
+                json!({ "error": "FORBIDDEN", "message": self.to_string() })
             }
         };
         let mut resp = (status, Json(body)).into_response();
@@ -183,6 +190,7 @@ struct Gateway {
     /// A session unused this long is forgotten (`server.mcp_session_idle`).
     session_idle: Duration,
     sessions: Mutex<HashMap<(String, String), Bound>>,
+    rebinding: RebindingGuard,
 }
 
 impl Gateway {
@@ -214,6 +222,7 @@ impl Gateway {
         Self {
             max_sessions: app.settings.mcp_sessions_max,
             session_idle: Duration::from_nanos(app.settings.mcp_session_idle_ns),
+            rebinding: RebindingGuard::new(&app.settings),
             app,
             upstreams,
             sessions: Mutex::new(HashMap::new()),
@@ -320,6 +329,10 @@ async fn serve(
     body: Body,
     client: Client,
 ) -> Response {
+    // First, before the route or the credential: a rebound browser page learns nothing.
+    if let Err(why) = gw.rebinding.check(&headers) {
+        return GatewayError::ForeignHost(why).into_response();
+    }
     let Some(up) = gw.upstreams.get(&name) else {
         return GatewayError::UnknownServer(name).into_response();
     };

@@ -1553,6 +1553,105 @@ impl Store for HoldingStore {
 /// while the first waits at the gate is shown over stdio, where the wait is on the way
 /// to `warden serve` (`a_held_decision_holds_up_nothing_else_in_the_session`), and in the
 /// engine's own tests.
+/// DNS rebinding: a request whose `Host` is not one the node answers, or which comes
+/// from a foreign browser origin, is refused with 403 before its route or credential is
+/// looked at, and reaches neither the upstream nor the audit. By default a node on a
+/// loopback address answers the loopback names; `[server] allowed_hosts` names others.
+#[tokio::test]
+async fn a_rebound_host_or_a_foreign_origin_is_refused_before_anything_else() {
+    let (fake, url) = start_fake().await;
+    let node = Node::start(&url, "5s").await;
+    let token = node.token().await;
+    let before = node.audit().len();
+    let port = node.base.rsplit(':').next().unwrap().to_owned();
+    let post = |host: String, origin: Option<String>| {
+        let mut req = node
+            .http
+            .post(node.mcp_url())
+            .header("host", host)
+            .header("accept", ACCEPT)
+            .bearer_auth(&token)
+            .json(&initialize(1));
+        if let Some(o) = origin {
+            req = req.header("origin", o);
+        }
+        req.send()
+    };
+
+    for (host, origin) in [
+        ("evil.example.com".to_owned(), None),
+        (
+            format!("evil.example.com:{port}"),
+            Some("http://evil.example.com".to_owned()),
+        ),
+        (
+            format!("127.0.0.1:{port}"),
+            Some("http://evil.example.com".to_owned()),
+        ),
+        (format!("127.0.0.1:{port}"), Some("null".to_owned())),
+    ] {
+        let r = post(host.clone(), origin.clone()).await.unwrap();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN, "{host} {origin:?}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"], "FORBIDDEN", "{body}");
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap()
+                .contains("[server] allowed_"),
+            "{body}"
+        );
+    }
+    assert!(seen_calls(&fake).is_empty(), "nothing reached the server");
+    assert_eq!(node.audit().len(), before, "nor the audit");
+
+    // The node's own names, from a client or from a page the node itself serves.
+    for (host, origin) in [
+        (format!("127.0.0.1:{port}"), None),
+        (
+            format!("localhost:{port}"),
+            Some(format!("http://localhost:{port}")),
+        ),
+    ] {
+        let r = post(host.clone(), origin).await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{host}");
+    }
+
+    // Named hosts, on a node that is reached by a name.
+    let (_fake, url) = start_fake().await;
+    let named = Node::start_with(&url, "5s", |t| {
+        t.replace(
+            "[server]\n",
+            "[server]\nallowed_hosts = [\"mcp.example.com\"]\nallowed_origins = [\"https://console.example.com\"]\n",
+        )
+    })
+    .await;
+    let token = named.token().await;
+    let status = |host: &'static str, origin: Option<&'static str>| {
+        let mut req = named
+            .http
+            .post(named.mcp_url())
+            .header("host", host)
+            .header("accept", ACCEPT)
+            .bearer_auth(&token)
+            .json(&initialize(1));
+        if let Some(o) = origin {
+            req = req.header("origin", o);
+        }
+        async move { req.send().await.unwrap().status() }
+    };
+    assert_eq!(status("mcp.example.com", None).await, StatusCode::OK);
+    assert_eq!(
+        status("mcp.example.com", Some("https://console.example.com")).await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        status("mcp.example.com", Some("https://other.example.com")).await,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(status("127.0.0.1", None).await, StatusCode::FORBIDDEN);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_decision_holds_up_nothing_else_in_the_session() {
     let (fake, url) = start_fake().await;
