@@ -16,7 +16,6 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
 use serde_json::{json, Value};
 use warden_core::audit::{hash_json, Entry, EntryKind};
 use warden_core::clock::{Nanos, NANOS_PER_MILLI};
@@ -30,6 +29,7 @@ use crate::error::ApiError;
 use crate::flood::{Admit, Source, Suppressed};
 use crate::ids::{self, call_id, random_hex};
 use crate::open_calls::{Lookup, Permitted};
+use crate::wire::{CheckRequest, DecisionAnswer, OutcomeAnswer, OutcomeRequest, Standing, Stopped};
 use crate::{blocking, App};
 use warden_core::trace::parse_traceparent;
 
@@ -84,54 +84,18 @@ impl<S: Send + Sync> FromRequestParts<S> for Peer {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CheckBody {
-    tool: String,
-    #[serde(default = "empty_object")]
-    params: Value,
-    #[serde(default)]
-    context: WireContext,
-}
-
-fn empty_object() -> Value {
-    json!({})
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct WireContext {
-    classification: Option<String>,
-    cost_estimate: Option<f64>,
-    rationale: Option<String>,
-    trace_id: Option<String>,
-    /// Sent by a remote MCP gateway that could not judge an argument (a path that does
-    /// not resolve, arguments that do not fit the server's input schema): the call is
-    /// denied and recorded. An agent can only refuse itself.
-    refusal: Option<String>,
-    /// The rule of that refusal, one of a closed set; `warden.gateway.arguments` if
-    /// absent.
-    refusal_rule: Option<RefusalRule>,
-}
-
-fn decision_body(d: &Decided) -> Value {
-    let (call_id, trace_id, span_id) = (&d.call_id, &d.trace_id, &d.span_id);
-    let agent_id = (!d.agent_id.is_empty()).then_some(&d.agent_id);
-    let d = &d.decision;
-    let mut body = json!({
-        "agent_id": agent_id,
-        "decision": d.effect.as_str(),
-        "reason": d.reason.code(),
-        "rules": d.rules,
-        "call_id": call_id,
-        "message": d.message,
-        "trace_id": trace_id,
-        "span_id": span_id,
-    });
-    if let Some(ms) = d.retry_after_ms {
-        body["retry_after_ms"] = json!(ms);
+fn decision_answer(d: &Decided) -> DecisionAnswer {
+    DecisionAnswer {
+        agent_id: (!d.agent_id.is_empty()).then(|| d.agent_id.clone()),
+        decision: d.decision.effect.as_str().to_owned(),
+        reason: d.decision.reason.code().to_owned(),
+        rules: d.decision.rules.clone(),
+        call_id: d.call_id.clone(),
+        message: d.decision.message.clone(),
+        trace_id: d.trace_id.clone(),
+        span_id: d.span_id.clone(),
+        retry_after_ms: d.decision.retry_after_ms,
     }
-    body
 }
 
 fn decision_status(d: &Decision) -> StatusCode {
@@ -150,7 +114,7 @@ async fn check(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body: CheckBody = json_body(body, app.settings.max_body_bytes)?;
+    let body: CheckRequest = json_body(body, app.settings.max_body_bytes)?;
     let mut problems = Vec::new();
     if let Err(e) = check_name(&body.tool) {
         problems.push(e.to_string());
@@ -212,7 +176,7 @@ async fn check(
     }
     let d = app.decide_call(call).await;
     let status = decision_status(&d.decision);
-    Ok((status, Json(decision_body(&d))).into_response())
+    Ok((status, Json(decision_answer(&d))).into_response())
 }
 
 /// One call as a transport received it, before it is decided.
@@ -516,21 +480,6 @@ fn new_ids(trace_hint: Option<&str>, now_ns: Nanos) -> Result<CallIds, getrandom
     })
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct OutcomeBody {
-    status: String,
-    output_hash: Option<String>,
-    output: Option<Value>,
-    cost: Option<f64>,
-    duration_ms: Option<f64>,
-    /// The reporter does not wait on this answer to go on (a gateway's background
-    /// recorder): the entry may wait up to `[audit] linger` to share a commit with a
-    /// decision. Answered once durable either way.
-    #[serde(default)]
-    linger: bool,
-}
-
 async fn outcome(
     State(app): State<Arc<App>>,
     Path(call_id): Path<String>,
@@ -541,7 +490,7 @@ async fn outcome(
         .authenticate(bearer(&headers))
         .await
         .map_err(|d| ApiError::Unauthorized(format!("{}: {}", d.reason.code(), d.message)))?;
-    let body: OutcomeBody = json_body(body, app.settings.max_body_bytes)?;
+    let body: OutcomeRequest = json_body(body, app.settings.max_body_bytes)?;
     let Some(status) = OUTCOME_STATUSES.into_iter().find(|s| *s == body.status) else {
         return Err(ApiError::BadRequest(format!(
             "`status` is `{}`; use one of {}",
@@ -596,7 +545,11 @@ async fn outcome(
         .await?;
     Ok((
         StatusCode::OK,
-        Json(json!({ "recorded": true, "call_id": call_id, "seq": seq })),
+        Json(OutcomeAnswer {
+            recorded: true,
+            call_id,
+            seq,
+        }),
     )
         .into_response())
 }
@@ -608,11 +561,23 @@ async fn agent_standing(State(app): State<Arc<App>>, headers: HeaderMap) -> Resp
         Ok(s) => {
             let mut tools: Vec<String> = app.pipeline.visible_tools(&s).into_iter().collect();
             tools.sort();
-            Json(json!({ "agent_id": s.agent.id, "stopped": null, "tools": tools })).into_response()
+            Json(Standing {
+                agent_id: Some(s.agent.id.clone()),
+                stopped: None,
+                tools: Some(tools),
+            })
+            .into_response()
         }
         Err(d) => {
             let status = decision_status(&d);
-            let body = json!({ "stopped": { "reason": d.reason.code(), "message": d.message } });
+            let body = Standing {
+                agent_id: None,
+                stopped: Some(Stopped {
+                    reason: d.reason.code().to_owned(),
+                    message: d.message,
+                }),
+                tools: None,
+            };
             (status, Json(body)).into_response()
         }
     }

@@ -7,7 +7,6 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::{json, Value};
 use warden_core::audit::hash_json;
 use warden_core::config::UpstreamTls;
 use warden_core::pipeline::CallContext;
@@ -16,6 +15,9 @@ use warden_mcp::gate::{Gate, Outcome, ToolCall, Verdict};
 use crate::api::OutcomeRecord;
 use crate::tls::TlsError;
 use crate::upstream::{self, error_chain};
+use crate::wire::{
+    CheckContext, CheckRequest, DecisionAnswer, ErrorAnswer, OutcomeRequest, Standing,
+};
 use crate::App;
 
 /// The pipeline of this process.
@@ -114,7 +116,8 @@ impl RemoteGate {
         })
     }
 
-    async fn standing(&self) -> Result<Value, String> {
+    /// The agent's standing: the tools it could ever be permitted, or why it is stopped.
+    async fn standing(&self) -> Result<Vec<String>, String> {
         let resp = self
             .http
             .get(format!("{}/v1/agent", self.base))
@@ -128,25 +131,22 @@ impl RemoteGate {
                     error_chain(&e)
                 )
             })?;
-        let ok = resp.status().is_success();
-        let body: Value = resp.json().await.map_err(|e| {
+        let body: Standing = resp.json().await.map_err(|e| {
             format!(
                 "INTERNAL: unreadable answer from Warden: {}",
                 error_chain(&e)
             )
         })?;
-        if ok {
-            Ok(body)
-        } else {
-            Err(format!(
-                "{}: {}",
-                body.pointer("/stopped/reason")
-                    .and_then(Value::as_str)
-                    .unwrap_or("INTERNAL"),
-                body.pointer("/stopped/message")
-                    .and_then(Value::as_str)
-                    .unwrap_or("refused")
-            ))
+        match body {
+            Standing {
+                stopped: Some(s), ..
+            } => Err(format!("{}: {}", s.reason, s.message)),
+            Standing {
+                tools: Some(tools), ..
+            } => Ok(tools),
+            Standing { .. } => {
+                Err("INTERNAL: Warden's answer names neither tools nor a stop".into())
+            }
         }
     }
 }
@@ -166,18 +166,18 @@ fn deny_internal(message: String) -> Verdict {
 
 impl Gate for RemoteGate {
     async fn check(&self, call: ToolCall) -> Verdict {
-        let mut context = json!({});
-        if let Some(r) = call.rationale {
-            context["rationale"] = json!(r);
-        }
-        if let Some(t) = call.trace_id {
-            context["trace_id"] = json!(t);
-        }
-        if let Some(r) = call.refusal {
-            context["refusal"] = json!(r.message);
-            context["refusal_rule"] = json!(r.rule);
-        }
-        let body = json!({ "tool": call.action, "params": call.arguments, "context": context });
+        let refusal_rule = call.refusal.as_ref().map(|r| r.rule);
+        let body = CheckRequest {
+            tool: call.action,
+            params: call.arguments,
+            context: CheckContext {
+                rationale: call.rationale,
+                trace_id: call.trace_id,
+                refusal: call.refusal.map(|r| r.message),
+                refusal_rule,
+                ..CheckContext::default()
+            },
+        };
         let resp = match self
             .http
             .post(format!("{}/v1/check", self.base))
@@ -196,8 +196,8 @@ impl Gate for RemoteGate {
             }
         };
         let status = resp.status();
-        let v: Value = match resp.json().await {
-            Ok(v) => v,
+        let bytes = match resp.bytes().await {
+            Ok(b) => b,
             Err(e) => {
                 return deny_internal(format!(
                     "unreadable answer from Warden ({status}): {}",
@@ -205,49 +205,42 @@ impl Gate for RemoteGate {
                 ))
             }
         };
-        let s = |k: &str| {
-            v.get(k)
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_owned()
-        };
-        if v.get("decision").is_none() {
-            // 400/413: Warden refused the request itself (e.g. arguments over the size limit).
-            return deny_internal(format!(
-                "Warden refused the check ({status}): {}",
-                s("message")
-            ));
-        }
-        Verdict {
-            permit: s("decision") == "permit",
-            reason: s("reason"),
-            rules: v
-                .get("rules")
-                .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .filter_map(Value::as_str)
-                        .map(str::to_owned)
-                        .collect()
+        let d: DecisionAnswer = match serde_json::from_slice(&bytes) {
+            Ok(d) => d,
+            // 400/413: Warden refused the request itself (e.g. arguments over the size
+            // limit).
+            Err(e) => {
+                return deny_internal(match serde_json::from_slice::<ErrorAnswer>(&bytes) {
+                    Ok(refused) => {
+                        format!("Warden refused the check ({status}): {}", refused.message)
+                    }
+                    Err(_) => format!("unreadable answer from Warden ({status}): {e}"),
                 })
-                .unwrap_or_default(),
-            message: s("message"),
-            call_id: s("call_id"),
-            trace_id: s("trace_id"),
-            span_id: s("span_id"),
-            agent_id: s("agent_id"),
+            }
+        };
+        Verdict {
+            permit: d.decision == "permit",
+            reason: d.reason,
+            rules: d.rules,
+            message: d.message,
+            call_id: d.call_id,
+            trace_id: d.trace_id,
+            span_id: d.span_id,
+            agent_id: d.agent_id.unwrap_or_default(),
         }
     }
 
     async fn outcome(&self, o: Outcome) {
         // Hash here: a large tool result should not travel to Warden just to be hashed.
-        let body = json!({
-            "status": o.status,
-            "output_hash": o.output.as_ref().map(hash_json),
-            "duration_ms": o.duration_ns as f64 / 1e6,
+        let body = OutcomeRequest {
+            status: o.status.to_owned(),
+            output_hash: o.output.as_ref().map(hash_json),
+            output: None,
+            cost: None,
+            duration_ms: Some(o.duration_ns as f64 / 1e6),
             // The session's recorder waits on this, not the agent.
-            "linger": true,
-        });
+            linger: true,
+        };
         let res = self
             .http
             .post(format!("{}/v1/calls/{}/outcome", self.base, o.call_id))
@@ -271,14 +264,6 @@ impl Gate for RemoteGate {
     }
 
     async fn visible_actions(&self) -> Option<HashSet<String>> {
-        let v = self.standing().await.ok()?;
-        Some(
-            v.get("tools")?
-                .as_array()?
-                .iter()
-                .filter_map(Value::as_str)
-                .map(str::to_owned)
-                .collect(),
-        )
+        Some(self.standing().await.ok()?.into_iter().collect())
     }
 }

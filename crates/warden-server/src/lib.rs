@@ -26,6 +26,7 @@ pub mod rebinding;
 pub mod setup;
 pub mod tls;
 pub mod upstream;
+pub mod wire;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -2143,3 +2143,76 @@ async fn arguments_are_typed_by_the_catalogs_input_schema_before_policy() {
         .all(|e| e.agent_id == "claims-processor-v3" && e.reason == "CONSTRAINT_VIOLATION"));
     assert_eq!(denied[0].action, "send_money");
 }
+
+/// `mcp-proxy --server`'s gate speaks the agent plane with the node's own message types:
+/// a permit with its ids, a refused credential, a check the node refuses to read (over
+/// the body limit: denied INTERNAL with the node's reason), the outcome recorded, the
+/// agent's tools, and a kill seen as a stop.
+#[tokio::test]
+async fn the_remote_gate_reads_every_answer_of_a_real_node() {
+    use warden_mcp::gate::{Gate, Outcome, ToolCall};
+    let node = Node::start().await;
+    let t = node.token("claims-processor-v3").await;
+    let tls = warden_core::config::UpstreamTls::default();
+    let gate = warden_server::gate::RemoteGate::new(&node.base, t.clone(), &tls).unwrap();
+    let call = |arguments: Value| ToolCall {
+        action: "get_claim".into(),
+        arguments,
+        rationale: Some("customer asked".into()),
+        trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
+        refusal: None,
+    };
+
+    let v = gate.check(call(json!({"claim_id": "CLM-1001"}))).await;
+    assert!(v.permit, "{v:?}");
+    assert_eq!(v.reason, "PERMITTED");
+    assert_eq!(v.agent_id, "claims-processor-v3");
+    assert_eq!(v.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(v.call_id.len(), 32);
+
+    gate.outcome(Outcome {
+        call_id: v.call_id.clone(),
+        agent_id: v.agent_id.clone(),
+        status: "ok",
+        output: Some(json!({"amount": 10})),
+        duration_ns: 2_000_000,
+    })
+    .await;
+    let records = node.app().store.call_records(&v.call_id).unwrap();
+    assert_eq!(records.len(), 2, "{records:?}");
+    assert_eq!(records[1].entry.decision, "ok");
+    assert_eq!(
+        records[1].entry.output_hash.as_deref().map(str::len),
+        Some(64)
+    );
+
+    let huge = "x".repeat(node.app().settings.max_body_bytes + 1);
+    let v = gate.check(call(json!({"claim_id": huge}))).await;
+    assert!(!v.permit);
+    assert_eq!(v.reason, "INTERNAL");
+    assert!(v.message.contains("Warden refused the check (413"), "{v:?}");
+
+    let forged = warden_server::gate::RemoteGate::new(&node.base, format!("{t}x"), &tls).unwrap();
+    let v = forged.check(call(json!({"claim_id": "CLM-1001"}))).await;
+    assert!(!v.permit);
+    assert!(v.reason.starts_with("CREDENTIAL_"), "{v:?}");
+    assert!(forged.visible_actions().await.is_none());
+
+    assert!(gate.stopped().await.is_none());
+    let tools = gate.visible_actions().await.unwrap();
+    assert!(tools.contains("get_claim"), "{tools:?}");
+    let (st, _) = node
+        .admin(
+            reqwest::Method::POST,
+            "/admin/v1/kills",
+            Some(json!({"target": "agent:claims-processor-v3", "reason": "incident 7"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let stop = gate.stopped().await.unwrap();
+    assert!(
+        stop.starts_with("KILLED: ") && stop.contains("incident 7"),
+        "{stop}"
+    );
+    node.stop().await;
+}
