@@ -83,6 +83,7 @@ fn setup(with_schema: bool) -> (Pipeline, String) {
         issued_at_ns: claims.iat * NANOS_PER_SEC,
         expires_at_ns: claims.exp * NANOS_PER_SEC,
         revoked_at_ns: None,
+        replaced_by: None,
     };
     pipeline.apply_snapshot(
         StateSnapshot {

@@ -72,6 +72,26 @@ impl fmt::Display for Classification {
 }
 
 /// Parses `500ms`, `30s`, `5m`, `2h`, `90d`.
+/// The rotation overlap when neither the config nor the operator names one.
+pub const DEFAULT_ROTATION_OVERLAP: &str = "1h";
+
+/// A credential rotation's overlap: a duration as [`parse_duration`] reads it, or zero
+/// (`0s`, `0`), which ends the old credential the moment the new one is issued.
+pub fn parse_overlap(s: &str) -> Result<Nanos, String> {
+    let t = s.trim();
+    if !t.is_empty()
+        && t.trim_end_matches(|c: char| c.is_ascii_alphabetic())
+            .bytes()
+            .all(|b| b == b'0')
+    {
+        let unit = t.trim_start_matches('0');
+        if matches!(unit, "" | "ms" | "s" | "m" | "h" | "d") {
+            return Ok(0);
+        }
+    }
+    parse_duration(s)
+}
+
 pub fn parse_duration(s: &str) -> Result<Nanos, String> {
     let s = s.trim();
     let split = s
@@ -253,6 +273,7 @@ struct RawIdentity {
     issuer: Option<String>,
     key_file: Option<String>,
     token_cache_entries: Option<usize>,
+    rotation_overlap: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -549,6 +570,9 @@ pub struct Settings {
     pub issuer: String,
     pub key_file: PathBuf,
     pub token_cache_entries: usize,
+    /// How long a rotated-out credential keeps working beside its replacement
+    /// (`[identity] rotation_overlap`, 1h by default; `0s` ends it at once).
+    pub rotation_overlap_ns: Nanos,
     pub schema_file: PathBuf,
     pub policies_path: PathBuf,
     pub policy_watch: bool,
@@ -713,6 +737,13 @@ impl Settings {
         }
         let control_refresh_ns = dur("control.refresh", raw.control.refresh, "250ms")?;
         let control_stale_after_ns = dur("control.stale_after", raw.control.stale_after, "2s")?;
+        let rotation_overlap_ns = parse_overlap(
+            raw.identity
+                .rotation_overlap
+                .as_deref()
+                .unwrap_or(DEFAULT_ROTATION_OVERLAP),
+        )
+        .map_err(|m| field("identity.rotation_overlap", m))?;
         let mcp_session_idle_ns = dur(
             "server.mcp_session_idle",
             raw.server.mcp_session_idle.clone(),
@@ -1041,6 +1072,7 @@ impl Settings {
             issuer,
             key_file: path(raw.identity.key_file.as_deref().unwrap_or("warden.key")),
             token_cache_entries: raw.identity.token_cache_entries.unwrap_or(100_000).max(16),
+            rotation_overlap_ns,
             schema_file: path(&schema_file),
             policies_path: path(&policies_path),
             policy_watch: raw.policy.watch.unwrap_or(true),
@@ -1447,6 +1479,12 @@ window = "1m"
 
     #[test]
     fn durations() {
+        assert_eq!(parse_overlap("0s"), Ok(0));
+        assert_eq!(parse_overlap("0"), Ok(0));
+        assert_eq!(parse_overlap("15m"), Ok(15 * 60 * NANOS_PER_SEC));
+        assert!(parse_overlap("").is_err());
+        assert!(parse_overlap("0y").is_err());
+        assert!(parse_overlap("-1s").is_err());
         assert_eq!(parse_duration("250ms").unwrap(), 250 * NANOS_PER_MILLI);
         assert_eq!(parse_duration("90d").unwrap(), 90 * 86_400 * NANOS_PER_SEC);
         assert!(parse_duration("0s").is_err());

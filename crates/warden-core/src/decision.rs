@@ -46,6 +46,10 @@ pub enum Reason {
     CredentialRevoked,
     /// The credential names an agent this server does not know.
     UnknownAgent,
+    /// An operator suspended the agent; its credentials are refused until it is resumed.
+    AgentSuspended,
+    /// An operator retired the agent for good; nothing it holds is accepted again.
+    AgentRetired,
     /// The request was well-formed JSON but not a valid call (an unknown data class, a
     /// negative cost, an unusable tool name). Answered 400, and audited like any deny.
     InvalidRequest,
@@ -55,7 +59,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 14] = [
+    pub const ALL: [Reason; 16] = [
         Reason::Permitted,
         Reason::ToolNotPermitted,
         Reason::ConstraintViolation,
@@ -68,6 +72,8 @@ impl Reason {
         Reason::CredentialExpired,
         Reason::CredentialRevoked,
         Reason::UnknownAgent,
+        Reason::AgentSuspended,
+        Reason::AgentRetired,
         Reason::InvalidRequest,
         Reason::Internal,
     ];
@@ -86,6 +92,8 @@ impl Reason {
             Reason::CredentialExpired => "CREDENTIAL_EXPIRED",
             Reason::CredentialRevoked => "CREDENTIAL_REVOKED",
             Reason::UnknownAgent => "UNKNOWN_AGENT",
+            Reason::AgentSuspended => "AGENT_SUSPENDED",
+            Reason::AgentRetired => "AGENT_RETIRED",
             Reason::InvalidRequest => "INVALID_REQUEST",
             Reason::Internal => "INTERNAL",
         }

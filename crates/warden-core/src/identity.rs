@@ -43,22 +43,49 @@ const LEEWAY_SECS: u64 = 60;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AgentStatus {
     Active,
+    /// Stopped by an operator for now: its credentials stay recorded but are refused
+    /// (`AGENT_SUSPENDED`) until it is resumed, and it is issued no new ones.
+    Suspended,
     /// Every credential of the agent is revoked; it cannot be issued new ones.
     Revoked,
+    /// Taken out of service for good (`AGENT_RETIRED`): no status change leads back.
+    Retired,
 }
 
 impl AgentStatus {
     pub fn as_str(self) -> &'static str {
         match self {
             AgentStatus::Active => "active",
+            AgentStatus::Suspended => "suspended",
             AgentStatus::Revoked => "revoked",
+            AgentStatus::Retired => "retired",
         }
     }
     pub fn parse(s: &str) -> Option<AgentStatus> {
         match s {
             "active" => Some(AgentStatus::Active),
+            "suspended" => Some(AgentStatus::Suspended),
             "revoked" => Some(AgentStatus::Revoked),
+            "retired" => Some(AgentStatus::Retired),
             _ => None,
+        }
+    }
+
+    /// Whether an operator may move an agent from `self` to `to`; the store checks it
+    /// inside the transaction that changes the status, so two operators cannot race past
+    /// it. Only a suspension is undone: a revoked agent's tokens stay void (un-revoking
+    /// would bring back every credential it ever held), and retirement is final.
+    /// `Err` says why not, for the operator.
+    pub fn may_become(self, to: AgentStatus) -> Result<(), String> {
+        use AgentStatus::*;
+        match (self, to) {
+            (Active, Suspended | Revoked | Retired)
+            | (Suspended, Active | Revoked | Retired)
+            | (Revoked, Revoked | Retired) => Ok(()),
+            (Retired, _) => Err("it is retired, and retirement is final; register a new agent instead".into()),
+            (Revoked, _) => Err("it is revoked, which is final for its credentials; retire it, or register a new agent".into()),
+            (Active, Active) => Err("it is active, not suspended; nothing to resume".into()),
+            (Suspended, Suspended) => Err("it is already suspended; `warden agent resume` undoes that".into()),
         }
     }
 }
@@ -474,6 +501,34 @@ pub fn issue_credential(
     jti: String,
     by: &Acting,
 ) -> Result<(String, crate::store::Credential), crate::store::StoreError> {
+    issue_with(store, key, issuer, agent, jti, by, None)
+}
+
+/// Rotates an agent's credential: issues a new one and rotates out every other credential
+/// the agent holds, which keep working for `overlap_ns` more (so the agent can switch
+/// without a failed call) and are then refused `CREDENTIAL_EXPIRED`. One store
+/// transaction with its audit entry; returns the new token.
+pub fn rotate_credential(
+    store: &dyn crate::store::Store,
+    key: &SigningKeyPair,
+    issuer: &str,
+    agent: &Agent,
+    jti: String,
+    overlap_ns: Nanos,
+    by: &Acting,
+) -> Result<(String, crate::store::Credential), crate::store::StoreError> {
+    issue_with(store, key, issuer, agent, jti, by, Some(overlap_ns))
+}
+
+fn issue_with(
+    store: &dyn crate::store::Store,
+    key: &SigningKeyPair,
+    issuer: &str,
+    agent: &Agent,
+    jti: String,
+    by: &Acting,
+    overlap_ns: Option<Nanos>,
+) -> Result<(String, crate::store::Credential), crate::store::StoreError> {
     // The store checks again inside its transaction; this early answer saves a signature
     // and names the status.
     if agent.status != AgentStatus::Active {
@@ -490,13 +545,59 @@ pub fn issue_credential(
         issued_at_ns: claims.iat * NANOS_PER_SEC,
         expires_at_ns: claims.exp.saturating_mul(NANOS_PER_SEC),
         revoked_at_ns: None,
+        replaced_by: None,
     };
-    let entry = by.entry(
-        "credential-issue",
-        format!("credential `{}` of agent `{}`", cred.jti, agent.id),
-    );
-    store.apply_control(&ControlChange::IssueCredential(cred.clone()), entry)?;
+    let (change, entry) = match overlap_ns {
+        None => (
+            ControlChange::IssueCredential(cred.clone()),
+            by.entry(
+                "credential-issue",
+                format!("credential `{}` of agent `{}`", cred.jti, agent.id),
+            ),
+        ),
+        Some(overlap) => (
+            ControlChange::RotateCredential {
+                new: cred.clone(),
+                overlap_until: by.at.saturating_add(overlap),
+            },
+            by.entry(
+                "credential-rotate",
+                format!(
+                    "credential `{}` of agent `{}`; its other credentials end in {}s",
+                    cred.jti,
+                    agent.id,
+                    overlap / NANOS_PER_SEC
+                ),
+            ),
+        ),
+    };
+    store.apply_control(&change, entry)?;
     Ok((key.sign(&claims), cred))
+}
+
+/// Suspends, resumes or retires an agent (`to`: suspended, active, retired), with the
+/// audit entry of `by`. Takes effect on the node's next call once its control view has
+/// the change. The store refuses a change [`AgentStatus::may_become`] does not allow.
+pub fn set_agent_status(
+    store: &dyn crate::store::Store,
+    agent_id: &str,
+    to: AgentStatus,
+    by: &Acting,
+) -> Result<(), crate::store::StoreError> {
+    let action = match to {
+        AgentStatus::Active => "agent-resume",
+        AgentStatus::Suspended => "agent-suspend",
+        AgentStatus::Retired => "agent-retire",
+        AgentStatus::Revoked => "revoke",
+    };
+    let change = ControlChange::SetAgentStatus {
+        agent_id: agent_id.to_owned(),
+        status: to,
+        at: by.at,
+    };
+    store
+        .apply_control(&change, by.entry(action, format!("agent `{agent_id}`")))
+        .map(|_| ())
 }
 
 /// Registers a new agent, with the audit entry of `by`; one already registered is refused
@@ -555,7 +656,7 @@ pub fn check_issued(
 ) -> Result<(), CredentialError> {
     let id = &agent.id;
     // Only failures pay for the message: this runs on every call.
-    let reissue = || format!("issue a new one with `warden agent token {id}`");
+    let reissue = || format!("issue a new one with `warden agent rotate {id}`");
     let Some(c) = issued else {
         return Err(CredentialError::new(
             Reason::CredentialInvalid,
@@ -579,15 +680,26 @@ pub fn check_issued(
             ),
         ));
     }
-    if c.revoked_at_ns.is_some() {
-        return Err(CredentialError::new(
-            Reason::CredentialRevoked,
-            format!(
-                "credential `{}` of agent `{id}` was revoked; {}",
-                claims.jti,
-                reissue()
+    if c.revoked_at(now) {
+        let ended = now.saturating_sub(c.revoked_at_ns.unwrap_or(now)) / NANOS_PER_SEC;
+        return Err(match &c.replaced_by {
+            // Rotated out: its time ran out on schedule, as an expiry does.
+            Some(new) => CredentialError::new(
+                Reason::CredentialExpired,
+                format!(
+                    "credential `{}` of agent `{id}` was rotated out (replaced by `{new}`) and its overlap ended {ended}s ago; give the agent its new credential, or issue one with `warden agent rotate {id}`",
+                    claims.jti
+                ),
             ),
-        ));
+            None => CredentialError::new(
+                Reason::CredentialRevoked,
+                format!(
+                    "credential `{}` of agent `{id}` was revoked; {}",
+                    claims.jti,
+                    reissue()
+                ),
+            ),
+        });
     }
     let rotation = agent.rotation_ns / NANOS_PER_SEC;
     let lifetime = claims.exp.saturating_sub(claims.iat);
@@ -611,7 +723,7 @@ fn check_window(claims: &Claims, now: Nanos) -> Result<(), CredentialError> {
         return Err(CredentialError::new(
             Reason::CredentialExpired,
             format!(
-                "credential of agent `{}` expired {}s ago; issue a new one with `warden agent token {}`",
+                "credential of agent `{}` expired {}s ago (its rotation period ran out); issue a new one with `warden agent rotate {}`",
                 claims.sub,
                 now_s - claims.exp,
                 claims.sub

@@ -545,14 +545,35 @@ impl Pipeline {
                 format!("agent `{}` is not registered on this server", claims.sub),
             );
         };
-        if agent.status == AgentStatus::Revoked {
-            return fail(
-                Reason::CredentialRevoked,
-                format!(
-                    "agent `{}` is revoked; all its credentials are void",
-                    agent.id
-                ),
-            );
+        match agent.status {
+            AgentStatus::Active => {}
+            AgentStatus::Revoked => {
+                return fail(
+                    Reason::CredentialRevoked,
+                    format!(
+                        "agent `{}` is revoked; all its credentials are void (register a new agent to replace it)",
+                        agent.id
+                    ),
+                );
+            }
+            AgentStatus::Suspended => {
+                return fail(
+                    Reason::AgentSuspended,
+                    format!(
+                        "agent `{0}` is suspended by an operator; its calls are refused until `warden agent resume {0}`",
+                        agent.id
+                    ),
+                );
+            }
+            AgentStatus::Retired => {
+                return fail(
+                    Reason::AgentRetired,
+                    format!(
+                        "agent `{}` is retired and accepts no calls again; register a new agent to replace it",
+                        agent.id
+                    ),
+                );
+            }
         }
         let issued = state.credentials.get(&claims.jti);
         if let Err(e) = check_issued(&claims, issued, agent, now) {
@@ -842,6 +863,7 @@ action pay appliesTo { principal: Agent, resource: Tool, context: { params: { am
                     issued_at_ns: claims.iat * NANOS_PER_SEC,
                     expires_at_ns: claims.exp * NANOS_PER_SEC,
                     revoked_at_ns: None,
+                    replaced_by: None,
                 },
             );
             let state = self.pipeline.state().unwrap();
@@ -1132,6 +1154,69 @@ action pay appliesTo { principal: Agent, resource: Tool, context: { params: { am
     }
 
     #[test]
+    fn suspended_retired_and_revoked_agents_are_refused_each_with_its_own_reason() {
+        let f = fixture();
+        let t = f.token("a");
+        assert!(f.check(&t, "read", "1").is_permit());
+        let with_status = |status: AgentStatus| {
+            let mut agents = f.settings.agents.clone();
+            agents
+                .iter_mut()
+                .filter(|a| a.id == "a")
+                .for_each(|a| a.status = status);
+            f.install(StateSnapshot {
+                agents,
+                ..Default::default()
+            });
+            f.check(&t, "read", "1")
+        };
+        let d = with_status(AgentStatus::Suspended);
+        assert_eq!(d.reason, Reason::AgentSuspended, "{d:?}");
+        assert!(d.message.contains("warden agent resume a"), "{d:?}");
+        assert!(with_status(AgentStatus::Active).is_permit());
+        let d = with_status(AgentStatus::Retired);
+        assert_eq!(d.reason, Reason::AgentRetired, "{d:?}");
+        assert!(d.message.contains("register a new agent"), "{d:?}");
+        let d = with_status(AgentStatus::Revoked);
+        assert_eq!(d.reason, Reason::CredentialRevoked, "{d:?}");
+    }
+
+    #[test]
+    fn a_rotated_out_credential_works_through_the_overlap_and_not_a_nanosecond_longer() {
+        let f = fixture();
+        let old = f.token("a");
+        let until = f.clock.now_ns() + 600 * NANOS_PER_SEC;
+        {
+            let mut issued = f.issued.lock().unwrap();
+            let c = issued.get_mut("jti-a").unwrap();
+            c.revoked_at_ns = Some(until);
+            c.replaced_by = Some("jti-new".into());
+        }
+        f.snapshot(vec![], &[]);
+        f.clock.set(until - 1);
+        f.confirm();
+        assert!(f.check(&old, "read", "1").is_permit());
+        f.clock.set(until);
+        f.confirm();
+        let d = f.check(&old, "read", "1");
+        assert_eq!(d.reason, Reason::CredentialExpired, "{d:?}");
+        assert!(d.message.contains("rotated out"), "{d:?}");
+        assert!(d.message.contains("jti-new"), "{d:?}");
+        assert!(d.message.contains("warden agent rotate a"), "{d:?}");
+        // an operator's revocation (no replacement) is a revocation, not an expiry
+        f.issued
+            .lock()
+            .unwrap()
+            .get_mut("jti-a")
+            .unwrap()
+            .replaced_by = None;
+        f.snapshot(vec![], &[]);
+        let d = f.check(&old, "read", "1");
+        assert_eq!(d.reason, Reason::CredentialRevoked, "{d:?}");
+        assert!(d.message.contains("warden agent rotate a"), "{d:?}");
+    }
+
+    #[test]
     fn a_validly_signed_token_the_store_never_issued_is_refused() {
         let f = fixture();
         let a = &f.settings.agents[0];
@@ -1147,7 +1232,7 @@ action pay appliesTo { principal: Agent, resource: Tool, context: { params: { am
             ),
             "{d:?}"
         );
-        assert!(d.message.contains("warden agent token a"), "{d:?}");
+        assert!(d.message.contains("warden agent rotate a"), "{d:?}");
         assert!(Pipeline::needs_newer_view(&d));
 
         // an issued jti with a longer expiry than the store recorded is not that credential

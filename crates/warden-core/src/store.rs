@@ -39,7 +39,20 @@ pub struct Credential {
     pub agent_id: String,
     pub issued_at_ns: Nanos,
     pub expires_at_ns: Nanos,
+    /// From this time on the credential is refused. Set to the moment of an operator's
+    /// revocation, or, by a rotation, to the end of the overlap: until then it still
+    /// works, beside its replacement.
     pub revoked_at_ns: Option<Nanos>,
+    /// The credential a rotation issued in its place (its `jti`), if it was rotated out
+    /// rather than revoked.
+    pub replaced_by: Option<String>,
+}
+
+impl Credential {
+    /// Whether the credential is refused at `now` because it was revoked or rotated out.
+    pub fn revoked_at(&self, now: Nanos) -> bool {
+        self.revoked_at_ns.is_some_and(|r| r <= now)
+    }
 }
 
 /// Everything the per-call checks read from memory: agents, issued credentials and kill
@@ -72,7 +85,16 @@ pub enum ControlChange {
         jti: String,
         at: Nanos,
     },
-    /// Sets an agent's status; `NotFound` if there is no such agent.
+    /// Issues `new` and rotates out every other credential of its agent that is still
+    /// valid at `new.issued_at_ns`: each keeps working until `overlap_until` (or its own
+    /// earlier expiry or revocation), then is refused. `Conflict` as for
+    /// `IssueCredential`. One transaction, so there is no moment with neither credential.
+    RotateCredential {
+        new: Credential,
+        overlap_until: Nanos,
+    },
+    /// Sets an agent's status; `NotFound` if there is no such agent, `Conflict` if the
+    /// change is not one [`AgentStatus::may_become`] allows from the status it has.
     SetAgentStatus {
         agent_id: String,
         status: AgentStatus,

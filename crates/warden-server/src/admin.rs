@@ -17,14 +17,14 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use warden_core::audit::{verify_store, Record};
 use warden_core::clock::NANOS_PER_SEC;
-use warden_core::config::parse_duration;
+use warden_core::config::{parse_duration, parse_overlap};
 use warden_core::control::{KillSwitch, KillTarget};
 use warden_core::identity::{self, issue_credential, validate_agent_id, Agent, AgentStatus};
-use warden_core::store::{Acting, ControlChange, Credential};
+use warden_core::store::{Acting, ControlChange, Credential, StoreError};
 
 use crate::api::{bearer, json_body};
 use crate::error::{close_connection, declares_body, ApiError};
@@ -39,6 +39,10 @@ pub const ROUTES: &[(Method, &str)] = &[
     (Method::GET, "/admin/v1/agents/{id}"),
     (Method::POST, "/admin/v1/agents/{id}/tokens"),
     (Method::POST, "/admin/v1/agents/{id}/revoke"),
+    (Method::POST, "/admin/v1/agents/{id}/rotate"),
+    (Method::POST, "/admin/v1/agents/{id}/suspend"),
+    (Method::POST, "/admin/v1/agents/{id}/resume"),
+    (Method::POST, "/admin/v1/agents/{id}/retire"),
     (Method::GET, "/admin/v1/kills"),
     (Method::POST, "/admin/v1/kills"),
     (Method::POST, "/admin/v1/revive"),
@@ -55,6 +59,10 @@ pub fn routes(app: Arc<App>) -> Router {
         .route("/admin/v1/agents/{id}", get(show_agent))
         .route("/admin/v1/agents/{id}/tokens", post(issue_token))
         .route("/admin/v1/agents/{id}/revoke", post(revoke))
+        .route("/admin/v1/agents/{id}/rotate", post(rotate))
+        .route("/admin/v1/agents/{id}/suspend", post(suspend))
+        .route("/admin/v1/agents/{id}/resume", post(resume))
+        .route("/admin/v1/agents/{id}/retire", post(retire))
         .route("/admin/v1/kills", get(list_kills).post(kill))
         .route("/admin/v1/revive", post(revive))
         .route("/admin/v1/policy", get(show_policy))
@@ -150,6 +158,8 @@ fn credential_json(c: &Credential) -> Value {
         "issued_at": c.issued_at_ns / NANOS_PER_SEC,
         "expires_at": c.expires_at_ns / NANOS_PER_SEC,
         "revoked": c.revoked_at_ns.is_some(),
+        "ends_at": c.revoked_at_ns.map(|r| r / NANOS_PER_SEC),
+        "replaced_by": c.replaced_by,
     })
 }
 
@@ -287,6 +297,116 @@ async fn revoke(
     let what = blocking(move || identity::revoke(store.as_ref(), &id, jti.as_deref(), &by)).await?;
     refresh(&app).await?;
     Ok(Json(json!({ "revoked": what })))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RotateBody {
+    /// How long the agent's other credentials keep working, e.g. `15m`; `0s` ends them
+    /// at once. Default: `[identity] rotation_overlap`.
+    overlap: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Rotated {
+    token: String,
+    credential: Value,
+    /// When the agent's other credentials stop working (seconds since the epoch).
+    others_end_at: u64,
+}
+
+async fn rotate(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Rotated>, ApiError> {
+    let b: RotateBody = match &body {
+        Ok(bytes) if bytes.is_empty() => RotateBody::default(),
+        _ => json_body(body, app.settings.max_body_bytes)?,
+    };
+    let overlap_ns = match b.overlap.as_deref() {
+        Some(o) => parse_overlap(o).map_err(|m| ApiError::BadRequest(format!("`overlap`: {m}")))?,
+        None => app.settings.rotation_overlap_ns,
+    };
+    let jti = random_hex(16).map_err(|e| ApiError::Unavailable(format!("no randomness: {e}")))?;
+    let key = app.key.clone().ok_or_else(|| {
+        ApiError::Unavailable(
+            "this node holds no signing key, so it cannot issue credentials".into(),
+        )
+    })?;
+    let store = app.store.clone();
+    let issuer = app.settings.issuer.clone();
+    let by = acting(&app)?;
+    let others_end_at = by.at.saturating_add(overlap_ns) / NANOS_PER_SEC;
+    let (token, cred) = blocking(move || {
+        let agent = store
+            .get_agent(&id)?
+            .ok_or_else(|| StoreError::NotFound(format!("no agent `{id}`")))?;
+        identity::rotate_credential(store.as_ref(), &key, &issuer, &agent, jti, overlap_ns, &by)
+    })
+    .await?;
+    refresh(&app).await?;
+    Ok(Json(Rotated {
+        token,
+        credential: credential_json(&cred),
+        others_end_at,
+    }))
+}
+
+#[derive(Serialize)]
+struct StatusChanged {
+    agent: String,
+    status: &'static str,
+}
+
+/// Suspend, resume, retire: a status change with its audit entry, in force on this node
+/// from the next call (the view is refreshed before answering) and on others at their
+/// next control refresh. A body, if any, must be an empty JSON object.
+async fn change_status(
+    app: Arc<App>,
+    id: String,
+    body: Result<Bytes, BytesRejection>,
+    to: AgentStatus,
+) -> Result<Json<StatusChanged>, ApiError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Empty {}
+    if !matches!(&body, Ok(b) if b.is_empty()) {
+        let _: Empty = json_body(body, app.settings.max_body_bytes)?;
+    }
+    let store = app.store.clone();
+    let by = acting(&app)?;
+    let aid = id.clone();
+    blocking(move || identity::set_agent_status(store.as_ref(), &aid, to, &by)).await?;
+    refresh(&app).await?;
+    Ok(Json(StatusChanged {
+        agent: id,
+        status: to.as_str(),
+    }))
+}
+
+async fn suspend(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<StatusChanged>, ApiError> {
+    change_status(app, id, body, AgentStatus::Suspended).await
+}
+
+async fn resume(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<StatusChanged>, ApiError> {
+    change_status(app, id, body, AgentStatus::Active).await
+}
+
+async fn retire(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<StatusChanged>, ApiError> {
+    change_status(app, id, body, AgentStatus::Retired).await
 }
 
 async fn list_kills(State(app): State<Arc<App>>) -> Json<Value> {

@@ -1656,7 +1656,7 @@ async fn a_token_the_store_never_issued_is_refused_whatever_its_signature() {
         v["message"]
             .as_str()
             .unwrap()
-            .contains("warden agent token claims-processor-v3"),
+            .contains("warden agent rotate claims-processor-v3"),
         "{v}"
     );
     // and it cannot be revoked by jti, because there is nothing to revoke: it is refused
@@ -1734,7 +1734,7 @@ fn control_records(store: &dyn Store) -> Vec<Record> {
         .read_audit(0, 10_000)
         .unwrap()
         .into_iter()
-        .filter(|r| r.entry.kind == warden_core::audit::EntryKind::Control)
+        .filter(|r| r.entry.kind == EntryKind::Control)
         .collect()
 }
 
@@ -2215,4 +2215,176 @@ async fn the_remote_gate_reads_every_answer_of_a_real_node() {
         "{stop}"
     );
     node.stop().await;
+}
+
+/// Rotation, suspension, resumption and retirement through the admin API: each reason
+/// code reached by a real call, each change on the audit record, each in force from the
+/// node's next call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_lifecycle_through_the_admin_api() {
+    let node = Node::start().await;
+    let agent = "claims-processor-v3";
+    let path = |what: &str| format!("/admin/v1/agents/{agent}/{what}");
+    let first = node.token(agent).await;
+    let (_, v) = node.check(Some(&first), get_claim()).await;
+    assert_decision(&v, "permit", "PERMITTED");
+
+    // Rotation with an overlap: both credentials work until the overlap ends.
+    let (st, v) = node
+        .admin(
+            reqwest::Method::POST,
+            &path("rotate"),
+            Some(json!({"overlap": "1h"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let second = v["token"].as_str().unwrap().to_owned();
+    let second_jti = v["credential"]["jti"].as_str().unwrap().to_owned();
+    let now_s = SystemClock.now_ns() / NANOS_PER_SEC;
+    let ends = v["others_end_at"].as_u64().unwrap();
+    assert!((now_s + 3590..=now_s + 3600).contains(&ends), "{v}");
+    for t in [&first, &second] {
+        let (_, v) = node.check(Some(t), get_claim()).await;
+        assert_decision(&v, "permit", "PERMITTED");
+    }
+    let (_, shown) = node
+        .admin(
+            reqwest::Method::GET,
+            &format!("/admin/v1/agents/{agent}"),
+            None,
+        )
+        .await;
+    let rotated: Vec<&Value> = shown["credentials"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["replaced_by"] == second_jti.as_str())
+        .collect();
+    assert_eq!(rotated.len(), 1, "{shown}");
+    assert_eq!(rotated[0]["ends_at"], ends, "{shown}");
+
+    // Rotation without an overlap: the old credential is refused at once, as expired,
+    // with what to do.
+    let (st, v) = node
+        .admin(
+            reqwest::Method::POST,
+            &path("rotate"),
+            Some(json!({"overlap": "0s"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let third = v["token"].as_str().unwrap().to_owned();
+    for old in [&first, &second] {
+        let (st, v) = node.check(Some(old), get_claim()).await;
+        assert_eq!(st, StatusCode::UNAUTHORIZED);
+        assert_decision(&v, "deny", "CREDENTIAL_EXPIRED");
+        let m = v["message"].as_str().unwrap();
+        assert!(m.contains("rotated out"), "{m}");
+        assert!(m.contains(&format!("warden agent rotate {agent}")), "{m}");
+    }
+    let (_, v) = node.check(Some(&third), get_claim()).await;
+    assert_decision(&v, "permit", "PERMITTED");
+    let (st, v) = node
+        .admin(
+            reqwest::Method::POST,
+            &path("rotate"),
+            Some(json!({"overlap": "soon"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+
+    // Suspension stops the agent's calls until it is resumed; the credential survives.
+    let (st, v) = node
+        .admin(reqwest::Method::POST, &path("suspend"), None)
+        .await;
+    assert_eq!(
+        (st, &v["status"]),
+        (StatusCode::OK, &json!("suspended")),
+        "{v}"
+    );
+    let (st, v) = node.check(Some(&third), get_claim()).await;
+    // The agent proved who it is and is refused, as a killed one is: 200 with a deny.
+    assert_eq!(st, StatusCode::OK);
+    assert_decision(&v, "deny", "AGENT_SUSPENDED");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("warden agent resume {agent}")),
+        "{v}"
+    );
+    // a suspended agent is issued nothing
+    let (st, _) = node
+        .admin(reqwest::Method::POST, &path("rotate"), None)
+        .await;
+    assert_eq!(st, StatusCode::CONFLICT);
+    let (st, _) = node
+        .admin(reqwest::Method::POST, &path("suspend"), None)
+        .await;
+    assert_eq!(st, StatusCode::CONFLICT, "suspending twice");
+    let (st, v) = node
+        .admin(reqwest::Method::POST, &path("resume"), None)
+        .await;
+    assert_eq!(
+        (st, &v["status"]),
+        (StatusCode::OK, &json!("active")),
+        "{v}"
+    );
+    let (_, v) = node.check(Some(&third), get_claim()).await;
+    assert_decision(&v, "permit", "PERMITTED");
+    let (st, _) = node
+        .admin(reqwest::Method::POST, &path("resume"), None)
+        .await;
+    assert_eq!(st, StatusCode::CONFLICT, "resuming an active agent");
+
+    // Retirement is final.
+    let (st, v) = node
+        .admin(reqwest::Method::POST, &path("retire"), Some(json!({})))
+        .await;
+    assert_eq!(
+        (st, &v["status"]),
+        (StatusCode::OK, &json!("retired")),
+        "{v}"
+    );
+    let (_, v) = node.check(Some(&third), get_claim()).await;
+    assert_decision(&v, "deny", "AGENT_RETIRED");
+    for what in ["resume", "suspend", "retire", "rotate"] {
+        let (st, v) = node.admin(reqwest::Method::POST, &path(what), None).await;
+        assert_eq!(st, StatusCode::CONFLICT, "{what}: {v}");
+    }
+    let (st, _) = node
+        .admin(
+            reqwest::Method::POST,
+            &path("suspend"),
+            Some(json!({"reason": "x"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "an unknown body field");
+    let (st, _) = node
+        .admin(
+            reqwest::Method::POST,
+            "/admin/v1/agents/nobody/suspend",
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+
+    // Each change that took effect is on the record, naming the operator.
+    let store = node.app().store.clone();
+    let actions: Vec<(String, String)> = store
+        .tail_audit(200)
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.entry.kind == EntryKind::Control)
+        .map(|r| (r.entry.action.clone(), r.entry.reason.clone()))
+        .collect();
+    let count = |a: &str| actions.iter().filter(|(x, _)| x == a).count();
+    assert_eq!(count("credential-rotate"), 2, "{actions:?}");
+    assert_eq!(count("agent-suspend"), 1, "{actions:?}");
+    assert_eq!(count("agent-resume"), 1, "{actions:?}");
+    assert_eq!(count("agent-retire"), 1, "{actions:?}");
+    assert!(
+        actions.iter().all(|(_, who)| who.starts_with("operator:")),
+        "{actions:?}"
+    );
 }

@@ -30,6 +30,7 @@ pub fn run_all(open: &dyn Fn() -> Box<dyn Store>) {
     let store = open();
     agents_round_trip(&*store);
     status_and_credentials(&*store);
+    rotation(&*store);
     kill_switches(&*store);
     version_bumps_on_every_mutation(&*store);
     control_changes_are_recorded_with_their_entry(&*store);
@@ -224,14 +225,19 @@ pub fn status_and_credentials(store: &dyn Store) {
     let agent = sample_agent("sc-agent");
     store.upsert_agent(&agent).expect("upsert");
 
-    set_status(store, "sc-agent", AgentStatus::Revoked).expect("revoke agent");
+    store
+        .upsert_agent(&sample_agent("sc-gone"))
+        .expect("upsert");
+    set_status(store, "sc-gone", AgentStatus::Revoked).expect("revoke agent");
     assert_eq!(
-        store.get_agent("sc-agent").expect("get").map(|a| a.status),
+        store.get_agent("sc-gone").expect("get").map(|a| a.status),
         Some(AgentStatus::Revoked)
     );
-    store.upsert_agent(&agent).expect("upsert again");
+    store
+        .upsert_agent(&sample_agent("sc-gone"))
+        .expect("upsert again");
     assert_eq!(
-        store.get_agent("sc-agent").expect("get").map(|a| a.status),
+        store.get_agent("sc-gone").expect("get").map(|a| a.status),
         Some(AgentStatus::Revoked),
         "upsert must keep the status"
     );
@@ -240,19 +246,60 @@ pub fn status_and_credentials(store: &dyn Store) {
             store,
             ControlChange::IssueCredential(Credential {
                 jti: "sc-to-revoked".to_owned(),
-                agent_id: "sc-agent".to_owned(),
+                agent_id: "sc-gone".to_owned(),
                 issued_at_ns: NOW,
                 expires_at_ns: NOW + 1,
                 revoked_at_ns: None,
+                replaced_by: None,
             })
         )),
         "a revoked agent must not be issued credentials"
     );
-    set_status(store, "sc-agent", AgentStatus::Active).expect("revive agent");
+    assert!(
+        is_conflict(set_status(store, "sc-gone", AgentStatus::Active)),
+        "a revoked agent must not come back: its old tokens would work again"
+    );
+    // Suspension is undone by resuming, and nothing else is; retirement is final.
+    set_status(store, "sc-agent", AgentStatus::Suspended).expect("suspend");
+    assert!(
+        is_conflict(set_status(store, "sc-agent", AgentStatus::Suspended)),
+        "suspending twice must be a conflict"
+    );
+    assert!(
+        is_conflict(control(
+            store,
+            ControlChange::IssueCredential(Credential {
+                jti: "sc-to-suspended".to_owned(),
+                agent_id: "sc-agent".to_owned(),
+                issued_at_ns: NOW,
+                expires_at_ns: NOW + 1,
+                revoked_at_ns: None,
+                replaced_by: None,
+            })
+        )),
+        "a suspended agent must not be issued credentials"
+    );
+    set_status(store, "sc-agent", AgentStatus::Active).expect("resume");
     assert_eq!(
         store.get_agent("sc-agent").expect("get").map(|a| a.status),
         Some(AgentStatus::Active)
     );
+    assert!(
+        is_conflict(set_status(store, "sc-agent", AgentStatus::Active)),
+        "resuming an active agent must be a conflict"
+    );
+    set_status(store, "sc-gone", AgentStatus::Retired).expect("retire a revoked agent");
+    for to in [
+        AgentStatus::Active,
+        AgentStatus::Suspended,
+        AgentStatus::Revoked,
+        AgentStatus::Retired,
+    ] {
+        assert!(
+            is_conflict(set_status(store, "sc-gone", to)),
+            "a retired agent must stay retired, not become {to:?}"
+        );
+    }
     assert!(is_not_found(set_status(
         store,
         "sc-missing",
@@ -275,6 +322,7 @@ pub fn status_and_credentials(store: &dyn Store) {
         issued_at_ns: NOW - hour,
         expires_at_ns,
         revoked_at_ns: None,
+        replaced_by: None,
     };
     let live = cred("sc-live", NOW + hour);
     let kept = cred("sc-kept", NOW + 2 * hour);
@@ -366,6 +414,111 @@ pub fn status_and_credentials(store: &dyn Store) {
     let earlier = store.snapshot(NOW - 1).expect("snapshot");
     assert!(earlier.credentials.contains_key("sc-boundary"));
     assert!(!earlier.credentials.contains_key("sc-expired"));
+}
+
+/// A rotation issues the new credential and ends the agent's other live ones at the end
+/// of the overlap, naming their replacement; it leaves earlier ends and other agents alone.
+pub fn rotation(store: &dyn Store) {
+    let hour = 3600 * NANOS_PER_SEC;
+    store
+        .upsert_agent(&sample_agent("rot-agent"))
+        .expect("upsert");
+    store
+        .upsert_agent(&sample_agent("rot-other"))
+        .expect("upsert");
+    let cred = |agent: &str, jti: &str, issued_at_ns: Nanos| Credential {
+        jti: jti.to_owned(),
+        agent_id: agent.to_owned(),
+        issued_at_ns,
+        expires_at_ns: issued_at_ns + 2 * hour,
+        revoked_at_ns: None,
+        replaced_by: None,
+    };
+    let old = cred("rot-agent", "rot-old", NOW - hour);
+    let soon = Credential {
+        revoked_at_ns: Some(NOW + 60),
+        ..cred("rot-agent", "rot-soon", NOW - hour)
+    };
+    let dead = cred("rot-agent", "rot-dead", NOW - 3 * hour);
+    let others = cred("rot-other", "rot-others", NOW - hour);
+    for c in [&old, &soon, &dead, &others] {
+        control(store, ControlChange::IssueCredential(c.clone())).expect("issue");
+    }
+    let new = cred("rot-agent", "rot-new", NOW);
+    let until = NOW + 600;
+    control(
+        store,
+        ControlChange::RotateCredential {
+            new: new.clone(),
+            overlap_until: until,
+        },
+    )
+    .expect("rotate");
+    let listed = store.list_credentials("rot-agent").expect("list");
+    let get = |jti: &str| listed.iter().find(|c| c.jti == jti).cloned();
+    assert_eq!(get("rot-new"), Some(new.clone()), "the new one is live");
+    let rotated = get("rot-old").expect("old is listed");
+    assert_eq!(
+        (rotated.revoked_at_ns, rotated.replaced_by.as_deref()),
+        (Some(until), Some("rot-new")),
+        "the old one ends with the overlap and names its replacement"
+    );
+    assert!(!rotated.revoked_at(until - 1) && rotated.revoked_at(until));
+    assert_eq!(
+        get("rot-soon").map(|c| (c.revoked_at_ns, c.replaced_by)),
+        Some((Some(NOW + 60), None)),
+        "an earlier revocation stays as it was"
+    );
+    assert_eq!(
+        get("rot-dead"),
+        Some(dead),
+        "an expired credential is left alone"
+    );
+    assert_eq!(
+        store.list_credentials("rot-other").expect("list"),
+        vec![others],
+        "another agent's credentials are untouched"
+    );
+    // An operator may still revoke a credential in its overlap, at once.
+    revoke_cred(store, "rot-agent", "rot-old", NOW + 1).expect("revoke in the overlap");
+    let revoked = store
+        .list_credentials("rot-agent")
+        .expect("list")
+        .into_iter()
+        .find(|c| c.jti == "rot-old")
+        .expect("listed");
+    assert_eq!(
+        (revoked.revoked_at_ns, revoked.replaced_by),
+        (Some(NOW + 1), None),
+        "revoked now, and no longer counted as rotated"
+    );
+    assert!(
+        is_conflict(control(
+            store,
+            ControlChange::RotateCredential {
+                new: new.clone(),
+                overlap_until: until,
+            },
+        )),
+        "a rotation reusing a jti must be refused"
+    );
+    set_status(store, "rot-agent", AgentStatus::Suspended).expect("suspend");
+    let before = store.list_credentials("rot-agent").expect("list");
+    assert!(
+        is_conflict(control(
+            store,
+            ControlChange::RotateCredential {
+                new: cred("rot-agent", "rot-newer", NOW),
+                overlap_until: until,
+            },
+        )),
+        "a suspended agent must not be rotated"
+    );
+    assert_eq!(
+        store.list_credentials("rot-agent").expect("list"),
+        before,
+        "a refused rotation changes nothing"
+    );
 }
 
 pub fn kill_switches(store: &dyn Store) {
@@ -492,6 +645,7 @@ pub fn version_bumps_on_every_mutation(store: &dyn Store) {
         issued_at_ns: NOW,
         expires_at_ns: NOW + NANOS_PER_SEC,
         revoked_at_ns: None,
+        replaced_by: None,
     };
     let kill = KillSwitch {
         target: KillTarget::Agent("vb-agent".to_owned()),
@@ -517,10 +671,10 @@ pub fn version_bumps_on_every_mutation(store: &dyn Store) {
         )
         .expect("register");
     });
-    check("revoking an agent", true, &|| {
-        set_status(store, "vb-agent", AgentStatus::Revoked).expect("status");
+    check("suspending an agent", true, &|| {
+        set_status(store, "vb-agent", AgentStatus::Suspended).expect("status");
     });
-    check("reviving an agent", true, &|| {
+    check("resuming an agent", true, &|| {
         set_status(store, "vb-agent", AgentStatus::Active).expect("status");
     });
     check("issuing a credential", true, &|| {
@@ -549,6 +703,13 @@ pub fn version_bumps_on_every_mutation(store: &dyn Store) {
     check("a status change of a missing agent", false, &|| {
         assert!(set_status(store, "vb-missing", AgentStatus::Revoked).is_err());
     });
+    check(
+        "a status change the agent's status does not allow",
+        false,
+        &|| {
+            assert!(set_status(store, "vb-agent", AgentStatus::Active).is_err());
+        },
+    );
     check("revoking a revoked credential", false, &|| {
         assert!(revoke_cred(store, "vb-agent", "vb-cred", NOW).is_err());
     });

@@ -349,6 +349,58 @@ impl SqliteStore {
         Ok(())
     }
 
+    /// Records a credential for an active agent, or refuses it with `Conflict`.
+    fn insert_credential(&self, tx: &Transaction<'_>, c: &Credential) -> Result<(), StoreError> {
+        let status: Option<String> = tx
+            .prepare_cached("SELECT status FROM agents WHERE id = ?1")
+            .at(&self.path)?
+            .query_row([&c.agent_id], |r| r.get(0))
+            .optional()
+            .at(&self.path)?;
+        match status.as_deref() {
+            None => {
+                return Err(StoreError::Conflict(format!(
+                    "agent `{}` does not exist; register it before issuing it credentials",
+                    c.agent_id
+                )))
+            }
+            Some(s) if s != AgentStatus::Active.as_str() => {
+                return Err(StoreError::Conflict(format!(
+                    "agent `{}` is {s}; it cannot be issued credentials",
+                    c.agent_id
+                )))
+            }
+            Some(_) => {}
+        }
+        let inserted = tx
+            .prepare_cached(concat!(
+                "INSERT INTO credentials (",
+                credential_columns!(),
+                ") VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+            ))
+            .at(&self.path)?
+            .execute(params![
+                c.jti,
+                c.agent_id,
+                u64_to_sql(c.issued_at_ns),
+                u64_to_sql(c.expires_at_ns),
+                c.revoked_at_ns.map(u64_to_sql),
+                c.replaced_by,
+            ]);
+        match inserted {
+            Ok(_) => Ok(()),
+            Err(rusqlite::Error::SqliteFailure(f, _))
+                if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY =>
+            {
+                Err(StoreError::Conflict(format!(
+                    "credential `{}` already exists",
+                    c.jti
+                )))
+            }
+            Err(e) => Err(error::classify(&self.path, &e)),
+        }
+    }
+
     /// Applies an operator's change in the caller's write transaction, or refuses it with
     /// `Conflict`/`NotFound` (the transaction then rolls back, entry and all).
     fn apply_change(&self, tx: &Transaction<'_>, change: &ControlChange) -> Result<(), StoreError> {
@@ -382,60 +434,33 @@ impl SqliteStore {
                     Err(e) => Err(error::classify(&self.path, &e)),
                 }
             }
-            ControlChange::IssueCredential(c) => {
-                let status: Option<String> = tx
-                    .prepare_cached("SELECT status FROM agents WHERE id = ?1")
-                    .at(&self.path)?
-                    .query_row([&c.agent_id], |r| r.get(0))
-                    .optional()
-                    .at(&self.path)?;
-                match status.as_deref() {
-                    None => {
-                        return Err(StoreError::Conflict(format!(
-                            "agent `{}` does not exist; register it before issuing it credentials",
-                            c.agent_id
-                        )))
-                    }
-                    Some(s) if s != AgentStatus::Active.as_str() => {
-                        return Err(StoreError::Conflict(format!(
-                            "agent `{}` is {s}; it cannot be issued credentials",
-                            c.agent_id
-                        )))
-                    }
-                    Some(_) => {}
-                }
-                let inserted = tx
-                    .prepare_cached(concat!(
-                        "INSERT INTO credentials (",
-                        credential_columns!(),
-                        ") VALUES (?1, ?2, ?3, ?4, ?5)"
-                    ))
-                    .at(&self.path)?
-                    .execute(params![
-                        c.jti,
-                        c.agent_id,
-                        u64_to_sql(c.issued_at_ns),
-                        u64_to_sql(c.expires_at_ns),
-                        c.revoked_at_ns.map(u64_to_sql),
-                    ]);
-                match inserted {
-                    Ok(_) => Ok(()),
-                    Err(rusqlite::Error::SqliteFailure(f, _))
-                        if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY =>
-                    {
-                        Err(StoreError::Conflict(format!(
-                            "credential `{}` already exists",
-                            c.jti
-                        )))
-                    }
-                    Err(e) => Err(error::classify(&self.path, &e)),
-                }
+            ControlChange::IssueCredential(c) => self.insert_credential(tx, c),
+            ControlChange::RotateCredential { new, overlap_until } => {
+                self.insert_credential(tx, new)?;
+                // Every other credential still valid when the new one is issued ends at
+                // the overlap's end, or keeps its earlier end; a revocation already in
+                // force stays as it is.
+                tx.prepare_cached(
+                    "UPDATE credentials SET revoked_at_ns = ?3, replaced_by = ?2 \
+                     WHERE agent_id = ?1 AND jti <> ?2 AND expires_at_ns > ?4 \
+                     AND (revoked_at_ns IS NULL OR revoked_at_ns > ?3)",
+                )
+                .at(&self.path)?
+                .execute(params![
+                    new.agent_id,
+                    new.jti,
+                    u64_to_sql(*overlap_until),
+                    u64_to_sql(new.issued_at_ns),
+                ])
+                .at(&self.path)?;
+                Ok(())
             }
             ControlChange::RevokeCredential { agent_id, jti, at } => {
                 let changed = tx
                     .prepare_cached(
-                        "UPDATE credentials SET revoked_at_ns = ?3 \
-                         WHERE jti = ?1 AND agent_id = ?2 AND revoked_at_ns IS NULL",
+                        "UPDATE credentials SET revoked_at_ns = ?3, replaced_by = NULL \
+                         WHERE jti = ?1 AND agent_id = ?2 \
+                         AND (revoked_at_ns IS NULL OR revoked_at_ns > ?3)",
                     )
                     .at(&self.path)?
                     .execute(params![jti, agent_id, u64_to_sql(*at)])
@@ -452,6 +477,26 @@ impl SqliteStore {
                 status,
                 at,
             } => {
+                let current: Option<String> = tx
+                    .prepare_cached("SELECT status FROM agents WHERE id = ?1")
+                    .at(&self.path)?
+                    .query_row([agent_id], |r| r.get(0))
+                    .optional()
+                    .at(&self.path)?;
+                let Some(current) = current else {
+                    return Err(StoreError::NotFound(format!("no agent `{agent_id}`")));
+                };
+                let current = AgentStatus::parse(&current).ok_or_else(|| {
+                    StoreError::Corrupt(format!(
+                        "agent `{agent_id}` has status `{current}`, which this Warden does not know"
+                    ))
+                })?;
+                current.may_become(*status).map_err(|why| {
+                    StoreError::Conflict(format!(
+                        "agent `{agent_id}` cannot become {}: {why}",
+                        status.as_str()
+                    ))
+                })?;
                 let changed = tx
                     .prepare_cached("UPDATE agents SET status = ?2, updated_at = ?3 WHERE id = ?1")
                     .at(&self.path)?

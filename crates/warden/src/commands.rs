@@ -11,7 +11,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use warden_core::audit::verify_store;
 use warden_core::clock::{Clock, SystemClock, NANOS_PER_SEC};
-use warden_core::config::{parse_duration, Classification, ClientIdentity, Settings, UpstreamTls};
+use warden_core::config::{
+    parse_duration, parse_overlap, Classification, ClientIdentity, Settings, UpstreamTls,
+};
 use warden_core::control::{KillSwitch, KillTarget};
 use warden_core::identity::{
     self, issue_credential, validate_agent_id, Agent, AgentStatus, Verifier,
@@ -165,6 +167,22 @@ enum AgentCmd {
     },
     /// Issue a new credential for an agent and print it.
     Token { id: String },
+    /// Issue a new credential and rotate out the agent's others: they keep working for
+    /// the overlap, then are refused (CREDENTIAL_EXPIRED).
+    Rotate {
+        id: String,
+        /// How long the old credentials keep working, e.g. 15m; `0s` ends them at once.
+        /// Default: `[identity] rotation_overlap` (1h).
+        #[arg(long)]
+        overlap: Option<String>,
+    },
+    /// Suspend an agent: its calls are refused (AGENT_SUSPENDED) until it is resumed.
+    Suspend { id: String },
+    /// Resume a suspended agent.
+    Resume { id: String },
+    /// Retire an agent for good: its calls are refused (AGENT_RETIRED), and no change
+    /// brings it back.
+    Retire { id: String },
     /// List agents.
     List,
     /// Show an agent and its credentials.
@@ -676,16 +694,35 @@ fn issue_and_print(
     Ok(())
 }
 
+/// Suspends, resumes or retires an agent, with its audit entry; a running node has the
+/// change by its next control refresh.
+fn set_status(store: &SqliteStore, id: &str, to: AgentStatus) -> Result<()> {
+    identity::set_agent_status(store, id, to, &acting()?)?;
+    let done = match to {
+        AgentStatus::Active => "resumed",
+        AgentStatus::Suspended => "suspended",
+        AgentStatus::Retired => "retired",
+        AgentStatus::Revoked => "revoked",
+    };
+    println!("{done} agent {}", escaped(id));
+    Ok(())
+}
+
 fn agent(settings: &Settings, config: &Path, cmd: AgentCmd) -> Result<ExitCode> {
     // Reading creates nothing: neither a store nor a signing key.
     let store = match cmd {
         AgentCmd::List | AgentCmd::Show { .. } => open_existing(settings)?,
         // A missing store holds no credential to revoke: creating one would report a
         // revocation that no node ever reads.
-        AgentCmd::Revoke { .. } => open_served_store(settings)?,
+        AgentCmd::Revoke { .. }
+        | AgentCmd::Suspend { .. }
+        | AgentCmd::Resume { .. }
+        | AgentCmd::Retire { .. } => open_served_store(settings)?,
         // Issuing may come before the first `warden serve`, which then opens this store
         // (a node whose store vanished fails closed on its own).
-        AgentCmd::Token { .. } | AgentCmd::Register { .. } => open_store(settings)?,
+        AgentCmd::Token { .. } | AgentCmd::Rotate { .. } | AgentCmd::Register { .. } => {
+            open_store(settings)?
+        }
     };
     let key = || setup::load_or_create_key(&settings.key_file);
     let now = SystemClock.now_ns();
@@ -758,8 +795,14 @@ fn agent(settings: &Settings, config: &Path, cmd: AgentCmd) -> Result<ExitCode> 
             );
             println!("rotation  {}d", a.rotation_ns / NANOS_PER_SEC / 86_400);
             for c in store.list_credentials(&id)? {
-                let state = if c.revoked_at_ns.is_some() {
-                    "revoked"
+                let state = if c.revoked_at(now) {
+                    if c.replaced_by.is_some() {
+                        "rotated out"
+                    } else {
+                        "revoked"
+                    }
+                } else if c.revoked_at_ns.is_some() {
+                    "in overlap (rotated out soon)"
                 } else if c.expires_at_ns <= now {
                     "expired"
                 } else {
@@ -776,6 +819,33 @@ fn agent(settings: &Settings, config: &Path, cmd: AgentCmd) -> Result<ExitCode> 
             let what = identity::revoke(&store, &id, jti.as_deref(), &acting()?)?;
             println!("revoked {}", escaped(&what));
         }
+        AgentCmd::Rotate { id, overlap } => {
+            let overlap_ns = match overlap {
+                Some(o) => parse_overlap(&o).map_err(|m| anyhow!("--overlap: {m}"))?,
+                None => settings.rotation_overlap_ns,
+            };
+            let agent = store
+                .get_agent(&id)?
+                .ok_or_else(|| anyhow!("no agent `{id}`"))?;
+            let (token, cred) = identity::rotate_credential(
+                &store,
+                &key()?,
+                &settings.issuer,
+                &agent,
+                random_hex(16)?,
+                overlap_ns,
+                &acting()?,
+            )?;
+            println!("{token}");
+            eprintln!(
+                "credential `{}` issued; the agent's other credentials stop working in {}s",
+                cred.jti,
+                overlap_ns / NANOS_PER_SEC
+            );
+        }
+        AgentCmd::Suspend { id } => set_status(&store, &id, AgentStatus::Suspended)?,
+        AgentCmd::Resume { id } => set_status(&store, &id, AgentStatus::Active)?,
+        AgentCmd::Retire { id } => set_status(&store, &id, AgentStatus::Retired)?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1276,3 +1276,95 @@ fn mcp_proxy_reads_the_agent_token_from_a_private_file_or_the_environment() {
         "{out}"
     );
 }
+
+/// The lifecycle commands against a running node: each reason code reached by a real
+/// call, each change picked up by the node's control refresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_rotate_suspend_resume_retire_from_the_cli() {
+    let dir = init();
+    let d = dir.path();
+    let mut server = Server::start(d).await;
+    let mut agent = Caller {
+        http: reqwest::Client::new(),
+        base: server.base.clone(),
+        calls: Vec::new(),
+    };
+    let token = |out: Out| out.stdout.trim().to_owned();
+    let first = token(warden_ok(d, &["agent", "token", AGENT]));
+    agent.check_until(&first, get_claim(), "PERMITTED").await;
+
+    // Rotation with the default overlap (1h): the old token keeps working.
+    let out = warden_ok(d, &["agent", "rotate", AGENT]);
+    assert!(out.stderr.contains("stop working in 3600s"), "{out}");
+    let second = token(out);
+    agent.check_until(&second, get_claim(), "PERMITTED").await;
+    agent
+        .check(&first, get_claim())
+        .await
+        .assert("permit", "PERMITTED");
+    let shown = warden_ok(d, &["agent", "show", AGENT]);
+    assert!(shown.stdout.contains("in overlap"), "{shown}");
+
+    // Without an overlap both earlier tokens stop at once, with what to do.
+    let third = token(warden_ok(d, &["agent", "rotate", AGENT, "--overlap", "0s"]));
+    let a = agent
+        .check_until(&first, get_claim(), "CREDENTIAL_EXPIRED")
+        .await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    assert!(
+        a.body["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("warden agent rotate {AGENT}")),
+        "{}",
+        a.body
+    );
+    agent
+        .check_until(&second, get_claim(), "CREDENTIAL_EXPIRED")
+        .await;
+    agent.check_until(&third, get_claim(), "PERMITTED").await;
+    let out = warden(d, &["agent", "rotate", AGENT, "--overlap", "later"]);
+    assert_eq!(out.code, 2, "{out}");
+    assert!(out.stderr.contains("--overlap"), "{out}");
+
+    warden_ok(d, &["agent", "suspend", AGENT]);
+    let a = agent
+        .check_until(&third, get_claim(), "AGENT_SUSPENDED")
+        .await;
+    a.assert("deny", "AGENT_SUSPENDED");
+    let out = warden(d, &["agent", "suspend", AGENT]);
+    assert!(out.stderr.contains("already suspended"), "{out}");
+    warden_ok(d, &["agent", "resume", AGENT]);
+    agent.check_until(&third, get_claim(), "PERMITTED").await;
+
+    warden_ok(d, &["agent", "revoke", AGENT, "--jti", &only_valid_jti(d)]);
+    agent
+        .check_until(&third, get_claim(), "CREDENTIAL_REVOKED")
+        .await;
+    let fourth = token(warden_ok(d, &["agent", "rotate", AGENT]));
+    agent.check_until(&fourth, get_claim(), "PERMITTED").await;
+
+    warden_ok(d, &["agent", "retire", AGENT]);
+    agent
+        .check_until(&fourth, get_claim(), "AGENT_RETIRED")
+        .await;
+    let out = warden(d, &["agent", "resume", AGENT]);
+    assert_ne!(out.code, 0, "{out}");
+    assert!(out.stderr.contains("retirement is final"), "{out}");
+    let listed = warden_ok(d, &["agent", "list"]);
+    assert!(listed.stdout.contains("retired"), "{listed}");
+    server.kill();
+}
+
+/// The one credential `warden agent show` lists as valid.
+fn only_valid_jti(dir: &Path) -> String {
+    let shown = warden_ok(dir, &["agent", "show", AGENT]);
+    let valid: Vec<&str> = shown
+        .stdout
+        .lines()
+        .filter(|l| l.ends_with("  valid"))
+        .filter_map(|l| l.strip_prefix("credential ")?.split_whitespace().next())
+        .collect();
+    assert_eq!(valid.len(), 1, "{shown}");
+    valid[0].to_owned()
+}

@@ -57,7 +57,7 @@ pub(crate) enum DecodeError {
     Range { column: &'static str, value: i64 },
     #[error("kind `{0}` is not `decision`, `outcome`, `control` or `summary`")]
     Kind(String),
-    #[error("status `{0}` is not `active` or `revoked`")]
+    #[error("status `{0}` is not `active`, `suspended`, `revoked` or `retired`")]
     Status(String),
     #[error("scope `{0}` is not `all`, `owner` or `agent`")]
     Scope(String),
@@ -180,7 +180,7 @@ pub(crate) fn agent(row: &Row<'_>) -> Result<Agent, DecodeError> {
 
 macro_rules! credential_columns {
     () => {
-        "jti, agent_id, issued_at_ns, expires_at_ns, revoked_at_ns"
+        "jti, agent_id, issued_at_ns, expires_at_ns, revoked_at_ns, replaced_by"
     };
 }
 pub(crate) use credential_columns;
@@ -193,6 +193,7 @@ pub(crate) fn credential(row: &Row<'_>) -> Result<Credential, DecodeError> {
         issued_at_ns: nanos(row, 2, "issued_at_ns")?,
         expires_at_ns: nanos(row, 3, "expires_at_ns")?,
         revoked_at_ns: col::<Option<i64>>(row, 4, "revoked_at_ns")?.map(u64_from_sql),
+        replaced_by: col(row, 5, "replaced_by")?,
     })
 }
 

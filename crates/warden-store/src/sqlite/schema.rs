@@ -81,7 +81,13 @@ CREATE TABLE audit (
 CREATE INDEX audit_call_id ON audit (call_id);
 ";
 
-const MIGRATIONS: &[&str] = &[V1];
+/// Credential rotation: a rotated-out credential names its replacement, and its
+/// `revoked_at_ns` (the end of the overlap) may lie in the future.
+const V2_ROTATION: &str = "
+ALTER TABLE credentials ADD COLUMN replaced_by TEXT;
+";
+
+const MIGRATIONS: &[&str] = &[V1, V2_ROTATION];
 
 /// The schema version this code writes and reads.
 pub(crate) const LATEST: i64 = MIGRATIONS.len() as i64;

@@ -680,6 +680,7 @@ fn a_control_change_whose_entry_cannot_be_written_does_not_happen() {
         issued_at_ns: NOW,
         expires_at_ns: NOW + 60 * NANOS_PER_SEC,
         revoked_at_ns: None,
+        replaced_by: None,
     };
     for change in [
         ControlChange::SetKill {
