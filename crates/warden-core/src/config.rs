@@ -342,6 +342,8 @@ struct RawLimit {
     #[serde(default)]
     agents: Vec<String>,
     #[serde(default)]
+    tiers: Vec<u8>,
+    #[serde(default)]
     per: Option<String>,
     rate: u32,
     window: String,
@@ -418,6 +420,10 @@ pub struct LimitSpec {
     pub tools: BTreeSet<String>,
     /// Empty means every agent.
     pub agents: BTreeSet<String>,
+    /// Agents of these trust tiers, as they are at the call (empty: every tier). A
+    /// tier's default limits: an agent moved to another tier is held to that tier's
+    /// limits from its next call.
+    pub tiers: BTreeSet<u8>,
     pub per: LimitKey,
     pub rate: u32,
     pub window_ns: Nanos,
@@ -425,9 +431,10 @@ pub struct LimitSpec {
 }
 
 impl LimitSpec {
-    pub fn applies_to(&self, agent: &str, tool: &str) -> bool {
+    pub fn applies_to(&self, agent: &str, tier: u8, tool: &str) -> bool {
         (self.tools.is_empty() || self.tools.contains(tool))
             && (self.agents.is_empty() || self.agents.contains(agent))
+            && (self.tiers.is_empty() || self.tiers.contains(&tier))
     }
 }
 
@@ -932,10 +939,17 @@ impl Settings {
                 ));
             }
             let window_ns = dur(&format!("limits[{i}].window"), Some(l.window), "")?;
+            if let Some(t) = l.tiers.iter().find(|t| !tiers.contains_key(*t)) {
+                return Err(field(
+                    &format!("limits[{i}].tiers"),
+                    format!("tier {t} is not declared in [[tiers]]"),
+                ));
+            }
             limits.push(LimitSpec {
                 id: l.id,
                 tools: l.tools.into_iter().collect(),
                 agents: l.agents.into_iter().collect(),
+                tiers: l.tiers.into_iter().collect(),
                 per,
                 rate: l.rate,
                 window_ns,
@@ -1256,6 +1270,18 @@ window = "1m"
             .unwrap_err()
             .to_string();
         assert!(err.contains("limits[0].window"), "{err}");
+
+        let bad = MINIMAL.replace("rate = 2\n", "rate = 2\ntiers = [1, 7]\n");
+        let err = Settings::from_toml(&bad, "w.toml", Path::new("."), &no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("limits[0].tiers") && err.contains("tier 7"),
+            "{err}"
+        );
+        let good = MINIMAL.replace("rate = 2\n", "rate = 2\ntiers = [1]\n");
+        let s = Settings::from_toml(&good, "w.toml", Path::new("."), &no_env).unwrap();
+        assert_eq!(s.limits[0].tiers, [1].into());
     }
 
     #[test]

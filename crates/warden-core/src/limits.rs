@@ -55,6 +55,7 @@ impl Limiter {
         &self,
         agent: &str,
         owner: &str,
+        tier: u8,
         tool: &str,
         now: Nanos,
     ) -> Result<Vec<String>, LimitError> {
@@ -62,7 +63,7 @@ impl Limiter {
             .specs
             .iter()
             .enumerate()
-            .filter(|(_, s)| s.applies_to(agent, tool))
+            .filter(|(_, s)| s.applies_to(agent, tier, tool))
             .collect();
         if applicable.is_empty() {
             return Ok(Vec::new());
@@ -128,6 +129,7 @@ mod tests {
             id: id.into(),
             tools: tools.iter().map(|s| s.to_string()).collect(),
             agents: Default::default(),
+            tiers: Default::default(),
             per,
             rate,
             window_ns: window_s * NANOS_PER_SEC,
@@ -158,7 +160,7 @@ mod tests {
             panic!("poison the limiter");
         })
         .join();
-        assert_eq!(l.acquire("a", "o", "t", 0), Err(LimitError::Unavailable));
+        assert_eq!(l.acquire("a", "o", 1, "t", 0), Err(LimitError::Unavailable));
     }
 
     #[test]
@@ -166,26 +168,45 @@ mod tests {
         let l = Limiter::new(vec![spec("l", &["t"], LimitKey::Agent, 3, 60, 3)]);
         let t0 = 1_000 * NANOS_PER_SEC;
         for _ in 0..3 {
-            assert!(l.acquire("a", "o", "t", t0).is_ok());
+            assert!(l.acquire("a", "o", 1, "t", t0).is_ok());
         }
-        let e = exceeded(l.acquire("a", "o", "t", t0));
+        let e = exceeded(l.acquire("a", "o", 1, "t", t0));
         assert_eq!(e.limit_id, "l");
         assert_eq!(e.retry_after_ns, 20 * NANOS_PER_SEC);
         // another agent has its own budget; another tool is not limited
-        assert!(l.acquire("b", "o", "t", t0).is_ok());
-        assert!(l.acquire("a", "o", "u", t0).is_ok());
+        assert!(l.acquire("b", "o", 1, "t", t0).is_ok());
+        assert!(l.acquire("a", "o", 1, "u", t0).is_ok());
         // one interval later exactly one more call fits
-        assert!(l.acquire("a", "o", "t", t0 + 20 * NANOS_PER_SEC).is_ok());
-        assert!(l.acquire("a", "o", "t", t0 + 20 * NANOS_PER_SEC).is_err());
+        assert!(l.acquire("a", "o", 1, "t", t0 + 20 * NANOS_PER_SEC).is_ok());
+        assert!(l
+            .acquire("a", "o", 1, "t", t0 + 20 * NANOS_PER_SEC)
+            .is_err());
     }
 
     #[test]
     fn owner_budget_is_shared() {
         let l = Limiter::new(vec![spec("team", &[], LimitKey::Owner, 2, 60, 2)]);
-        assert!(l.acquire("a", "team", "x", 0).is_ok());
-        assert!(l.acquire("b", "team", "y", 0).is_ok());
-        assert!(l.acquire("c", "team", "z", 0).is_err());
-        assert!(l.acquire("d", "other", "z", 0).is_ok());
+        assert!(l.acquire("a", "team", 1, "x", 0).is_ok());
+        assert!(l.acquire("b", "team", 1, "y", 0).is_ok());
+        assert!(l.acquire("c", "team", 1, "z", 0).is_err());
+        assert!(l.acquire("d", "other", 1, "z", 0).is_ok());
+    }
+
+    #[test]
+    fn a_tier_limit_holds_agents_of_that_tier_as_they_are_at_the_call() {
+        let tier1 = LimitSpec {
+            tiers: [1].into(),
+            ..spec("tier-1", &[], LimitKey::Agent, 1, 60, 1)
+        };
+        let l = Limiter::new(vec![tier1]);
+        assert_eq!(l.acquire("a", "o", 1, "t", 0).unwrap(), vec!["tier-1"]);
+        assert_eq!(exceeded(l.acquire("a", "o", 1, "t", 0)).limit_id, "tier-1");
+        // the same agent, moved to tier 2: that tier has no limit
+        assert_eq!(
+            l.acquire("a", "o", 2, "t", 0).unwrap(),
+            Vec::<String>::new()
+        );
+        assert!(l.acquire("b", "o", 1, "t", 0).is_ok(), "per agent");
     }
 
     #[test]
@@ -194,15 +215,18 @@ mod tests {
             spec("wide", &[], LimitKey::Agent, 10, 60, 10),
             spec("narrow", &["t"], LimitKey::Agent, 1, 60, 1),
         ]);
-        assert_eq!(l.acquire("a", "o", "t", 0).unwrap(), vec!["wide", "narrow"]);
+        assert_eq!(
+            l.acquire("a", "o", 1, "t", 0).unwrap(),
+            vec!["wide", "narrow"]
+        );
         for _ in 0..5 {
-            assert_eq!(exceeded(l.acquire("a", "o", "t", 0)).limit_id, "narrow");
+            assert_eq!(exceeded(l.acquire("a", "o", 1, "t", 0)).limit_id, "narrow");
         }
         // the 5 refused calls did not spend "wide": 9 remain
         for _ in 0..9 {
-            assert!(l.acquire("a", "o", "u", 0).is_ok());
+            assert!(l.acquire("a", "o", 1, "u", 0).is_ok());
         }
-        assert_eq!(exceeded(l.acquire("a", "o", "u", 0)).limit_id, "wide");
+        assert_eq!(exceeded(l.acquire("a", "o", 1, "u", 0)).limit_id, "wide");
     }
 
     proptest! {
@@ -214,7 +238,7 @@ mod tests {
             let mut allowed = 0u64;
             for s in steps {
                 now += s * NANOS_PER_MILLI / 10;
-                if l.acquire("a", "o", "t", now).is_ok() { allowed += 1; }
+                if l.acquire("a", "o", 1, "t", now).is_ok() { allowed += 1; }
             }
             let bound = 5 + 5 * now / NANOS_PER_SEC + 1;
             prop_assert!(allowed <= bound, "allowed {} > bound {}", allowed, bound);

@@ -695,7 +695,7 @@ impl Pipeline {
 
         match self
             .limiter
-            .acquire(&agent.id, &agent.owner, &tool.name, now)
+            .acquire(&agent.id, &agent.owner, agent.tier, &tool.name, now)
         {
             Ok(_) => Decision::permit(
                 rules,
@@ -784,6 +784,12 @@ rotation = "1h"
 id = "write-rate"
 tools = ["write"]
 rate = 2
+window = "1m"
+[[limits]]
+id = "tier-2-writes"
+tools = ["write"]
+tiers = [2]
+rate = 1
 window = "1m"
 "#;
     const SCHEMA: &str = r#"
@@ -1214,6 +1220,32 @@ action pay appliesTo { principal: Agent, resource: Tool, context: { params: { am
         let d = f.check(&old, "read", "1");
         assert_eq!(d.reason, Reason::CredentialRevoked, "{d:?}");
         assert!(d.message.contains("warden agent rotate a"), "{d:?}");
+    }
+
+    #[test]
+    fn an_agent_moved_to_another_tier_has_that_tiers_limits_on_its_next_call() {
+        let f = fixture();
+        let t = f.token("a");
+        let move_to = |tier: u8| {
+            let mut agents = f.settings.agents.clone();
+            agents
+                .iter_mut()
+                .filter(|a| a.id == "a")
+                .for_each(|a| a.tier = tier);
+            f.install(StateSnapshot {
+                agents,
+                ..Default::default()
+            });
+        };
+        move_to(2);
+        assert!(f.check(&t, "write", "1").is_permit());
+        let d = f.check(&t, "write", "2");
+        assert_eq!(d.reason, Reason::RateLimited, "{d:?}");
+        assert_eq!(d.rules, vec!["tier-2-writes"], "{d:?}");
+        // back in tier 1, only `write-rate` (2 a minute, one spent) holds it
+        move_to(1);
+        assert!(f.check(&t, "write", "3").is_permit());
+        assert_eq!(f.check(&t, "write", "4").rules, vec!["write-rate"]);
     }
 
     #[test]
