@@ -167,6 +167,9 @@ pub struct AuditLimits {
     pub failure_window_ns: Nanos,
     /// Failures per source and reason recorded in full per window; the rest are counted.
     pub failure_full_entries: u32,
+    /// Failures recorded in full per window from all sources together; past it, every
+    /// source's failures are counted, so many sources cannot multiply the full entries.
+    pub failure_max_entries: u32,
 }
 
 pub const DEFAULT_MAX_RATIONALE: usize = 2048;
@@ -180,6 +183,7 @@ impl Default for AuditLimits {
             max_rationale_bytes: DEFAULT_MAX_RATIONALE,
             failure_window_ns: 10 * crate::clock::NANOS_PER_SEC,
             failure_full_entries: 20,
+            failure_max_entries: 1000,
         }
     }
 }

@@ -299,6 +299,7 @@ struct RawAudit {
     max_rationale_bytes: Option<usize>,
     failure_window: Option<String>,
     failure_full_entries: Option<u32>,
+    failure_max_entries: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -808,13 +809,28 @@ impl Settings {
                     "is out of range; use 100ms to 1h".into(),
                 ));
             }
+            let failure_full_entries = raw
+                .audit
+                .failure_full_entries
+                .unwrap_or(d.failure_full_entries);
+            let failure_max_entries = raw
+                .audit
+                .failure_max_entries
+                .unwrap_or(d.failure_max_entries);
+            if failure_max_entries < failure_full_entries {
+                return Err(field(
+                    "audit.failure_max_entries",
+                    format!(
+                        "{failure_max_entries} is less than audit.failure_full_entries \
+                         ({failure_full_entries}); it bounds all sources together"
+                    ),
+                ));
+            }
             AuditLimits {
                 max_rationale_bytes,
                 failure_window_ns,
-                failure_full_entries: raw
-                    .audit
-                    .failure_full_entries
-                    .unwrap_or(d.failure_full_entries),
+                failure_full_entries,
+                failure_max_entries,
             }
         };
 
@@ -1179,6 +1195,7 @@ window = "1m"
                 max_rationale_bytes: 512,
                 failure_window_ns: NANOS_PER_SEC,
                 failure_full_entries: 3,
+                failure_max_entries: 1000,
             }
         );
         for bad in [
@@ -1187,6 +1204,7 @@ window = "1m"
             "failure_window = \"1ms\"",
             "linger = \"0ms\"",
             "linger = \"1s\"",
+            "failure_max_entries = 10",
         ] {
             let text = format!("[audit]\n{bad}\n{MINIMAL}");
             let e = Settings::from_toml(&text, "warden.toml", Path::new("."), &no_env)

@@ -7,6 +7,11 @@
 //! only counted, and when the window ends one summary entry records how many there were.
 //! So every failure is either its own entry or counted in exactly one summary.
 //!
+//! Two bounds hold however many addresses a caller has: at most
+//! `[audit] failure_max_entries` full entries per window from all sources together
+//! (past it every failure is counted), and at most [`MAX_GROUPS`] groups, so at most that
+//! many summaries per window (sources beyond share one group per reason).
+//!
 //! Calls of authenticated agents are never sampled: each keeps its own entry.
 
 use std::collections::HashMap;
@@ -18,8 +23,9 @@ use warden_core::clock::Nanos;
 use warden_core::Reason;
 
 /// Groups tracked at most. Past this, new sources share one group per reason, so a
-/// caller with many addresses cannot grow this table (nor earn K entries per address).
-const MAX_GROUPS: usize = 10_000;
+/// caller with many addresses cannot grow this table, nor the summaries of a window
+/// (one per group) past this many.
+const MAX_GROUPS: usize = 1_000;
 
 /// Where a failure came from, as far as sampling cares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -93,7 +99,16 @@ struct Group {
 pub struct FailureSampler {
     window_ns: Nanos,
     full: u32,
-    groups: Mutex<HashMap<(Source, Reason), Group>>,
+    max: u32,
+    groups: Mutex<Groups>,
+}
+
+#[derive(Default)]
+struct Groups {
+    by_key: HashMap<(Source, Reason), Group>,
+    /// The current window for all sources together, and its full entries so far.
+    all_start_ns: Nanos,
+    all_recorded: u32,
 }
 
 impl FailureSampler {
@@ -101,11 +116,12 @@ impl FailureSampler {
         Self {
             window_ns: limits.failure_window_ns.max(1),
             full: limits.failure_full_entries,
-            groups: Mutex::new(HashMap::new()),
+            max: limits.failure_max_entries,
+            groups: Mutex::new(Groups::default()),
         }
     }
 
-    fn groups(&self) -> MutexGuard<'_, HashMap<(Source, Reason), Group>> {
+    fn groups(&self) -> MutexGuard<'_, Groups> {
         // A poisoned lock only means a panic elsewhere mid-update; the counts are still
         // the best there are.
         self.groups.lock().unwrap_or_else(|p| p.into_inner())
@@ -117,29 +133,38 @@ impl FailureSampler {
     pub fn admit(&self, source: Source, reason: Reason, now: Nanos) -> (Admit, Option<Suppressed>) {
         let mut groups = self.groups();
         let mut key = (source, reason);
-        if !groups.contains_key(&key) && groups.len() >= MAX_GROUPS {
+        if !groups.by_key.contains_key(&key) && groups.by_key.len() >= MAX_GROUPS {
             key = (Source::Others, reason);
         }
         let mut ended = None;
-        if let Some(g) = groups.get(&key) {
+        if let Some(g) = groups.by_key.get(&key) {
             if now.saturating_sub(g.start_ns) >= self.window_ns {
                 ended = groups
+                    .by_key
                     .remove(&key)
                     .and_then(|g| self.suppressed(key, g, now));
             }
         }
-        let g = groups.entry(key).or_insert(Group {
+        if now.saturating_sub(groups.all_start_ns) >= self.window_ns {
+            groups.all_start_ns = now;
+            groups.all_recorded = 0;
+        }
+        let room = groups.all_recorded < self.max;
+        let g = groups.by_key.entry(key).or_insert(Group {
             start_ns: now,
             recorded: 0,
             counted: 0,
         });
-        let admit = if g.recorded < self.full {
+        let admit = if room && g.recorded < self.full {
             g.recorded += 1;
             Admit::Record
         } else {
             g.counted += 1;
             Admit::Count
         };
+        if admit == Admit::Record {
+            groups.all_recorded += 1;
+        }
         (admit, ended)
     }
 
@@ -158,20 +183,26 @@ impl FailureSampler {
     pub fn due(&self, now: Nanos, all: bool) -> Vec<Suppressed> {
         let mut groups = self.groups();
         let ended: Vec<(Source, Reason)> = groups
+            .by_key
             .iter()
             .filter(|(_, g)| all || now.saturating_sub(g.start_ns) >= self.window_ns)
             .map(|(k, _)| *k)
             .collect();
         ended
             .into_iter()
-            .filter_map(|k| groups.remove(&k).and_then(|g| self.suppressed(k, g, now)))
+            .filter_map(|k| {
+                groups
+                    .by_key
+                    .remove(&k)
+                    .and_then(|g| self.suppressed(k, g, now))
+            })
             .collect()
     }
 
     /// Puts back counts whose summary could not be recorded, so they are tried again.
     pub fn restore(&self, s: Suppressed) {
         let mut groups = self.groups();
-        let g = groups.entry((s.source, s.reason)).or_insert(Group {
+        let g = groups.by_key.entry((s.source, s.reason)).or_insert(Group {
             start_ns: s.window_start_ns,
             recorded: self.full,
             counted: 0,
@@ -187,12 +218,41 @@ mod tests {
     use super::*;
     use std::net::{Ipv4Addr, Ipv6Addr};
 
+    /// Per-group sampling alone (no global budget in the way).
     fn sampler(full: u32) -> FailureSampler {
         FailureSampler::new(&AuditLimits {
             failure_window_ns: 10,
             failure_full_entries: full,
+            failure_max_entries: u32::MAX,
             ..AuditLimits::default()
         })
+    }
+
+    #[test]
+    fn many_sources_together_get_no_more_full_entries_than_the_global_budget() {
+        let s = FailureSampler::new(&AuditLimits {
+            failure_window_ns: 10,
+            failure_full_entries: 2,
+            failure_max_entries: 5,
+            ..AuditLimits::default()
+        });
+        let src = |i: u32| Source::of(Some(IpAddr::V4(Ipv4Addr::from(i))));
+        let mut recorded = 0;
+        for i in 0..100 {
+            if s.admit(src(i), Reason::Unauthenticated, 0).0 == Admit::Record {
+                recorded += 1;
+            }
+        }
+        assert_eq!(recorded, 5);
+        // Every other failure is counted, in its own source's summary.
+        let due = s.due(10, false);
+        assert_eq!(due.iter().map(|d| d.count).sum::<u64>(), 95);
+        assert_eq!(due.len(), 95);
+        // A new window has a new budget.
+        assert_eq!(
+            s.admit(src(0), Reason::Unauthenticated, 10).0,
+            Admit::Record
+        );
     }
 
     #[test]
@@ -248,7 +308,7 @@ mod tests {
             let src = Source::of(Some(IpAddr::V4(Ipv4Addr::from(i))));
             s.admit(src, Reason::Unauthenticated, 0);
         }
-        assert!(s.groups().len() <= MAX_GROUPS + 1);
+        assert!(s.groups().by_key.len() <= MAX_GROUPS + 1);
         let others = s.due(0, true);
         assert_eq!(others.len(), 1);
         assert_eq!(others[0].source, Source::Others);
