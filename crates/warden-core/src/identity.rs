@@ -181,11 +181,96 @@ pub enum KeyError {
     Format,
     #[error("public key file is not `ed25519-public:<64 hex digits>`")]
     PublicFormat,
+    #[error("public key file line {0} is not `ed25519-public:<64 hex digits>` with an optional ` until=<seconds since the epoch>`")]
+    PublicLine(usize),
+    #[error("public key file holds no current key: its first line must have no `until`")]
+    NoCurrentKey,
 }
 
-/// Parses a public key file's text: `ed25519-public:<hex key>`. A host that only checks
-/// tokens (the embedded `warden mcp-proxy`) reads this, never the private key file.
+/// One key of the set that verifies agent tokens: the current key, or one a key rotation
+/// retired, which verifies until `until` (seconds since the epoch) and is refused from
+/// then on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PublicKey {
+    pub key: VerifyingKey,
+    pub until: Option<u64>,
+}
+
+impl PublicKey {
+    pub fn current(key: VerifyingKey) -> Self {
+        Self { key, until: None }
+    }
+    pub fn kid(&self) -> String {
+        key_id(&self.key)
+    }
+    /// The raw key in base64url without padding: a JWK's `x` (RFC 8037).
+    pub fn x(&self) -> String {
+        B64.encode(self.key.as_bytes())
+    }
+    /// Whether it still verifies at `now`.
+    pub fn valid_at(&self, now: Nanos) -> bool {
+        self.until.is_none_or(|u| now / NANOS_PER_SEC < u)
+    }
+}
+
+/// Parses a public key file (`warden.pub`): one key per line, the current key first
+/// (`ed25519-public:<hex>`), then keys a rotation retired, each with the time it stops
+/// verifying (`ed25519-public:<hex> until=<seconds>`). A file of one line, as older
+/// versions wrote, is a set of one.
+pub fn public_keys_from_file(text: &str) -> Result<Vec<PublicKey>, KeyError> {
+    let mut keys = Vec::new();
+    for (i, line) in text.lines().map(str::trim).enumerate() {
+        if line.is_empty() {
+            continue;
+        }
+        let bad = || KeyError::PublicLine(i + 1);
+        let mut words = line.split_whitespace();
+        let key = words
+            .next()
+            .ok_or_else(bad)
+            .and_then(|k| public_key_from_line(k).map_err(|_| bad()))?;
+        let until = match words.next() {
+            None => None,
+            Some(w) => Some(
+                w.strip_prefix("until=")
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .ok_or_else(bad)?,
+            ),
+        };
+        if words.next().is_some() {
+            return Err(bad());
+        }
+        keys.push(PublicKey { key, until });
+    }
+    match keys.first() {
+        Some(k) if k.until.is_none() => Ok(keys),
+        _ => Err(KeyError::NoCurrentKey),
+    }
+}
+
+/// The text of a public key file holding `keys`, the current one first.
+pub fn public_keys_to_file(keys: &[PublicKey]) -> String {
+    keys.iter()
+        .map(|k| {
+            let hex_key = hex::encode(k.key.to_bytes());
+            match k.until {
+                None => format!("ed25519-public:{hex_key}\n"),
+                Some(u) => format!("ed25519-public:{hex_key} until={u}\n"),
+            }
+        })
+        .collect()
+}
+
+/// The current key of a public key file (its first line): what signs new tokens and
+/// gateway assertions. See [`public_keys_from_file`] for the whole set.
 pub fn public_key_from_file(text: &str) -> Result<VerifyingKey, KeyError> {
+    public_keys_from_file(text)
+        .map_err(|_| KeyError::PublicFormat)
+        .map(|keys| keys.into_iter().next().map(|k| k.key))?
+        .ok_or(KeyError::PublicFormat)
+}
+
+fn public_key_from_line(text: &str) -> Result<VerifyingKey, KeyError> {
     let hex_key = text
         .trim()
         .strip_prefix("ed25519-public:")
@@ -351,52 +436,90 @@ pub fn new_claims(issuer: &str, agent: &Agent, jti: String, now: Nanos) -> Claim
     }
 }
 
+/// A token's claims, once its signature checked, and the `until` of the key that signed it.
+type Verified = (Arc<Claims>, Option<u64>);
+
 /// Checks signatures and claims of agent tokens, with a cache of verified tokens.
 pub struct Verifier {
     issuer: String,
-    keys: HashMap<String, VerifyingKey>,
-    cache: RwLock<HashMap<String, Arc<Claims>>>,
+    keys: HashMap<String, PublicKey>,
+    /// Each token whose signature checked, with the `until` of the key that signed it,
+    /// so a key's retirement holds for cached tokens too.
+    cache: RwLock<HashMap<String, Verified>>,
     cache_cap: usize,
 }
 
 impl Verifier {
+    /// A verifier of tokens signed by any of `keys`, all current.
     pub fn new(
         issuer: impl Into<String>,
         keys: impl IntoIterator<Item = VerifyingKey>,
         cache_cap: usize,
     ) -> Self {
+        Self::with_keys(issuer, keys.into_iter().map(PublicKey::current), cache_cap)
+    }
+
+    /// A verifier of tokens signed by any of `keys`, each until its `until`.
+    pub fn with_keys(
+        issuer: impl Into<String>,
+        keys: impl IntoIterator<Item = PublicKey>,
+        cache_cap: usize,
+    ) -> Self {
         Self {
             issuer: issuer.into(),
-            keys: keys.into_iter().map(|k| (key_id(&k), k)).collect(),
+            keys: keys.into_iter().map(|k| (k.kid(), k)).collect(),
             cache: RwLock::new(HashMap::new()),
             cache_cap,
         }
+    }
+
+    /// The keys that verify tokens at `now`, by key id (for the JWKS), in kid order.
+    pub fn keys_at(&self, now: Nanos) -> Vec<(&str, &PublicKey)> {
+        let mut keys: Vec<(&str, &PublicKey)> = self
+            .keys
+            .iter()
+            .filter(|(_, k)| k.valid_at(now))
+            .map(|(kid, k)| (kid.as_str(), k))
+            .collect();
+        keys.sort_by_key(|(kid, _)| *kid);
+        keys
     }
 
     /// Verifies a token's signature, issuer, audience and validity window at `now`.
     /// Revocation and the agent's status are the caller's to check.
     pub fn verify(&self, token: &str, now: Nanos) -> Result<Arc<Claims>, CredentialError> {
         let cached = self.cache.read().ok().and_then(|c| c.get(token).cloned());
-        let claims = match cached {
+        let (claims, key_until) = match cached {
             Some(c) => c,
             None => {
-                let claims = Arc::new(self.verify_uncached(token)?);
+                let verified = self.verify_uncached(token)?;
+                let entry = (Arc::new(verified.0), verified.1);
                 if let Ok(mut cache) = self.cache.write() {
                     // A full cache is dropped whole: simpler than LRU bookkeeping on the
                     // hot path, and only tokens with valid signatures ever get in.
                     if cache.len() >= self.cache_cap {
                         cache.clear();
                     }
-                    cache.insert(token.to_owned(), claims.clone());
+                    cache.insert(token.to_owned(), entry.clone());
                 }
-                claims
+                entry
             }
         };
+        if let Some(until) = key_until.filter(|u| now / NANOS_PER_SEC >= *u) {
+            return Err(CredentialError::new(
+                Reason::CredentialExpired,
+                format!(
+                    "credential of agent `{0}` was signed with a key that was rotated out and stopped verifying {1}s ago; issue a new one with `warden agent rotate {0}`",
+                    claims.sub,
+                    (now / NANOS_PER_SEC).saturating_sub(until)
+                ),
+            ));
+        }
         check_window(&claims, now)?;
         Ok(claims)
     }
 
-    fn verify_uncached(&self, token: &str) -> Result<Claims, CredentialError> {
+    fn verify_uncached(&self, token: &str) -> Result<(Claims, Option<u64>), CredentialError> {
         let malformed = |what: &str| {
             CredentialError::new(
                 Reason::CredentialMalformed,
@@ -415,8 +538,10 @@ impl Verifier {
         let header_bytes = B64
             .decode(h)
             .map_err(|_| malformed("header is not base64url"))?;
+        // A duplicate member is refused (serde reports it), so no two readers of this
+        // header can see different algorithms or key ids.
         let header: Header = serde_json::from_slice(&header_bytes)
-            .map_err(|_| malformed("header is not a JSON object"))?;
+            .map_err(|e| malformed(&format!("header does not parse: {e}")))?;
         if header.crit.is_some() {
             return Err(CredentialError::new(
                 Reason::CredentialInvalid,
@@ -456,12 +581,14 @@ impl Verifier {
         let sig = Signature::from_slice(&sig_bytes)
             .map_err(|_| malformed("signature has the wrong length"))?;
         let signing_input = &token[..h.len() + 1 + c.len()];
-        key.verify(signing_input.as_bytes(), &sig).map_err(|_| {
-            CredentialError::new(
-                Reason::CredentialInvalid,
-                "credential signature does not verify: it was forged or altered",
-            )
-        })?;
+        key.key
+            .verify(signing_input.as_bytes(), &sig)
+            .map_err(|_| {
+                CredentialError::new(
+                    Reason::CredentialInvalid,
+                    "credential signature does not verify: it was forged or altered",
+                )
+            })?;
         // Only now, with the signature checked, are the claims worth reading.
         let claims_bytes = B64
             .decode(c)
@@ -486,7 +613,7 @@ impl Verifier {
                 ),
             ));
         }
-        Ok(claims)
+        Ok((claims, key.until))
     }
 }
 
@@ -916,6 +1043,232 @@ mod tests {
             let e = v.verify(&format!("{input}.{sig}"), T0).unwrap_err();
             assert_eq!(e.reason, Reason::CredentialInvalid, "{crit}");
             assert!(e.message.contains("crit"), "{e}");
+        }
+    }
+
+    /// Signs arbitrary header and claims text with `k`, as an attacker holding the key
+    /// (or a buggy issuer) could.
+    fn raw_token(k: &SigningKeyPair, header: &str, claims: &str) -> String {
+        let input = format!("{}.{}", B64.encode(header), B64.encode(claims));
+        let sig = B64.encode(k.key.sign(input.as_bytes()).to_bytes());
+        format!("{input}.{sig}")
+    }
+
+    /// Every bad token the issue lists, each refused with its reason and a message that
+    /// says what is wrong.
+    #[test]
+    fn bad_tokens_are_refused_each_with_a_clear_reason() {
+        let k = SigningKeyPair::from_seed([7; 32]);
+        let v = Verifier::new("w", [k.verifying_key()], 16);
+        let claims = new_claims("w", &agent(), "j1".into(), T0);
+        let c = serde_json::to_string(&claims).unwrap();
+        let kid = k.kid().to_owned();
+        let good = k.sign(&claims);
+        assert!(v.verify(&good, T0).is_ok());
+        let sig_of = |t: &str| t.rsplit('.').next().unwrap().to_owned();
+        let body = |t: &str| t.rsplit_once('.').unwrap().0.to_owned();
+        let huge = {
+            let mut big = claims.clone();
+            big.scopes = (0..2000).map(|i| format!("scope-{i}")).collect();
+            k.sign(&big)
+        };
+        let cases: Vec<(&str, String, Reason, &str)> = vec![
+            (
+                "alg none, no signature",
+                format!("{}.{}.", B64.encode(r#"{"alg":"none"}"#), B64.encode(&c)),
+                Reason::CredentialInvalid,
+                "algorithm `none`",
+            ),
+            (
+                "alg none, with our signature",
+                raw_token(&k, &format!(r#"{{"alg":"none","kid":"{kid}"}}"#), &c),
+                Reason::CredentialInvalid,
+                "algorithm `none`",
+            ),
+            (
+                "HS256 keyed with the public key (algorithm confusion)",
+                raw_token(&k, &format!(r#"{{"alg":"HS256","kid":"{kid}"}}"#), &c),
+                Reason::CredentialInvalid,
+                "only `EdDSA`",
+            ),
+            (
+                "RS256",
+                raw_token(&k, &format!(r#"{{"alg":"RS256","kid":"{kid}"}}"#), &c),
+                Reason::CredentialInvalid,
+                "only `EdDSA`",
+            ),
+            (
+                "an unknown key id",
+                raw_token(&k, r#"{"alg":"EdDSA","kid":"0011223344556677"}"#, &c),
+                Reason::CredentialInvalid,
+                "kid `0011223344556677`",
+            ),
+            (
+                "no key id",
+                raw_token(&k, r#"{"alg":"EdDSA"}"#, &c),
+                Reason::CredentialInvalid,
+                "does not know",
+            ),
+            (
+                "a truncated signature",
+                format!("{}.{}", body(&good), &sig_of(&good)[..40]),
+                Reason::CredentialMalformed,
+                "wrong length",
+            ),
+            (
+                "an empty signature",
+                format!("{}.", body(&good)),
+                Reason::CredentialMalformed,
+                "wrong length",
+            ),
+            (
+                "a signature of another token",
+                format!(
+                    "{}.{}",
+                    body(&good),
+                    sig_of(&k.sign(&new_claims("w", &agent(), "j2".into(), T0)))
+                ),
+                Reason::CredentialInvalid,
+                "forged or altered",
+            ),
+            (
+                "huge claims",
+                huge.clone(),
+                Reason::CredentialMalformed,
+                "longer than 8 KiB",
+            ),
+            (
+                "a duplicate key in the header",
+                raw_token(
+                    &k,
+                    &format!(r#"{{"alg":"EdDSA","kid":"{kid}","alg":"EdDSA"}}"#),
+                    &c,
+                ),
+                Reason::CredentialMalformed,
+                "duplicate field `alg`",
+            ),
+            (
+                "a duplicate key in the claims",
+                raw_token(
+                    &k,
+                    &format!(r#"{{"alg":"EdDSA","kid":"{kid}"}}"#),
+                    &c.replacen(r#""sub":"#, r#""sub":"someone-else","sub":"#, 1),
+                ),
+                Reason::CredentialMalformed,
+                "duplicate field `sub`",
+            ),
+            (
+                "claims that are not an object",
+                raw_token(&k, &format!(r#"{{"alg":"EdDSA","kid":"{kid}"}}"#), "[1,2]"),
+                Reason::CredentialMalformed,
+                "claims do not parse",
+            ),
+        ];
+        assert!(huge.len() > MAX_TOKEN_BYTES);
+        for (what, token, reason, says) in cases {
+            let e = v.verify(&token, T0).unwrap_err();
+            assert_eq!(e.reason, reason, "{what}: {e}");
+            assert!(e.message.contains(says), "{what}: {e}");
+        }
+
+        // A future `nbf` holds the token off until then (see `not_before_is_honoured`).
+        let mut later = claims.clone();
+        later.nbf = Some(T0 / NANOS_PER_SEC + 3600);
+        let e = v.verify(&k.sign(&later), T0).unwrap_err();
+        assert_eq!(e.reason, Reason::CredentialExpired);
+        assert!(e.message.contains("`nbf`"), "{e}");
+
+        // An `exp` far in the future verifies as a signature, but no store issued such a
+        // credential, and one recorded with it would outlive the rotation period.
+        let mut forever = claims.clone();
+        forever.exp = forever.iat + 10 * 365 * 86_400;
+        let t = k.sign(&forever);
+        let verified = v.verify(&t, T0).unwrap();
+        let e = check_issued(&verified, None, &agent(), T0).unwrap_err();
+        assert_eq!(e.reason, Reason::CredentialInvalid);
+        let recorded = Credential {
+            jti: "j1".into(),
+            agent_id: agent().id,
+            issued_at_ns: T0,
+            expires_at_ns: forever.exp.saturating_mul(NANOS_PER_SEC),
+            revoked_at_ns: None,
+            replaced_by: None,
+        };
+        let e = check_issued(&verified, Some(&recorded), &agent(), T0).unwrap_err();
+        assert_eq!(e.reason, Reason::CredentialInvalid);
+        assert!(e.message.contains("rotation period"), "{e}");
+    }
+
+    #[test]
+    fn a_retired_key_verifies_through_its_overlap_and_not_a_second_longer() {
+        let old = SigningKeyPair::from_seed([7; 32]);
+        let new = SigningKeyPair::from_seed([8; 32]);
+        let until = T0 / NANOS_PER_SEC + 600;
+        let v = Verifier::with_keys(
+            "w",
+            [
+                PublicKey::current(new.verifying_key()),
+                PublicKey {
+                    key: old.verifying_key(),
+                    until: Some(until),
+                },
+            ],
+            16,
+        );
+        let by_old = old.sign(&new_claims("w", &agent(), "j1".into(), T0));
+        let by_new = new.sign(&new_claims("w", &agent(), "j2".into(), T0));
+        let last = until * NANOS_PER_SEC - 1;
+        assert!(v.verify(&by_old, last).is_ok());
+        // cached now; the key's end holds for the cached token too
+        let e = v.verify(&by_old, until * NANOS_PER_SEC).unwrap_err();
+        assert_eq!(e.reason, Reason::CredentialExpired);
+        assert!(
+            e.message
+                .contains("warden agent rotate claims-processor-v3"),
+            "{e}"
+        );
+        assert!(v.verify(&by_new, until * NANOS_PER_SEC).is_ok());
+        // The JWKS lists a key only while it verifies.
+        let kids = |now| {
+            v.keys_at(now)
+                .into_iter()
+                .map(|(k, _)| k.to_owned())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(kids(last).len(), 2);
+        assert_eq!(kids(until * NANOS_PER_SEC), vec![new.kid().to_owned()]);
+    }
+
+    #[test]
+    fn public_key_sets_round_trip_and_refuse_what_they_cannot_read() {
+        let a = SigningKeyPair::from_seed([1; 32]).verifying_key();
+        let b = SigningKeyPair::from_seed([2; 32]).verifying_key();
+        let set = vec![
+            PublicKey::current(a),
+            PublicKey {
+                key: b,
+                until: Some(1_800_000_000),
+            },
+        ];
+        let text = public_keys_to_file(&set);
+        assert_eq!(public_keys_from_file(&text).unwrap(), set);
+        assert_eq!(public_key_from_file(&text).unwrap(), a);
+        // one line, as older versions wrote it
+        let one = SigningKeyPair::from_seed([1; 32]).to_public_key_file();
+        assert_eq!(
+            public_keys_from_file(&one).unwrap(),
+            vec![PublicKey::current(a)]
+        );
+        let first_line = text.lines().next().unwrap();
+        let second_line = text.lines().nth(1).unwrap();
+        for bad in [
+            String::new(),
+            format!("{second_line}\n{first_line}\n"),
+            format!("{first_line} until=soon\n"),
+            format!("{first_line}\n{second_line} extra\n"),
+            format!("{first_line}\ned25519-public:zz\n"),
+        ] {
+            assert!(public_keys_from_file(&bad).is_err(), "{bad:?}");
         }
     }
 

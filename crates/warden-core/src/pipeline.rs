@@ -222,6 +222,11 @@ impl Pipeline {
         self.clock.as_ref()
     }
 
+    /// The verifier of agent tokens, whose keys the JWKS publishes.
+    pub fn verifier(&self) -> &Verifier {
+        &self.verifier
+    }
+
     /// The policy in force.
     pub fn policy(&self) -> Option<Arc<PolicyBundle>> {
         self.policy.read().ok().map(|p| p.clone())

@@ -29,7 +29,9 @@ use crate::error::ApiError;
 use crate::flood::{Admit, Source, Suppressed};
 use crate::ids::{self, call_id, random_hex};
 use crate::open_calls::{Lookup, Permitted};
-use crate::wire::{CheckRequest, DecisionAnswer, OutcomeAnswer, OutcomeRequest, Standing, Stopped};
+use crate::wire::{
+    CheckRequest, DecisionAnswer, Jwk, JwkSet, OutcomeAnswer, OutcomeRequest, Standing, Stopped,
+};
 use crate::{blocking, App};
 use warden_core::trace::parse_traceparent;
 
@@ -41,6 +43,7 @@ pub fn routes(app: Arc<App>) -> Router {
         .route("/v1/agent", get(agent_standing))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/.well-known/jwks.json", get(jwks))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(app)
 }
@@ -581,6 +584,40 @@ async fn agent_standing(State(app): State<Arc<App>>, headers: HeaderMap) -> Resp
             (status, Json(body)).into_response()
         }
     }
+}
+
+/// How long a tool server may cache the key set. Short beside any rotation overlap (a
+/// retired key stays listed for the whole overlap), so a verifier learns of a new key
+/// long before a token it signed could be refused for want of it.
+const JWKS_MAX_AGE_SECS: u64 = 300;
+
+/// The public keys that verify agent tokens, for tool servers that check tokens
+/// themselves: the current key and those a rotation retired, while they still verify.
+/// Public (a public key is no secret) and cacheable.
+async fn jwks(State(app): State<Arc<App>>) -> Response {
+    let now = app.pipeline.clock().now_ns();
+    let keys = app
+        .pipeline
+        .verifier()
+        .keys_at(now)
+        .into_iter()
+        .map(|(kid, k)| Jwk {
+            kty: "OKP".into(),
+            crv: "Ed25519".into(),
+            x: k.x(),
+            kid: kid.to_owned(),
+            alg: "EdDSA".into(),
+            use_: "sig".into(),
+        })
+        .collect();
+    (
+        [(
+            axum::http::header::CACHE_CONTROL,
+            format!("public, max-age={JWKS_MAX_AGE_SECS}"),
+        )],
+        Json(JwkSet { keys }),
+    )
+        .into_response()
 }
 
 pub(crate) async fn healthz() -> Json<Value> {

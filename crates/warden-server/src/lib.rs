@@ -39,7 +39,7 @@ use tokio::sync::{watch, Mutex};
 use warden_core::audit::Entry;
 use warden_core::clock::{Clock, SystemClock};
 use warden_core::config::Settings;
-use warden_core::identity::{self, SigningKeyPair, Verifier, VerifyingKey};
+use warden_core::identity::{self, PublicKey, SigningKeyPair, Verifier};
 use warden_core::policy::PolicyError;
 use warden_core::store::{Store, StoreError};
 use warden_core::Pipeline;
@@ -109,7 +109,8 @@ impl App {
     ) -> Result<Arc<App>, ServeError> {
         let key = setup::load_or_create_key(&settings.key_file)?;
         let operator_token = setup::operator_token(&settings)?;
-        let public = key.verifying_key();
+        // The current key, and those a rotation retired that still verify.
+        let public = setup::load_public_keys(&settings.key_file)?;
         Self::assemble(
             settings,
             store,
@@ -128,7 +129,7 @@ impl App {
         settings: Settings,
         clock: Arc<dyn Clock>,
     ) -> Result<Arc<App>, ServeError> {
-        let public = setup::load_public_key(&settings.key_file)?;
+        let public = setup::load_public_keys(&settings.key_file)?;
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&settings.store_path)?);
         Self::assemble(settings, store, clock, public, None, None)
     }
@@ -137,7 +138,7 @@ impl App {
         settings: Settings,
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
-        public: VerifyingKey,
+        public: Vec<PublicKey>,
         key: Option<SigningKeyPair>,
         operator_token: Option<String>,
     ) -> Result<Arc<App>, ServeError> {
@@ -151,9 +152,9 @@ impl App {
         for agent in &settings.agents {
             store.upsert_agent(agent)?;
         }
-        let verifier = Verifier::new(
+        let verifier = Verifier::with_keys(
             settings.issuer.clone(),
-            [public],
+            public,
             settings.token_cache_entries,
         );
         let pipeline = Arc::new(Pipeline::new(&settings, bundle, verifier, clock));

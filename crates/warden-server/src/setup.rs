@@ -12,8 +12,11 @@ use std::fs;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
+use warden_core::clock::{Clock, Nanos, SystemClock, NANOS_PER_SEC};
 use warden_core::config::Settings;
-use warden_core::identity::{public_key_from_file, SigningKeyPair, VerifyingKey};
+use warden_core::identity::{
+    public_keys_from_file, public_keys_to_file, PublicKey, SigningKeyPair,
+};
 
 use crate::ids::random_hex;
 
@@ -158,11 +161,45 @@ pub fn load_or_create_key(path: &Path) -> Result<SigningKeyPair, SetupError> {
     Ok(key)
 }
 
-/// Writes the public key file beside `key_file` unless it already holds this key. It is
-/// replaced whole (a temporary file renamed over it), so a reader never sees half a key.
+/// Writes the public key file beside `key_file` with `key` as its current key, keeping
+/// the keys an earlier rotation retired until their `until` passes; unless it already
+/// says exactly that. It is replaced whole (a temporary file renamed over it), so a
+/// reader never sees half a key set.
 pub fn write_public_key(key_file: &Path, key: &SigningKeyPair) -> Result<(), SetupError> {
+    write_public_keys(key_file, key, None, SystemClock.now_ns())
+}
+
+/// How long a retired key stays in the public key file after it stopped verifying.
+const RETIRED_KEY_MEMORY_SECS: u64 = 90 * 86_400;
+
+/// The key set with `key` current, `retired` (if any) valid until its `until`, and the
+/// keys the file already retired that still verify at `now`.
+fn write_public_keys(
+    key_file: &Path,
+    key: &SigningKeyPair,
+    retired: Option<PublicKey>,
+    now: Nanos,
+) -> Result<(), SetupError> {
     let path = public_key_path(key_file);
-    let text = key.to_public_key_file();
+    let existing = fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| public_keys_from_file(&t).ok())
+        .unwrap_or_default();
+    let current = PublicKey::current(key.verifying_key());
+    let mut keys = vec![current];
+    for k in retired.into_iter().chain(existing) {
+        let fresh = k.key != current.key && !keys.iter().any(|x| x.key == k.key);
+        // A retired key stays listed (not in the JWKS, not verifying) for a while after
+        // its overlap, so a token it signed is refused as expired, naming the fix,
+        // rather than as signed by a stranger.
+        let remembered = k
+            .until
+            .is_some_and(|u| u.saturating_add(RETIRED_KEY_MEMORY_SECS) > now / NANOS_PER_SEC);
+        if fresh && remembered {
+            keys.push(k);
+        }
+    }
+    let text = public_keys_to_file(&keys);
     if fs::read_to_string(&path).is_ok_and(|t| t == text) {
         return Ok(());
     }
@@ -170,15 +207,7 @@ pub fn write_public_key(key_file: &Path, key: &SigningKeyPair) -> Result<(), Set
     // `create_new`: never follow a link planted at the temporary name. 0644 whatever
     // the umask: anyone may read a public key, only its owner may replace it (the
     // embedded proxy trusts whatever key this file holds).
-    let mut opts = fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o644);
-    }
-    opts.open(&tmp)
-        .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|()| f.sync_all()))
+    write_new(&tmp, &text, 0o644)
         .and_then(|()| fs::rename(&tmp, &path))
         .map_err(|e| {
             let _ = fs::remove_file(&tmp);
@@ -186,9 +215,53 @@ pub fn write_public_key(key_file: &Path, key: &SigningKeyPair) -> Result<(), Set
         })
 }
 
-/// Loads the public key that verifies the node's tokens, from the file beside the key
-/// file named in the config. Never opens the private key.
-pub fn load_public_key(key_file: &Path) -> Result<VerifyingKey, SetupError> {
+fn write_new(path: &Path, text: &str, mode: u32) -> std::io::Result<()> {
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(mode);
+    }
+    #[cfg(not(unix))]
+    let _ = mode;
+    opts.open(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|()| f.sync_all()))
+}
+
+/// Replaces the signing key at `key_file` with a new one. The public key file names the
+/// new key current and keeps the old one until `now + overlap_ns`, so tokens it signed
+/// still verify until then, on this node and on every host that reads the file or the
+/// JWKS. The public file is written first: a verifier that reads it between the two
+/// writes already knows the new key before anything is signed with it. Returns the new
+/// key and the old key's id.
+pub fn rotate_key(
+    key_file: &Path,
+    overlap_ns: Nanos,
+    now: Nanos,
+) -> Result<(SigningKeyPair, String), SetupError> {
+    let old = load_key(key_file)?;
+    let new = generate_key()?;
+    let until = now.saturating_add(overlap_ns) / NANOS_PER_SEC;
+    let retired = PublicKey {
+        key: old.verifying_key(),
+        until: Some(until),
+    };
+    write_public_keys(key_file, &new, Some(retired), now)?;
+    let tmp = key_file.with_extension(format!("key.tmp{}", std::process::id()));
+    write_new(&tmp, &new.to_key_file(), 0o600)
+        .and_then(|()| fs::rename(&tmp, key_file))
+        .map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            file_err(key_file, format!("cannot write the new signing key: {e}"))
+        })?;
+    Ok((new, old.kid().to_owned()))
+}
+
+/// Loads the keys that verify the node's tokens, from the public key file beside the key
+/// file named in the config: the current key and those a rotation retired. Never opens
+/// the private key.
+pub fn load_public_keys(key_file: &Path) -> Result<Vec<PublicKey>, SetupError> {
     let path = public_key_path(key_file);
     // Whoever may replace this file may swap in a key of their own and mint tokens the
     // embedded proxy accepts: refuse one that group or others may write.
@@ -203,7 +276,7 @@ pub fn load_public_key(key_file: &Path) -> Result<VerifyingKey, SetupError> {
         )
     })?
     .ok_or_else(|| SetupError::NoPublicKey(path.display().to_string()))?;
-    public_key_from_file(&text).map_err(|e| file_err(&path, e.to_string()))
+    public_keys_from_file(&text).map_err(|e| file_err(&path, e.to_string()))
 }
 
 pub fn new_operator_token() -> Result<String, SetupError> {
@@ -313,11 +386,14 @@ mod tests {
         let e = load_key(&key).unwrap_err().to_string();
         assert!(e.contains("no signing key at"), "{e}");
         assert!(!key.exists());
-        assert!(load_public_key(&key).is_err());
+        assert!(load_public_keys(&key).is_err());
         assert!(!key.exists());
 
         let k = load_or_create_key(&key).unwrap();
-        assert_eq!(load_public_key(&key).unwrap(), k.verifying_key());
+        assert_eq!(
+            load_public_keys(&key).unwrap(),
+            vec![PublicKey::current(k.verifying_key())]
+        );
         assert_eq!(public_key_path(&key), dir.path().join("warden.pub"));
         assert_eq!(
             public_key_path(Path::new("/k/signing.pub")),
@@ -338,9 +414,9 @@ mod tests {
         let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&public), 0o644);
         fs::set_permissions(&public, fs::Permissions::from_mode(0o664)).unwrap();
-        let e = load_public_key(&key).unwrap_err().to_string();
+        let e = load_public_keys(&key).unwrap_err().to_string();
         assert!(e.contains("chmod 644"), "{e}");
         fs::set_permissions(&public, fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(load_public_key(&key).is_ok());
+        assert!(load_public_keys(&key).is_ok());
     }
 }

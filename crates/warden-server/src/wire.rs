@@ -114,3 +114,22 @@ pub struct ErrorAnswer {
     pub error: String,
     pub message: String,
 }
+
+/// `GET /.well-known/jwks.json`: the public keys that verify agent tokens (RFC 7517).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct JwkSet {
+    pub keys: Vec<Jwk>,
+}
+
+/// One Ed25519 public key as a JWK (RFC 8037): `kty` `OKP`, `crv` `Ed25519`, `x` the raw
+/// 32-byte key in base64url without padding.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Jwk {
+    pub kty: String,
+    pub crv: String,
+    pub x: String,
+    pub kid: String,
+    pub alg: String,
+    #[serde(rename = "use")]
+    pub use_: String,
+}

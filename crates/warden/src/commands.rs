@@ -66,6 +66,9 @@ enum Command {
     /// Register agents and manage their credentials.
     #[command(subcommand)]
     Agent(AgentCmd),
+    /// Manage the node's signing key.
+    #[command(subcommand)]
+    Key(KeyCmd),
     /// Validate and test policies.
     #[command(subcommand)]
     Policy(PolicyCmd),
@@ -192,6 +195,19 @@ enum AgentCmd {
         id: String,
         #[arg(long)]
         jti: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCmd {
+    /// Replace the signing key. The old public key stays in `warden.pub` (and the JWKS)
+    /// for the overlap, so tokens it signed keep verifying; rotate every agent's
+    /// credential within it (`warden agent rotate`), and restart `warden serve` and any
+    /// embedded `mcp-proxy` so they sign and verify with the new set.
+    Rotate {
+        /// How long tokens signed with the old key keep verifying, e.g. 24h.
+        #[arg(long, default_value = "24h")]
+        overlap: String,
     },
 }
 
@@ -372,6 +388,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Agent(cmd) => agent(&load_settings(&cli.config)?, &cli.config, cmd),
+        Command::Key(KeyCmd::Rotate { overlap }) => {
+            rotate_key(&load_settings(&cli.config)?, &overlap)
+        }
         Command::Policy(PolicyCmd::Validate) => {
             let settings = load_settings(&cli.config)?;
             let bundle = policy_files::load(&settings)?;
@@ -692,6 +711,31 @@ fn issue_and_print(
     )?;
     println!("{token}");
     Ok(())
+}
+
+/// Rotates the signing key and records it in the audit.
+fn rotate_key(settings: &Settings, overlap: &str) -> Result<ExitCode> {
+    let overlap_ns = parse_overlap(overlap).map_err(|m| anyhow!("--overlap: {m}"))?;
+    // The store first: a rotation nobody can record is not made.
+    let store = open_store(settings)?;
+    let by = acting()?;
+    let (new, old_kid) = setup::rotate_key(&settings.key_file, overlap_ns, by.at)?;
+    store.append_audit(vec![by.entry(
+        "key-rotate",
+        format!(
+            "signing key `{}` replaces `{old_kid}`, which verifies for {}s more",
+            new.kid(),
+            overlap_ns / NANOS_PER_SEC
+        ),
+    )])?;
+    println!(
+        "signing key `{}` replaces `{old_kid}`; tokens signed with `{old_kid}` verify for {}s more.\n\
+         Restart `warden serve` (and any embedded `warden mcp-proxy`) to sign and verify with the new set,\n\
+         then issue every agent a new credential within the overlap: `warden agent rotate <agent>`.",
+        new.kid(),
+        overlap_ns / NANOS_PER_SEC
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Suspends, resumes or retires an agent, with its audit entry; a running node has the

@@ -1368,3 +1368,218 @@ fn only_valid_jti(dir: &Path) -> String {
     assert_eq!(valid.len(), 1, "{shown}");
     valid[0].to_owned()
 }
+
+/// The Python of the test venv (with PyJWT), or why it is missing.
+fn python_with_pyjwt() -> Result<PathBuf, String> {
+    let python = std::env::var_os("WARDEN_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv-test/bin/python")
+        });
+    let ok = Command::new(&python)
+        .args(["-c", "import jwt, cryptography"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok {
+        Ok(python)
+    } else {
+        Err(format!(
+            "no Python with PyJWT at {} (tests/mcp/requirements.txt)",
+            python.display()
+        ))
+    }
+}
+
+/// What a tool server does with the JWKS alone: fetch it, pick the key by `kid`, verify
+/// with PyJWT. Prints the verified `sub`, or the error.
+const PYJWT_VERIFY: &str = r#"
+import sys, jwt
+url, token, issuer = sys.argv[1:4]
+try:
+    key = jwt.PyJWKClient(url).get_signing_key_from_jwt(token)
+    claims = jwt.decode(token, key.key, algorithms=["EdDSA"], audience="warden-agent",
+                        issuer=issuer, options={"require": ["exp", "iat", "sub", "jti"]})
+    print("verified", claims["sub"])
+except Exception as e:
+    print("refused", type(e).__name__, e)
+"#;
+
+fn pyjwt_verify(python: &Path, jwks: &str, token: &str, issuer: &str) -> String {
+    let out = Command::new(python)
+        .args(["-c", PYJWT_VERIFY, jwks, token, issuer])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// The JWKS is public, cacheable and lists public keys only; PyJWT verifies a Warden
+/// token from it alone. After `warden key rotate` and a restart, the old key verifies
+/// through the overlap beside the new one, on the node and for PyJWT; with no overlap
+/// the old key's tokens are refused at once, as expired, naming the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_jwks_lets_a_standard_library_verify_tokens_and_follows_key_rotation() {
+    let python = match python_with_pyjwt() {
+        Ok(p) => Some(p),
+        Err(why) if std::env::var_os("WARDEN_REQUIRE_MCP_PEERS").is_some() => panic!("{why}"),
+        Err(why) => {
+            eprintln!("PyJWT checks skipped: {why}");
+            None
+        }
+    };
+    let dir = init();
+    let d = dir.path();
+    let issuer = fs::read_to_string(d.join("warden.toml"))
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("issuer = ")
+                .map(|v| v.trim_matches('"').to_owned())
+        })
+        .unwrap_or_else(|| "warden".to_owned());
+    let mut server = Server::start(d).await;
+    let http = reqwest::Client::new();
+    let jwks_url = |base: &str| format!("{base}/.well-known/jwks.json");
+    let fetch = |base: String| {
+        let http = http.clone();
+        async move {
+            // No credential of any kind: the route is public.
+            let resp = http.get(jwks_url(&base)).send().await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            let cache = resp.headers()["cache-control"].to_str().unwrap().to_owned();
+            assert!(cache.starts_with("public, max-age="), "{cache}");
+            resp.json::<Value>().await.unwrap()
+        }
+    };
+    let set = fetch(server.base.clone()).await;
+    let keys = set["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 1, "{set}");
+    let k = keys[0].as_object().unwrap();
+    let mut fields: Vec<&str> = k.keys().map(String::as_str).collect();
+    fields.sort_unstable();
+    assert_eq!(
+        fields,
+        ["alg", "crv", "kid", "kty", "use", "x"],
+        "public members only: {set}"
+    );
+    assert_eq!(
+        (&k["kty"], &k["crv"], &k["alg"], &k["use"]),
+        (
+            &json!("OKP"),
+            &json!("Ed25519"),
+            &json!("EdDSA"),
+            &json!("sig")
+        )
+    );
+    let public = fs::read_to_string(d.join("warden.pub")).unwrap();
+    let old_kid = k["kid"].as_str().unwrap().to_owned();
+
+    let old = warden_ok(d, &["agent", "token", AGENT])
+        .stdout
+        .trim()
+        .to_owned();
+    if let Some(py) = &python {
+        assert_eq!(
+            pyjwt_verify(py, &jwks_url(&server.base), &old, &issuer),
+            format!("verified {AGENT}")
+        );
+        // Altered by one claim, the same library refuses it.
+        let mut parts: Vec<String> = old.split('.').map(str::to_owned).collect();
+        parts[2] = parts[2].chars().rev().collect();
+        let out = pyjwt_verify(py, &jwks_url(&server.base), &parts.join("."), &issuer);
+        assert!(out.starts_with("refused"), "{out}");
+    }
+
+    // Rotate the key with an overlap, restart: both keys listed, both tokens accepted.
+    let out = warden_ok(d, &["key", "rotate", "--overlap", "1h"]);
+    assert!(out.stdout.contains(&old_kid), "{out}");
+    let rotated_pub = fs::read_to_string(d.join("warden.pub")).unwrap();
+    assert_eq!(rotated_pub.lines().count(), 2, "{rotated_pub}");
+    assert!(
+        rotated_pub
+            .lines()
+            .nth(1)
+            .unwrap()
+            .starts_with(public.trim()),
+        "{rotated_pub}"
+    );
+    server.kill();
+    let mut server = Server::start(d).await;
+    let set = fetch(server.base.clone()).await;
+    assert_eq!(set["keys"].as_array().unwrap().len(), 2, "{set}");
+    let new = warden_ok(d, &["agent", "rotate", AGENT])
+        .stdout
+        .trim()
+        .to_owned();
+    let mut caller = Caller {
+        http: http.clone(),
+        base: server.base.clone(),
+        calls: Vec::new(),
+    };
+    caller.check_until(&old, get_claim(), "PERMITTED").await;
+    caller.check_until(&new, get_claim(), "PERMITTED").await;
+    if let Some(py) = &python {
+        for t in [&old, &new] {
+            assert_eq!(
+                pyjwt_verify(py, &jwks_url(&server.base), t, &issuer),
+                format!("verified {AGENT}")
+            );
+        }
+    }
+    // A second rotation's restart keeps the first retired key through its overlap.
+    let out = warden_ok(d, &["key", "rotate", "--overlap", "0s"]);
+    assert!(out.stdout.contains("0s more"), "{out}");
+    server.kill();
+    let server = Server::start(d).await;
+    let set = fetch(server.base.clone()).await;
+    let kids: Vec<&str> = set["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kids.len(),
+        2,
+        "the first key (1h) and the new one; the second (0s) is gone: {set}"
+    );
+    assert_eq!(
+        fs::read_to_string(d.join("warden.pub"))
+            .unwrap()
+            .lines()
+            .count(),
+        3,
+        "the file still names the second key, to refuse its tokens as expired"
+    );
+    assert!(kids.contains(&old_kid.as_str()), "{set}");
+    let mut caller = Caller {
+        http,
+        base: server.base.clone(),
+        calls: Vec::new(),
+    };
+    caller.check_until(&old, get_claim(), "PERMITTED").await;
+    let a = caller
+        .check_until(&new, get_claim(), "CREDENTIAL_EXPIRED")
+        .await;
+    let m = a.body["message"].as_str().unwrap();
+    assert!(
+        m.contains("rotated out") && m.contains(&format!("warden agent rotate {AGENT}")),
+        "{m}"
+    );
+    let newest = warden_ok(d, &["agent", "token", AGENT])
+        .stdout
+        .trim()
+        .to_owned();
+    caller.check_until(&newest, get_claim(), "PERMITTED").await;
+    let records = export(d);
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| r["action"] == "key-rotate")
+            .count(),
+        2,
+        "each key rotation is on the record"
+    );
+    drop(server);
+}
