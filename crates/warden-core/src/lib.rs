@@ -19,6 +19,7 @@ pub mod decision;
 pub mod identity;
 pub mod json;
 pub mod limits;
+pub mod operator;
 pub mod pipeline;
 pub mod policy;
 pub mod store;

@@ -1,22 +1,30 @@
 //! The operator plane: agents, credentials, kill switches, policy reload, audit reads.
 //!
-//! Every route here takes only the operator token. An agent token, whatever it says, is
-//! refused with 403: kill switches do not work if the agent can reach them.
+//! Every route is declared once, in [`table`], with the [`Access`] it requires; the router
+//! is built from that table and nothing else, and the privilege tests walk the same
+//! table, so a route cannot be added without its access rule or escape the tests. A new
+//! admin route goes into [`table`]; there is no other way to mount one.
+//!
+//! Who may act: the bootstrap operator token (an admin) and operator accounts, each with
+//! a role (see [`warden_core::operator`]). Anything else (no token, an agent token, a
+//! forged, expired or removed credential) is refused with 401 before the body is read; a
+//! known operator whose role the route does not admit, with 403 naming the roles it needs.
 //!
 //! Every change to agents, credentials and kill switches is written in one store
 //! transaction with the audit entry that records it, naming the operator by their
-//! credential (`operator:<8 hex>`), never by what the request body claims.
+//! credential ([`Principal::who`]), never by what the request body claims.
 
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::handler::Handler;
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::routing::{get, post, MethodRouter};
+use axum::{Extension, Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use warden_core::audit::{verify_store, Record};
@@ -24,6 +32,7 @@ use warden_core::clock::NANOS_PER_SEC;
 use warden_core::config::{parse_duration, parse_overlap};
 use warden_core::control::{KillSwitch, KillTarget};
 use warden_core::identity::{self, issue_credential, validate_agent_id, Agent, AgentStatus};
+use warden_core::operator::{ct_eq, Access, Role};
 use warden_core::store::{Acting, ControlChange, Credential, StoreError};
 
 use crate::api::{bearer, json_body};
@@ -31,74 +40,140 @@ use crate::error::{close_connection, declares_body, ApiError};
 use crate::ids::random_hex;
 use crate::{blocking, App};
 
-/// Every admin route, as (method, path). The router below is built from the same paths;
-/// the privilege tests walk this list.
-pub const ROUTES: &[(Method, &str)] = &[
-    (Method::GET, "/admin/v1/agents"),
-    (Method::POST, "/admin/v1/agents"),
-    (Method::GET, "/admin/v1/agents/{id}"),
-    (Method::POST, "/admin/v1/agents/{id}/tokens"),
-    (Method::POST, "/admin/v1/agents/{id}/revoke"),
-    (Method::POST, "/admin/v1/agents/{id}/rotate"),
-    (Method::POST, "/admin/v1/agents/{id}/suspend"),
-    (Method::POST, "/admin/v1/agents/{id}/resume"),
-    (Method::POST, "/admin/v1/agents/{id}/retire"),
-    (Method::GET, "/admin/v1/kills"),
-    (Method::POST, "/admin/v1/kills"),
-    (Method::POST, "/admin/v1/revive"),
-    (Method::GET, "/admin/v1/policy"),
-    (Method::POST, "/admin/v1/policy/reload"),
-    (Method::GET, "/admin/v1/audit"),
-    (Method::GET, "/admin/v1/audit/verify"),
-];
+/// One admin route: what it answers, and who may call it.
+pub struct Route {
+    pub method: Method,
+    /// The axum path, with `{name}` for each path parameter.
+    pub path: &'static str,
+    pub access: Access,
+    handler: MethodRouter<Arc<App>>,
+}
+
+fn get_route<H, T>(path: &'static str, access: Access, handler: H) -> Route
+where
+    H: Handler<T, Arc<App>>,
+    T: 'static,
+{
+    Route {
+        method: Method::GET,
+        path,
+        access,
+        handler: get(handler),
+    }
+}
+
+fn post_route<H, T>(path: &'static str, access: Access, handler: H) -> Route
+where
+    H: Handler<T, Arc<App>>,
+    T: 'static,
+{
+    Route {
+        method: Method::POST,
+        path,
+        access,
+        handler: post(handler),
+    }
+}
+
+/// Every admin route with the access it requires. THE router: [`routes`] mounts these and
+/// only these, each behind [`authorize`] with its access.
+pub fn table() -> Vec<Route> {
+    use Access::{Admin, Audit, Stop};
+    vec![
+        get_route("/admin/v1/agents", Admin, list_agents),
+        post_route("/admin/v1/agents", Admin, register_agent),
+        get_route("/admin/v1/agents/{id}", Admin, show_agent),
+        post_route("/admin/v1/agents/{id}/tokens", Admin, issue_token),
+        post_route("/admin/v1/agents/{id}/revoke", Admin, revoke),
+        post_route("/admin/v1/agents/{id}/rotate", Admin, rotate),
+        post_route("/admin/v1/agents/{id}/suspend", Admin, suspend),
+        post_route("/admin/v1/agents/{id}/resume", Admin, resume),
+        post_route("/admin/v1/agents/{id}/retire", Admin, retire),
+        get_route("/admin/v1/kills", Stop, list_kills),
+        post_route("/admin/v1/kills", Stop, kill),
+        post_route("/admin/v1/revive", Admin, revive),
+        get_route("/admin/v1/policy", Admin, show_policy),
+        post_route("/admin/v1/policy/reload", Admin, reload_policy),
+        get_route("/admin/v1/audit", Audit, read_audit),
+        get_route("/admin/v1/audit/verify", Audit, verify_audit),
+    ]
+}
 
 pub fn routes(app: Arc<App>) -> Router {
     let limit = app.settings.max_body_bytes;
-    Router::new()
-        .route("/admin/v1/agents", get(list_agents).post(register_agent))
-        .route("/admin/v1/agents/{id}", get(show_agent))
-        .route("/admin/v1/agents/{id}/tokens", post(issue_token))
-        .route("/admin/v1/agents/{id}/revoke", post(revoke))
-        .route("/admin/v1/agents/{id}/rotate", post(rotate))
-        .route("/admin/v1/agents/{id}/suspend", post(suspend))
-        .route("/admin/v1/agents/{id}/resume", post(resume))
-        .route("/admin/v1/agents/{id}/retire", post(retire))
-        .route("/admin/v1/kills", get(list_kills).post(kill))
-        .route("/admin/v1/revive", post(revive))
-        .route("/admin/v1/policy", get(show_policy))
-        .route("/admin/v1/policy/reload", post(reload_policy))
-        .route("/admin/v1/audit", get(read_audit))
-        .route("/admin/v1/audit/verify", get(verify_audit))
-        .route_layer(middleware::from_fn_with_state(
-            app.clone(),
-            require_operator,
-        ))
-        .layer(DefaultBodyLimit::max(limit))
-        .with_state(app)
+    let mut router = Router::new();
+    for r in table() {
+        let gate = Gate {
+            app: app.clone(),
+            access: r.access,
+        };
+        // Several methods on one path merge into one method router.
+        router = router.route(
+            r.path,
+            r.handler
+                .route_layer(middleware::from_fn_with_state(gate, authorize)),
+        );
+    }
+    router.layer(DefaultBodyLimit::max(limit)).with_state(app)
 }
 
-/// Compares secrets in time independent of where they differ.
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// The operator a request acts as, established by [`authorize`] from the credential.
+/// Handlers take it as an extension; a handler mounted without the gate would find none
+/// and fail the request.
+#[derive(Clone, Debug)]
+pub struct Principal {
+    /// How audit entries name the operator (`operator:<8 hex>` for the bootstrap token).
+    pub who: String,
+    pub role: Role,
 }
 
-async fn require_operator(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
-    let mut refused = match bearer(req.headers()) {
-        None => ApiError::Unauthorized(
-            "the admin API needs the operator token as `Authorization: Bearer <token>`".into(),
-        )
-        .into_response(),
-        Some(t)
-            if app
-                .operator_token()
-                .is_some_and(|o| ct_eq(t.as_bytes(), o.as_bytes())) =>
-        {
+#[derive(Clone)]
+struct Gate {
+    app: Arc<App>,
+    access: Access,
+}
+
+/// The operator holding `token`, or why the token is no operator credential.
+async fn principal(app: &Arc<App>, token: &str) -> Result<Principal, ApiError> {
+    if app
+        .operator_token()
+        .is_some_and(|o| ct_eq(token.as_bytes(), o.as_bytes()))
+    {
+        return Ok(Principal {
+            who: app.operator_id().to_owned(),
+            role: Role::Admin,
+        });
+    }
+    Err(ApiError::Unauthorized(
+        "this is not a valid operator credential; the admin API takes only operator credentials, never agent tokens".into(),
+    ))
+}
+
+async fn authorize(State(gate): State<Gate>, mut req: Request, next: Next) -> Response {
+    let outcome = match bearer(req.headers()) {
+        None => Err(ApiError::Unauthorized(
+            "the admin API needs an operator credential as `Authorization: Bearer <token>`".into(),
+        )),
+        Some(t) => principal(&gate.app, t).await,
+    }
+    .and_then(|p| {
+        if gate.access.admits(p.role) {
+            Ok(p)
+        } else {
+            Err(ApiError::Forbidden(format!(
+                "`{}` has the {} role; this route needs the {} role",
+                p.who,
+                p.role,
+                gate.access.describe()
+            )))
+        }
+    });
+    let mut refused = match outcome {
+        Ok(p) => {
+            req.extensions_mut().insert(p);
             return next.run(req).await;
         }
-        Some(_) => ApiError::Forbidden(
-            "this credential may not use the admin API; it needs the operator token".into(),
-        )
-        .into_response(),
+        Err(e) => e.into_response(),
     };
     // Refused before the body was read (an unauthenticated peer's body is not worth
     // reading), so this connection ends here.
@@ -109,9 +184,9 @@ async fn require_operator(State(app): State<Arc<App>>, req: Request, next: Next)
 }
 
 /// The acting operator for one change: named by the credential, with a fresh entry id.
-fn acting(app: &App) -> Result<Acting, ApiError> {
+fn acting(app: &App, p: &Principal) -> Result<Acting, ApiError> {
     Ok(Acting {
-        who: app.operator_id().to_owned(),
+        who: p.who.clone(),
         at: app.pipeline.clock().now_ns(),
         entry_id: random_hex(16)
             .map_err(|e| ApiError::Unavailable(format!("no randomness: {e}")))?,
@@ -121,11 +196,11 @@ fn acting(app: &App) -> Result<Acting, ApiError> {
 /// Refuses a body that names an operator other than the credential's holder: the audit
 /// names who acted from the credential, and a request claiming otherwise is a mistake or
 /// a forgery.
-fn check_by(app: &App, by: Option<&str>) -> Result<(), ApiError> {
+fn check_by(p: &Principal, by: Option<&str>) -> Result<(), ApiError> {
     match by {
-        Some(b) if b != app.operator_id() => Err(ApiError::BadRequest(format!(
+        Some(b) if b != p.who => Err(ApiError::BadRequest(format!(
             "`by` names `{b}`, but the acting operator is taken from the credential (`{}`); drop the field",
-            app.operator_id()
+            p.who
         ))),
         _ => Ok(()),
     }
@@ -211,7 +286,7 @@ struct RegisterBody {
     rotation: Option<String>,
 }
 
-async fn issue(app: &Arc<App>, agent: Agent) -> Result<Value, ApiError> {
+async fn issue(app: &Arc<App>, p: &Principal, agent: Agent) -> Result<Value, ApiError> {
     let jti = random_hex(16).map_err(|e| ApiError::Unavailable(format!("no randomness: {e}")))?;
     let store = app.store.clone();
     let key = app.key.clone().ok_or_else(|| {
@@ -220,7 +295,7 @@ async fn issue(app: &Arc<App>, agent: Agent) -> Result<Value, ApiError> {
         )
     })?;
     let issuer = app.settings.issuer.clone();
-    let by = acting(app)?;
+    let by = acting(app, p)?;
     let (token, cred) =
         blocking(move || issue_credential(store.as_ref(), &key, &issuer, &agent, jti, &by)).await?;
     Ok(json!({ "token": token, "credential": credential_json(&cred) }))
@@ -228,6 +303,7 @@ async fn issue(app: &Arc<App>, agent: Agent) -> Result<Value, ApiError> {
 
 async fn register_agent(
     State(app): State<Arc<App>>,
+    Extension(p): Extension<Principal>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let b: RegisterBody = json_body(body, app.settings.max_body_bytes)?;
@@ -250,11 +326,11 @@ async fn register_agent(
     };
     let store = app.store.clone();
     let a = agent.clone();
-    let by = acting(&app)?;
+    let by = acting(&app, &p)?;
     blocking(move || identity::register_agent(store.as_ref(), &a, &by)).await?;
     // The agent is registered whatever happens to its first token: the view learns of
     // it either way, and the operator can issue a token with `…/tokens`.
-    let issued = issue(&app, agent.clone()).await;
+    let issued = issue(&app, &p, agent.clone()).await;
     refresh(&app).await?;
     let mut out = issued?;
     out["agent"] = agent_json(&agent, None);
@@ -263,6 +339,7 @@ async fn register_agent(
 
 async fn issue_token(
     State(app): State<Arc<App>>,
+    Extension(p): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let store = app.store.clone();
@@ -270,7 +347,7 @@ async fn issue_token(
     let agent = blocking(move || store.get_agent(&aid))
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no agent `{id}`")))?;
-    let out = issue(&app, agent).await?;
+    let out = issue(&app, &p, agent).await?;
     refresh(&app).await?;
     Ok(Json(out))
 }
@@ -284,6 +361,7 @@ struct RevokeBody {
 
 async fn revoke(
     State(app): State<Arc<App>>,
+    Extension(p): Extension<Principal>,
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
@@ -292,7 +370,7 @@ async fn revoke(
         _ => json_body(body, app.settings.max_body_bytes)?,
     };
     let store = app.store.clone();
-    let by = acting(&app)?;
+    let by = acting(&app, &p)?;
     let jti = b.jti;
     let what = blocking(move || identity::revoke(store.as_ref(), &id, jti.as_deref(), &by)).await?;
     refresh(&app).await?;
@@ -317,6 +395,7 @@ struct Rotated {
 
 async fn rotate(
     State(app): State<Arc<App>>,
+    Extension(p): Extension<Principal>,
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Rotated>, ApiError> {
@@ -336,7 +415,7 @@ async fn rotate(
     })?;
     let store = app.store.clone();
     let issuer = app.settings.issuer.clone();
-    let by = acting(&app)?;
+    let by = acting(&app, &p)?;
     let others_end_at = by.at.saturating_add(overlap_ns) / NANOS_PER_SEC;
     let (token, cred) = blocking(move || {
         let agent = store
@@ -364,6 +443,7 @@ struct StatusChanged {
 /// next control refresh. A body, if any, must be an empty JSON object.
 async fn change_status(
     app: Arc<App>,
+    p: Principal,
     id: String,
     body: Result<Bytes, BytesRejection>,
     to: AgentStatus,
@@ -375,7 +455,7 @@ async fn change_status(
         let _: Empty = json_body(body, app.settings.max_body_bytes)?;
     }
     let store = app.store.clone();
-    let by = acting(&app)?;
+    let by = acting(&app, &p)?;
     let aid = id.clone();
     blocking(move || identity::set_agent_status(store.as_ref(), &aid, to, &by)).await?;
     refresh(&app).await?;
@@ -387,26 +467,29 @@ async fn change_status(
 
 async fn suspend(
     State(app): State<Arc<App>>,
+    Extension(p): Extension<Principal>,
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<StatusChanged>, ApiError> {
-    change_status(app, id, body, AgentStatus::Suspended).await
+    change_status(app, p, id, body, AgentStatus::Suspended).await
 }
 
 async fn resume(
     State(app): State<Arc<App>>,
+    Extension(p): Extension<Principal>,
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<StatusChanged>, ApiError> {
-    change_status(app, id, body, AgentStatus::Active).await
+    change_status(app, p, id, body, AgentStatus::Active).await
 }
 
 async fn retire(
     State(app): State<Arc<App>>,
+    Extension(p): Extension<Principal>,
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<StatusChanged>, ApiError> {
-    change_status(app, id, body, AgentStatus::Retired).await
+    change_status(app, p, id, body, AgentStatus::Retired).await
 }
 
 async fn list_kills(State(app): State<Arc<App>>) -> Json<Value> {
@@ -440,12 +523,13 @@ struct KillBody {
 
 async fn kill(
     State(app): State<Arc<App>>,
+    Extension(p): Extension<Principal>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let b: KillBody = json_body(body, app.settings.max_body_bytes)?;
     let target: KillTarget = b.target.parse().map_err(ApiError::BadRequest)?;
-    check_by(&app, b.by.as_deref())?;
-    let by = acting(&app)?;
+    check_by(&p, b.by.as_deref())?;
+    let by = acting(&app, &p)?;
     let kill = KillSwitch {
         target: target.clone(),
         reason: b.reason.unwrap_or_else(|| "no reason given".into()),
@@ -473,12 +557,13 @@ struct ReviveBody {
 
 async fn revive(
     State(app): State<Arc<App>>,
+    Extension(p): Extension<Principal>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let b: ReviveBody = json_body(body, app.settings.max_body_bytes)?;
     let target: KillTarget = b.target.parse().map_err(ApiError::BadRequest)?;
-    check_by(&app, b.by.as_deref())?;
-    let entry = acting(&app)?.entry("revive", target.to_string());
+    check_by(&p, b.by.as_deref())?;
+    let entry = acting(&app, &p)?.entry("revive", target.to_string());
     let change = ControlChange::ClearKill(target.clone());
     let store = app.store.clone();
     blocking(move || store.apply_control(&change, entry)).await?;
@@ -494,8 +579,11 @@ async fn show_policy(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiErro
     Ok(Json(json!({ "digest": p.digest(), "rules": p.rule_ids() })))
 }
 
-async fn reload_policy(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiError> {
-    match app.reload_policy(app.operator_id()).await {
+async fn reload_policy(
+    State(app): State<Arc<App>>,
+    Extension(p): Extension<Principal>,
+) -> Result<Json<Value>, ApiError> {
+    match app.reload_policy(&p.who).await {
         Ok(digest) => Ok(Json(json!({ "reloaded": true, "digest": digest }))),
         Err(e) => Err(ApiError::Unprocessable {
             message: format!(

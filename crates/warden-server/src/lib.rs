@@ -7,8 +7,8 @@
 //! answered; status codes are chosen only in [`error::ApiError`] and [`api`].
 //!
 //! INVARIANT: a permit is returned only after its audit entry is durable.
-//! INVARIANT: agent credentials never reach the admin plane; it takes only the operator
-//! token.
+//! INVARIANT: agent credentials never reach the admin plane; it takes only operator
+//! credentials, and every admin route is mounted from `admin::table()` with its access.
 
 pub mod admin;
 pub mod api;
