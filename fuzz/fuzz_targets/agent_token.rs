@@ -8,7 +8,9 @@
 //!   canonical and Ed25519 signatures are not malleable, so no other text can carry a
 //!   valid signature;
 //! - `Sign`: arbitrary claims signed by the trusted key verify exactly when the model
-//!   says (issuer, audience, size, validity window with `nbf`) and round-trip unchanged; signed by
+//!   says (issuer, audience, size, validity window with `nbf`) and round-trip unchanged;
+//!   signed by the retired key (`from_seed([9; 32])`, which a key rotation left verifying
+//!   until `NOW_S`), the same, except that from `NOW_S` on they are expired; signed by
 //!   another key, or by another key under the trusted key's id, they never verify.
 //!
 //! Every verification runs twice on a fresh verifier, so the cached path must agree with
@@ -23,7 +25,9 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine as _;
 use libfuzzer_sys::fuzz_target;
 use warden_core::clock::NANOS_PER_SEC;
-use warden_core::identity::{Claims, SigningKeyPair, Verifier, AGENT_AUDIENCE, MAX_TOKEN_BYTES};
+use warden_core::identity::{
+    Claims, PublicKey, SigningKeyPair, Verifier, AGENT_AUDIENCE, MAX_TOKEN_BYTES,
+};
 use warden_core::Reason;
 
 const ISSUER: &str = "warden";
@@ -33,6 +37,8 @@ const LEEWAY_S: u64 = 60;
 
 struct Fixture {
     key: SigningKeyPair,
+    /// Rotated out: verifies until `NOW_S`.
+    retired: SigningKeyPair,
     claims: Claims,
     token: String,
 }
@@ -54,7 +60,13 @@ fn fixture() -> &'static Fixture {
             scopes: vec!["claims:read".into()],
         };
         let token = key.sign(&claims);
-        Fixture { key, claims, token }
+        let retired = SigningKeyPair::from_seed([9; 32]);
+        Fixture {
+            key,
+            retired,
+            claims,
+            token,
+        }
     })
 }
 
@@ -62,7 +74,17 @@ fn fixture() -> &'static Fixture {
 /// two answers agree.
 fn verify(token: &str, now: u64) -> Result<Claims, Reason> {
     let f = fixture();
-    let v = Verifier::new(ISSUER, [f.key.verifying_key()], 4);
+    let v = Verifier::with_keys(
+        ISSUER,
+        [
+            PublicKey::current(f.key.verifying_key()),
+            PublicKey {
+                key: f.retired.verifying_key(),
+                until: Some(NOW_S),
+            },
+        ],
+        4,
+    );
     let first = v
         .verify(token, now)
         .map(|c| (*c).clone())
@@ -154,8 +176,10 @@ enum Input<'a> {
         claims: ArbClaims,
         /// Seconds from `NOW_S - 8192`, to land on either side of the window.
         now_offset: u16,
-        /// `None`: the trusted key. `Some(seed)`: another key (seed forced to differ).
+        /// `None`: the trusted key (or the retired one, with `retired`). `Some(seed)`:
+        /// another key (seed forced to differ from both).
         other_seed: Option<[u8; 32]>,
+        retired: bool,
     },
 }
 
@@ -175,14 +199,16 @@ fn apply(token: &mut Vec<u8>, e: &Edit) {
     }
 }
 
-/// What `verify` must answer for a token signed by the trusted key.
-fn expected(token: &str, c: &Claims, now: u64) -> Result<Claims, Reason> {
+/// What `verify` must answer for a token signed by the trusted key, or by the retired
+/// key when `retired`.
+fn expected(token: &str, c: &Claims, now: u64, retired: bool) -> Result<Claims, Reason> {
     let now_s = now / NANOS_PER_SEC;
     if token.len() > MAX_TOKEN_BYTES {
         Err(Reason::CredentialMalformed)
     } else if c.iss != ISSUER || c.aud != AGENT_AUDIENCE {
         Err(Reason::CredentialInvalid)
-    } else if now_s >= c.exp
+    } else if (retired && now_s >= NOW_S)
+        || now_s >= c.exp
         || c.iat > now_s.saturating_add(LEEWAY_S)
         || c.nbf.is_some_and(|nbf| now_s < nbf)
     {
@@ -225,16 +251,22 @@ fuzz_target!(|input: Input| {
             claims,
             now_offset,
             other_seed,
+            retired,
         } => {
             let c = claims.claims();
             let now = (NOW_S - 8192 + u64::from(now_offset)) * NANOS_PER_SEC;
             match other_seed {
                 None => {
-                    let token = f.key.sign(&c);
-                    assert_eq!(verify(&token, now), expected(&token, &c, now), "{token}");
+                    let key = if retired { &f.retired } else { &f.key };
+                    let token = key.sign(&c);
+                    assert_eq!(
+                        verify(&token, now),
+                        expected(&token, &c, now, retired),
+                        "{token}"
+                    );
                 }
                 Some(mut seed) => {
-                    if seed == [7; 32] {
+                    while seed == [7; 32] || seed == [9; 32] {
                         seed[0] ^= 1;
                     }
                     let other = SigningKeyPair::from_seed(seed);
