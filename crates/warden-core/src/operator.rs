@@ -137,6 +137,34 @@ impl Operator {
     }
 }
 
+/// A new account and its token (the only time the secret exists outside the holder's
+/// hands). `id` (8 hex digits) and `secret` come from the caller's randomness.
+pub fn new_account(
+    name: &str,
+    role: Role,
+    id: String,
+    secret: &str,
+    now: Nanos,
+    lifetime_ns: Option<Nanos>,
+) -> Result<(Operator, String), String> {
+    validate_name(name)?;
+    validate_id(&id)?;
+    if secret.len() < 32 {
+        return Err("an operator secret needs at least 32 characters".into());
+    }
+    let token = format_token(&id, secret);
+    let op = Operator {
+        id,
+        name: name.to_owned(),
+        role,
+        secret_hash: hash_secret(secret),
+        created_at_ns: now,
+        expires_at_ns: lifetime_ns.map(|l| now.saturating_add(l)),
+        removed_at_ns: None,
+    };
+    Ok((op, token))
+}
+
 /// The prefix that marks an operator account's token.
 pub const TOKEN_PREFIX: &str = "wdo1";
 
@@ -283,6 +311,27 @@ mod tests {
         assert!(!o.secret_matches("s3cre"));
         assert!(!o.secret_matches("s3cret "));
         assert_eq!(o.who(), "operator:alice/0a1b2c3d");
+    }
+
+    #[test]
+    fn a_new_account_holds_only_the_hash_and_its_token_opens_it() {
+        let secret = "ab".repeat(32);
+        let (o, token) = new_account(
+            "bob",
+            Role::Auditor,
+            "00ff00ff".into(),
+            &secret,
+            5,
+            Some(10),
+        )
+        .unwrap();
+        assert_eq!(o.expires_at_ns, Some(15));
+        assert!(!o.secret_hash.contains(&secret));
+        let (id, s) = parse_token(&token).unwrap();
+        assert_eq!(id, o.id);
+        assert!(o.secret_matches(s));
+        assert!(new_account("b b", Role::Admin, "00ff00ff".into(), &secret, 5, None).is_err());
+        assert!(new_account("bob", Role::Admin, "00ff00ff".into(), "short", 5, None).is_err());
     }
 
     #[test]

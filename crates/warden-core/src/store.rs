@@ -15,6 +15,7 @@ use crate::audit::{Entry, Record};
 use crate::clock::Nanos;
 use crate::control::{KillSwitch, KillTarget};
 use crate::identity::{Agent, AgentStatus};
+use crate::operator::Operator;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -106,6 +107,31 @@ pub enum ControlChange {
     SetKill { kill: KillSwitch, pre_emptive: bool },
     /// Clears a kill switch; `NotFound` if none is set for the target.
     ClearKill(KillTarget),
+    /// Adds an operator account; `Conflict` if its id is taken or an account that is not
+    /// removed has its name.
+    AddOperator(Operator),
+    /// Removes an account (kept, marked removed); `NotFound` unless `id` names one that
+    /// is not removed yet.
+    RemoveOperator { id: String, at: Nanos },
+    /// Disables the bootstrap operator token; `Conflict` if it is disabled already or no
+    /// admin account is in standing at `at` (the admin API would then admit no admin).
+    DisableBootstrap { at: Nanos },
+}
+
+/// The operator accounts and whether the bootstrap operator token is disabled: what the
+/// admin plane reads on every request, so a removed account or a disabled bootstrap
+/// token is refused on its next request on every node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OperatorRoster {
+    /// Every account ever made, removed ones included (their names stay in the audit).
+    pub accounts: Vec<Operator>,
+    pub bootstrap_disabled: bool,
+}
+
+impl OperatorRoster {
+    pub fn get(&self, id: &str) -> Option<&Operator> {
+        self.accounts.iter().find(|o| o.id == id)
+    }
 }
 
 /// Who acts on the governance plane, when, and the id the audit entry of the action gets.
@@ -153,4 +179,7 @@ pub trait Store: Send + Sync {
     fn call_records(&self, call_id: &str) -> Result<Vec<Record>, StoreError>;
     /// The last `n` records, oldest first.
     fn tail_audit(&self, n: usize) -> Result<Vec<Record>, StoreError>;
+
+    /// The operator accounts and the bootstrap token's state, read fresh.
+    fn operators(&self) -> Result<OperatorRoster, StoreError>;
 }

@@ -32,7 +32,7 @@ use warden_core::clock::NANOS_PER_SEC;
 use warden_core::config::{parse_duration, parse_overlap};
 use warden_core::control::{KillSwitch, KillTarget};
 use warden_core::identity::{self, issue_credential, validate_agent_id, Agent, AgentStatus};
-use warden_core::operator::{ct_eq, Access, Role};
+use warden_core::operator::{self, ct_eq, Access, Operator, Role};
 use warden_core::store::{Acting, ControlChange, Credential, StoreError};
 
 use crate::api::{bearer, json_body};
@@ -96,6 +96,10 @@ pub fn table() -> Vec<Route> {
         post_route("/admin/v1/policy/reload", Admin, reload_policy),
         get_route("/admin/v1/audit", Audit, read_audit),
         get_route("/admin/v1/audit/verify", Audit, verify_audit),
+        get_route("/admin/v1/operators", Admin, list_operators),
+        post_route("/admin/v1/operators", Admin, add_operator),
+        post_route("/admin/v1/operators/{id}/remove", Admin, remove_operator),
+        post_route("/admin/v1/bootstrap/disable", Admin, disable_bootstrap),
     ]
 }
 
@@ -133,20 +137,50 @@ struct Gate {
     access: Access,
 }
 
-/// The operator holding `token`, or why the token is no operator credential.
+/// The operator holding `token`, or why the token is no operator credential. The roster
+/// is read from the store on every request (the admin plane is not a hot path), so a
+/// removed account or a disabled bootstrap token is refused on its next request, on
+/// every node, whoever changed it.
 async fn principal(app: &Arc<App>, token: &str) -> Result<Principal, ApiError> {
-    if app
+    let bootstrap = app
         .operator_token()
-        .is_some_and(|o| ct_eq(token.as_bytes(), o.as_bytes()))
-    {
+        .is_some_and(|o| ct_eq(token.as_bytes(), o.as_bytes()));
+    let account = operator::parse_token(token);
+    if !bootstrap && account.is_none() {
+        return Err(ApiError::Unauthorized(
+            "this is not a valid operator credential; the admin API takes only operator credentials, never agent tokens".into(),
+        ));
+    }
+    let store = app.store.clone();
+    let roster = blocking(move || store.operators()).await?;
+    if bootstrap {
+        if roster.bootstrap_disabled {
+            return Err(ApiError::Unauthorized(
+                "the bootstrap operator token is disabled; use an operator account's credential"
+                    .into(),
+            ));
+        }
         return Ok(Principal {
             who: app.operator_id().to_owned(),
             role: Role::Admin,
         });
     }
-    Err(ApiError::Unauthorized(
-        "this is not a valid operator credential; the admin API takes only operator credentials, never agent tokens".into(),
-    ))
+    let unknown = || {
+        ApiError::Unauthorized(
+            "this is not a valid operator credential (no such account, or a wrong secret)".into(),
+        )
+    };
+    let (id, secret) = account.ok_or_else(unknown)?;
+    let op = roster.get(id).ok_or_else(unknown)?;
+    if !op.secret_matches(secret) {
+        return Err(unknown());
+    }
+    op.standing(app.pipeline.clock().now_ns())
+        .map_err(ApiError::Unauthorized)?;
+    Ok(Principal {
+        who: op.who(),
+        role: op.role,
+    })
 }
 
 async fn authorize(State(gate): State<Gate>, mut req: Request, next: Next) -> Response {
@@ -651,4 +685,137 @@ async fn verify_audit(State(app): State<Arc<App>>, _h: HeaderMap) -> Result<Json
         "head": report.head,
         "first_error": report.error.as_ref().map(|e| json!({ "seq": e.seq(), "message": e.to_string() })),
     })))
+}
+
+/// An operator account on the wire; never its secret or hash.
+#[derive(Serialize)]
+pub struct OperatorView {
+    pub id: String,
+    pub name: String,
+    pub role: &'static str,
+    /// As audit entries name the operator.
+    pub who: String,
+    pub created_at: u64,
+    pub expires_at: Option<u64>,
+    pub removed: bool,
+}
+
+impl From<&Operator> for OperatorView {
+    fn from(o: &Operator) -> Self {
+        OperatorView {
+            id: o.id.clone(),
+            name: o.name.clone(),
+            role: o.role.as_str(),
+            who: o.who(),
+            created_at: o.created_at_ns / NANOS_PER_SEC,
+            expires_at: o.expires_at_ns.map(|e| e / NANOS_PER_SEC),
+            removed: o.removed_at_ns.is_some(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct OperatorList {
+    operators: Vec<OperatorView>,
+    bootstrap_disabled: bool,
+}
+
+async fn list_operators(State(app): State<Arc<App>>) -> Result<Json<OperatorList>, ApiError> {
+    let store = app.store.clone();
+    let roster = blocking(move || store.operators()).await?;
+    Ok(Json(OperatorList {
+        operators: roster.accounts.iter().map(OperatorView::from).collect(),
+        bootstrap_disabled: roster.bootstrap_disabled,
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddOperatorBody {
+    name: String,
+    role: String,
+    /// How long the credential works, e.g. `90d`; without it, until removed.
+    #[serde(default)]
+    expires_in: Option<String>,
+}
+
+#[derive(Serialize)]
+struct AddedOperator {
+    operator: OperatorView,
+    /// Shown this once; the store keeps only its hash.
+    token: String,
+}
+
+async fn add_operator(
+    State(app): State<Arc<App>>,
+    Extension(p): Extension<Principal>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let b: AddOperatorBody = json_body(body, app.settings.max_body_bytes)?;
+    let role: Role = b.role.parse().map_err(ApiError::BadRequest)?;
+    let lifetime = b
+        .expires_in
+        .as_deref()
+        .map(parse_duration)
+        .transpose()
+        .map_err(|m| ApiError::BadRequest(format!("`expires_in`: {m}")))?;
+    let no_random = |e: getrandom::Error| ApiError::Unavailable(format!("no randomness: {e}"));
+    let id = random_hex(4).map_err(no_random)?;
+    let secret = random_hex(32).map_err(no_random)?;
+    let by = acting(&app, &p)?;
+    let (op, token) = operator::new_account(&b.name, role, id, &secret, by.at, lifetime)
+        .map_err(ApiError::BadRequest)?;
+    let entry = by.entry("operator-add", format!("{} as {role}", op.who()));
+    let store = app.store.clone();
+    let change = ControlChange::AddOperator(op.clone());
+    blocking(move || store.apply_control(&change, entry)).await?;
+    let out = AddedOperator {
+        operator: OperatorView::from(&op),
+        token,
+    };
+    Ok((StatusCode::CREATED, Json(out)).into_response())
+}
+
+#[derive(Serialize)]
+struct OperatorChanged {
+    removed: Option<String>,
+    bootstrap_disabled: bool,
+}
+
+async fn remove_operator(
+    State(app): State<Arc<App>>,
+    Extension(p): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Json<OperatorChanged>, ApiError> {
+    let by = acting(&app, &p)?;
+    let entry = by.entry("operator-remove", format!("operator account {id}"));
+    let change = ControlChange::RemoveOperator {
+        id: id.clone(),
+        at: by.at,
+    };
+    let store = app.store.clone();
+    let roster = blocking(move || {
+        store.apply_control(&change, entry)?;
+        store.operators()
+    })
+    .await?;
+    Ok(Json(OperatorChanged {
+        removed: Some(id),
+        bootstrap_disabled: roster.bootstrap_disabled,
+    }))
+}
+
+async fn disable_bootstrap(
+    State(app): State<Arc<App>>,
+    Extension(p): Extension<Principal>,
+) -> Result<Json<OperatorChanged>, ApiError> {
+    let by = acting(&app, &p)?;
+    let entry = by.entry("bootstrap-disable", "the bootstrap operator token".into());
+    let change = ControlChange::DisableBootstrap { at: by.at };
+    let store = app.store.clone();
+    blocking(move || store.apply_control(&change, entry)).await?;
+    Ok(Json(OperatorChanged {
+        removed: None,
+        bootstrap_disabled: true,
+    }))
 }

@@ -279,6 +279,9 @@ mod tests {
     }
 
     impl Store for Batches {
+        fn operators(&self) -> Result<warden_core::store::OperatorRoster, StoreError> {
+            self.inner.operators()
+        }
         fn state_version(&self) -> Result<u64, StoreError> {
             self.inner.state_version()
         }

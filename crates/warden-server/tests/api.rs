@@ -553,7 +553,71 @@ async fn presented_credentials(node: &Node) -> Vec<Presented> {
         "foreign".into(),
         SystemClock.now_ns(),
     ));
+    let account = |name: &str, role: &str| {
+        let (name, role) = (name.to_owned(), role.to_owned());
+        async move {
+            let (st, v) = node
+                .admin(
+                    reqwest::Method::POST,
+                    "/admin/v1/operators",
+                    Some(json!({"name": name, "role": role})),
+                )
+                .await;
+            assert_eq!(st, StatusCode::CREATED, "{v}");
+            (
+                v["token"].as_str().unwrap().to_owned(),
+                v["operator"]["id"].as_str().unwrap().to_owned(),
+            )
+        }
+    };
+    let (admin, _) = account("ada", "admin").await;
+    let (reviewer, _) = account("rita", "reviewer").await;
+    let (auditor, _) = account("otto", "auditor").await;
+    let (removed, removed_id) = account("gone", "admin").await;
+    let (st, v) = node
+        .admin(
+            reqwest::Method::POST,
+            &format!("/admin/v1/operators/{removed_id}/remove"),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    // An account whose credential expired a second ago.
+    let now = SystemClock.now_ns();
+    let (old, expired) = warden_core::operator::new_account(
+        "expired",
+        Role::Admin,
+        "e0e0e0e0".into(),
+        &"5".repeat(64),
+        now - 10 * NANOS_PER_SEC,
+        Some(9 * NANOS_PER_SEC),
+    )
+    .unwrap();
+    node.app()
+        .store
+        .apply_control(
+            &ControlChange::AddOperator(old),
+            cli_acting().entry("operator-add", "expired".into()),
+        )
+        .unwrap();
+    let tampered = format!("{}0", &admin[..admin.len() - 1]);
     vec![
+        // First: the passes run in this order, and the admin's disable the bootstrap token.
+        Presented::new(
+            "the bootstrap token",
+            Some(node.operator.clone()),
+            Acts(Role::Admin),
+        ),
+        Presented::new("an admin account", Some(admin), Acts(Role::Admin)),
+        Presented::new("a reviewer account", Some(reviewer), Acts(Role::Reviewer)),
+        Presented::new("an auditor account", Some(auditor), Acts(Role::Auditor)),
+        Presented::new("a removed admin account", Some(removed), Unauthenticated),
+        Presented::new("an expired admin account", Some(expired), Unauthenticated),
+        Presented::new(
+            "an admin account's token, tampered",
+            Some(tampered),
+            Unauthenticated,
+        ),
         Presented::new("no credential", None, Unauthenticated),
         Presented::new("garbage", Some("not-a-token".into()), Unauthenticated),
         Presented::new("an agent token", Some(agent_token), Unauthenticated),
@@ -573,11 +637,6 @@ async fn presented_credentials(node: &Node) -> Vec<Presented> {
             Unauthenticated,
         ),
         // Delegated tokens are not built yet: add them here when they land.
-        Presented::new(
-            "the bootstrap token",
-            Some(node.operator.clone()),
-            Acts(Role::Admin),
-        ),
     ]
 }
 
@@ -616,6 +675,7 @@ async fn every_admin_route_admits_exactly_the_roles_its_table_entry_names() {
     let agent_before = store.get_agent("claims-processor-v3").unwrap().unwrap();
     let policy_before = node.app().pipeline.policy().unwrap().digest().to_owned();
     let head_before = store.tail_audit(1).unwrap()[0].seq;
+    let roster_before = store.operators().unwrap();
 
     let table = warden_server::admin::table();
     assert!(table.len() >= 12, "the route table lost routes");
@@ -660,7 +720,13 @@ async fn every_admin_route_admits_exactly_the_roles_its_table_entry_names() {
                     c.what
                 );
             } else {
-                assert!(message.contains("operator credential"), "{body}");
+                assert_eq!(body["error"], "UNAUTHORIZED", "{body}");
+                assert!(
+                    ["operator credential", "removed", "expired"]
+                        .iter()
+                        .any(|m| message.contains(m)),
+                    "{body}"
+                );
             }
         }
     }
@@ -683,6 +749,7 @@ async fn every_admin_route_admits_exactly_the_roles_its_table_entry_names() {
         policy_before
     );
     assert_eq!(store.tail_audit(1).unwrap()[0].seq, head_before);
+    assert_eq!(store.operators().unwrap(), roster_before);
     assert!(verify_store(store.as_ref()).unwrap().error.is_none());
 
     // And each role gets past authorization wherever its access admits it.
@@ -703,6 +770,149 @@ async fn every_admin_route_admits_exactly_the_roles_its_table_entry_names() {
             );
         }
     }
+    node.stop().await;
+}
+
+/// The life of operator accounts over the admin API: each acts in its role, the audit
+/// names it, and a removed account or a disabled bootstrap token is refused at once.
+#[tokio::test]
+async fn operator_accounts_act_in_their_roles_and_are_refused_once_removed() {
+    let node = Node::start().await;
+    let as_ = |token: String, method: reqwest::Method, path: &'static str, body: Value| {
+        let req = node
+            .http
+            .request(method, format!("{}{path}", node.base))
+            .bearer_auth(token)
+            .json(&body);
+        async move {
+            let r = req.send().await.unwrap();
+            (r.status(), r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    // Without an admin account the bootstrap token cannot be disabled: nobody could
+    // administer the node over the API.
+    let (st, v) = node
+        .admin(reqwest::Method::POST, "/admin/v1/bootstrap/disable", None)
+        .await;
+    assert_eq!(st, StatusCode::CONFLICT, "{v}");
+    let (st, v) = node
+        .admin(
+            reqwest::Method::POST,
+            "/admin/v1/operators",
+            Some(json!({"name": "rita", "role": "reviewer"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let rita = v["token"].as_str().unwrap().to_owned();
+    let rita_id = v["operator"]["id"].as_str().unwrap().to_owned();
+    // A second live account with the same name is refused; a bad role too.
+    let (st, _) = node
+        .admin(
+            reqwest::Method::POST,
+            "/admin/v1/operators",
+            Some(json!({"name": "rita", "role": "auditor"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CONFLICT);
+    let (st, v) = node
+        .admin(
+            reqwest::Method::POST,
+            "/admin/v1/operators",
+            Some(json!({"name": "root", "role": "superuser"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+
+    // The reviewer kills; the switch and the audit entry name her account.
+    let (st, v) = as_(
+        rita.clone(),
+        reqwest::Method::POST,
+        "/admin/v1/kills",
+        json!({"target": "agent:claims-processor-v3", "reason": "odd"}),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let who = format!("operator:rita/{rita_id}");
+    let kills = node.app().pipeline.state().unwrap().kills.clone();
+    assert_eq!(kills.iter().next().unwrap().set_by, who);
+    let last = node.app().store.tail_audit(1).unwrap().pop().unwrap();
+    assert_eq!(last.entry.action, "kill");
+    assert_eq!(last.entry.reason, who, "{:?}", last.entry);
+    // She may not revive, nor read the audit, nor claim to be someone else.
+    let (st, v) = as_(
+        rita.clone(),
+        reqwest::Method::POST,
+        "/admin/v1/revive",
+        json!({"target": "agent:claims-processor-v3"}),
+    )
+    .await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("needs the admin role"),
+        "{v}"
+    );
+    let (st, _) = as_(
+        rita.clone(),
+        reqwest::Method::GET,
+        "/admin/v1/audit",
+        json!({}),
+    )
+    .await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+
+    // The list shows accounts, never secrets.
+    let (st, v) = node
+        .admin(reqwest::Method::GET, "/admin/v1/operators", None)
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(v["operators"][0]["who"], who.as_str(), "{v}");
+    assert!(!v.to_string().contains("secret"), "{v}");
+    assert!(
+        !v.to_string().contains(rita.rsplit('.').next().unwrap()),
+        "{v}"
+    );
+
+    // Removed: refused on the very next request.
+    let path = format!("/admin/v1/operators/{rita_id}/remove");
+    let (st, v) = node.admin(reqwest::Method::POST, &path, None).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let (st, v) = as_(rita, reqwest::Method::GET, "/admin/v1/kills", json!({})).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("removed"), "{v}");
+
+    // An admin account, then the bootstrap token off: it is refused, the account works.
+    let (_, v) = node
+        .admin(
+            reqwest::Method::POST,
+            "/admin/v1/operators",
+            Some(json!({"name": "ada", "role": "admin", "expires_in": "30d"})),
+        )
+        .await;
+    let ada = v["token"].as_str().unwrap().to_owned();
+    let (st, v) = node
+        .admin(reqwest::Method::POST, "/admin/v1/bootstrap/disable", None)
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let (st, v) = node
+        .admin(reqwest::Method::GET, "/admin/v1/agents", None)
+        .await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("disabled"), "{v}");
+    let (st, v) = as_(
+        ada,
+        reqwest::Method::POST,
+        "/admin/v1/revive",
+        json!({"target": "agent:claims-processor-v3"}),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert!(verify_store(node.app().store.as_ref())
+        .unwrap()
+        .error
+        .is_none());
     node.stop().await;
 }
 
@@ -1006,6 +1216,7 @@ impl FaultyStore {
 
 impl Store for FaultyStore {
     pass_to_inner!(
+        operators,
         upsert_agent,
         get_agent,
         list_agents,

@@ -1511,6 +1511,7 @@ struct HoldingStore {
 
 impl Store for HoldingStore {
     pass_to_inner!(
+        operators,
         state_version,
         snapshot,
         upsert_agent,

@@ -19,6 +19,7 @@ use warden_core::audit::{ChainError, ChainVerifier, Entry, EntryKind, Record, GE
 use warden_core::clock::{Nanos, NANOS_PER_SEC};
 use warden_core::control::{KillSwitch, KillTarget};
 use warden_core::identity::{Agent, AgentStatus};
+use warden_core::operator::{new_account, Operator, Role};
 use warden_core::store::{ControlChange, Credential, Store, StoreError};
 
 /// A plausible "now": 2023-11-14, in nanoseconds.
@@ -36,7 +37,19 @@ pub fn run_all(open: &dyn Fn() -> Box<dyn Store>) {
     control_changes_are_recorded_with_their_entry(&*store);
     one_outcome_per_call(&*store);
     audit_append_and_read(&*store);
+    operators(&*store);
     drop(store);
+    let reopened = open();
+    assert_eq!(
+        reopened
+            .operators()
+            .expect("operators after reopen")
+            .accounts
+            .len(),
+        3,
+        "operator accounts survive a reopen"
+    );
+    drop(reopened);
     audit_chain_spans_batches_and_reopen(open);
 }
 
@@ -973,4 +986,79 @@ pub fn assert_linked(records: &[Record]) {
         assert_eq!(w[1].seq, w[0].seq + 1, "records must be contiguous");
         assert_eq!(w[1].prev_hash, w[0].hash, "records must link");
     }
+}
+
+fn account(name: &str, role: Role, id: &str, lifetime: Option<Nanos>) -> Operator {
+    new_account(name, role, id.to_owned(), &"7".repeat(64), NOW, lifetime)
+        .expect("a valid account")
+        .0
+}
+
+/// Operator accounts: added, listed with their hash only, one live account per name,
+/// removed once, and the bootstrap token disabled only while an admin account stands.
+/// Each change comes with its entry; a refused one writes none.
+pub fn operators(store: &dyn Store) {
+    let start = store.operators().expect("operators");
+    assert!(start.accounts.is_empty());
+    assert!(!start.bootstrap_disabled);
+    let rita = account("rita", Role::Reviewer, "0000000a", None);
+    let (seq0, _) = head(store);
+    control(store, ControlChange::AddOperator(rita.clone())).expect("add rita");
+    let roster = store.operators().expect("operators");
+    assert_eq!(roster.get("0000000a"), Some(&rita));
+    assert!(is_conflict(control(
+        store,
+        ControlChange::AddOperator(account("rita", Role::Admin, "0000000b", None))
+    )));
+    assert!(is_conflict(control(
+        store,
+        ControlChange::AddOperator(account("other", Role::Admin, "0000000a", None))
+    )));
+    // No admin in standing (an expired one does not count): the bootstrap stays.
+    control(
+        store,
+        ControlChange::AddOperator(account("old", Role::Admin, "0000000c", Some(1))),
+    )
+    .expect("add an expiring admin");
+    assert!(is_conflict(control(
+        store,
+        ControlChange::DisableBootstrap { at: NOW + 10 }
+    )));
+    control(
+        store,
+        ControlChange::RemoveOperator {
+            id: "0000000a".into(),
+            at: NOW + 5,
+        },
+    )
+    .expect("remove rita");
+    assert!(is_not_found(control(
+        store,
+        ControlChange::RemoveOperator {
+            id: "0000000a".into(),
+            at: NOW + 6,
+        }
+    )));
+    assert_eq!(
+        store
+            .operators()
+            .expect("operators")
+            .get("0000000a")
+            .and_then(|o| o.removed_at_ns),
+        Some(NOW + 5)
+    );
+    // Her name is free again once she is removed.
+    control(
+        store,
+        ControlChange::AddOperator(account("rita", Role::Admin, "0000000d", None)),
+    )
+    .expect("a new rita");
+    control(store, ControlChange::DisableBootstrap { at: NOW + 10 }).expect("disable");
+    assert!(store.operators().expect("operators").bootstrap_disabled);
+    assert!(is_conflict(control(
+        store,
+        ControlChange::DisableBootstrap { at: NOW + 11 }
+    )));
+    // Five changes went through, each with exactly its entry.
+    assert_eq!(head(store).0, seq0 + 5);
 }

@@ -38,9 +38,14 @@ use warden_core::audit::{seal, Entry, EntryKind, Record, GENESIS};
 use warden_core::clock::{Clock, Nanos, SystemClock};
 use warden_core::control::{KillSwitch, KillTarget};
 use warden_core::identity::{Agent, AgentStatus};
-use warden_core::store::{ControlChange, Credential, StateSnapshot, Store, StoreError};
+use warden_core::operator::{Operator, Role};
+use warden_core::store::{
+    ControlChange, Credential, OperatorRoster, StateSnapshot, Store, StoreError,
+};
 
-use codec::{agent_columns, audit_columns, credential_columns, kill_columns, u64_to_sql};
+use codec::{
+    agent_columns, audit_columns, credential_columns, kill_columns, u64_from_sql, u64_to_sql,
+};
 use error::At;
 
 /// How long a statement waits for another connection's lock before giving up with
@@ -567,7 +572,120 @@ impl SqliteStore {
                 }
                 Ok(())
             }
+            ControlChange::AddOperator(o) => {
+                let inserted = tx
+                    .prepare_cached(
+                        "INSERT INTO operators (id, name, role, secret_hash, created_at_ns, \
+                         expires_at_ns, removed_at_ns) VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL)",
+                    )
+                    .at(&self.path)?
+                    .execute(params![
+                        o.id,
+                        o.name,
+                        o.role.as_str(),
+                        o.secret_hash,
+                        u64_to_sql(o.created_at_ns),
+                        o.expires_at_ns.map(u64_to_sql),
+                    ]);
+                match inserted {
+                    Ok(_) => Ok(()),
+                    Err(rusqlite::Error::SqliteFailure(f, _))
+                        if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+                    {
+                        Err(StoreError::Conflict(format!(
+                            "an operator named `{}` exists already (or the id `{}` is taken); \
+                             remove it first or choose another name",
+                            o.name, o.id
+                        )))
+                    }
+                    Err(e) => Err(error::classify(&self.path, &e)),
+                }
+            }
+            ControlChange::RemoveOperator { id, at } => {
+                let changed = tx
+                    .prepare_cached(
+                        "UPDATE operators SET removed_at_ns = ?2 \
+                         WHERE id = ?1 AND removed_at_ns IS NULL",
+                    )
+                    .at(&self.path)?
+                    .execute(params![id, u64_to_sql(*at)])
+                    .at(&self.path)?;
+                if changed == 0 {
+                    return Err(StoreError::NotFound(format!(
+                        "no operator account `{id}` (or it was removed already)"
+                    )));
+                }
+                Ok(())
+            }
+            ControlChange::DisableBootstrap { at } => {
+                let roster = self.roster_in(tx)?;
+                if roster.bootstrap_disabled {
+                    return Err(StoreError::Conflict(
+                        "the bootstrap operator token is disabled already".into(),
+                    ));
+                }
+                let admin = roster
+                    .accounts
+                    .iter()
+                    .any(|o| o.role == Role::Admin && o.standing(*at).is_ok());
+                if !admin {
+                    return Err(StoreError::Conflict(
+                        "no admin account is in standing: add one (`warden operator add NAME --role admin`) \
+                         before disabling the bootstrap operator token"
+                            .into(),
+                    ));
+                }
+                tx.prepare_cached("UPDATE state SET v = 1 WHERE k = 'bootstrap_disabled'")
+                    .at(&self.path)?
+                    .execute([])
+                    .at(&self.path)?;
+                Ok(())
+            }
         }
+    }
+
+    /// The operator accounts and the bootstrap switch, read on `conn`.
+    fn roster_in(&self, conn: &Connection) -> Result<OperatorRoster, StoreError> {
+        let accounts = self.collect(
+            &mut conn
+                .prepare_cached(
+                    "SELECT id, name, role, secret_hash, created_at_ns, expires_at_ns, \
+                     removed_at_ns FROM operators ORDER BY created_at_ns, id",
+                )
+                .at(&self.path)?,
+            [],
+            |row| {
+                let role: String = row.get(2).at(&self.path)?;
+                Ok(Operator {
+                    id: row.get(0).at(&self.path)?,
+                    name: row.get(1).at(&self.path)?,
+                    role: role
+                        .parse()
+                        .map_err(|e| self.corrupt(format!("operator `{}`: {e}", key(row))))?,
+                    secret_hash: row.get(3).at(&self.path)?,
+                    created_at_ns: u64_from_sql(row.get(4).at(&self.path)?),
+                    expires_at_ns: row
+                        .get::<_, Option<i64>>(5)
+                        .at(&self.path)?
+                        .map(u64_from_sql),
+                    removed_at_ns: row
+                        .get::<_, Option<i64>>(6)
+                        .at(&self.path)?
+                        .map(u64_from_sql),
+                })
+            },
+        )?;
+        let disabled: i64 = conn
+            .query_row(
+                "SELECT v FROM state WHERE k = 'bootstrap_disabled'",
+                [],
+                |r| r.get(0),
+            )
+            .at(&self.path)?;
+        Ok(OperatorRoster {
+            accounts,
+            bootstrap_disabled: disabled != 0,
+        })
     }
 }
 
@@ -878,6 +996,10 @@ impl Store for SqliteStore {
                 |row| self.decode_record(row),
             )
         })
+    }
+
+    fn operators(&self) -> Result<OperatorRoster, StoreError> {
+        self.read(|conn| self.roster_in(conn))
     }
 }
 

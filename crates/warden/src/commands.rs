@@ -18,6 +18,7 @@ use warden_core::control::{KillSwitch, KillTarget};
 use warden_core::identity::{
     self, issue_credential, validate_agent_id, Agent, AgentStatus, Verifier,
 };
+use warden_core::operator::{new_account, Role};
 use warden_core::pipeline::{CallContext, CallRequest};
 use warden_core::store::{Acting, ControlChange, Store};
 use warden_core::Pipeline;
@@ -79,6 +80,9 @@ enum Command {
     /// Verify, read and export the audit trail.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Operator accounts for the admin API, each with a role and its own credential.
+    #[command(subcommand)]
+    Operator(OperatorCmd),
     /// Govern an MCP server over stdio: put this in front of the server's command in an
     /// MCP client's config, e.g.
     /// `warden mcp-proxy --server http://127.0.0.1:8480 --name files -- npx server-filesystem /data`.
@@ -151,6 +155,27 @@ Modes:
                  audit and clear kill switches. Use it only on a host trusted as much as
                  the governance itself (e.g. the machine that runs `warden serve`).
 One of the two must be given.";
+
+#[derive(Subcommand)]
+enum OperatorCmd {
+    /// Make an account and print its credential (shown this once; only its hash is kept).
+    Add {
+        name: String,
+        /// admin (agents, policies, operators, kills), reviewer (held calls, kills) or
+        /// auditor (reads and verifies the audit).
+        #[arg(long)]
+        role: String,
+        /// How long the credential works, e.g. 90d; without it, until the account is removed.
+        #[arg(long)]
+        expires_in: Option<String>,
+    },
+    /// List accounts (never their secrets) and whether the bootstrap token is disabled.
+    List,
+    /// Remove an account by id: its credential is refused from its next request.
+    Remove { id: String },
+    /// Disable the bootstrap operator token (`operator.token`); needs an admin account.
+    DisableBootstrap,
+}
 
 #[derive(Subcommand)]
 enum AgentCmd {
@@ -440,6 +465,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit(cmd) => audit(&load_settings(&cli.config)?, cmd),
+        Command::Operator(cmd) => operator(&load_settings(&cli.config)?, cmd),
         Command::McpProxy(args) => mcp_proxy(&cli.config, args),
     }
 }
@@ -890,6 +916,90 @@ fn agent(settings: &Settings, config: &Path, cmd: AgentCmd) -> Result<ExitCode> 
         AgentCmd::Suspend { id } => set_status(&store, &id, AgentStatus::Suspended)?,
         AgentCmd::Resume { id } => set_status(&store, &id, AgentStatus::Active)?,
         AgentCmd::Retire { id } => set_status(&store, &id, AgentStatus::Retired)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Operator accounts, changed on the store directly as `cli:<user>` (whoever can write
+/// the store holds more power than any role; the audit names the OS user).
+fn operator(settings: &Settings, cmd: OperatorCmd) -> Result<ExitCode> {
+    match cmd {
+        OperatorCmd::List => {
+            let roster = open_existing(settings)?.operators()?;
+            let now = SystemClock.now_ns();
+            println!("{:<10} {:<24} {:<9} state", "id", "name", "role");
+            for o in &roster.accounts {
+                let state = match o.standing(now) {
+                    Ok(()) => "active",
+                    Err(_) if o.removed_at_ns.is_some() => "removed",
+                    Err(_) => "expired",
+                };
+                println!(
+                    "{:<10} {:<24} {:<9} {state}",
+                    escaped(&o.id),
+                    escaped(&o.name),
+                    o.role
+                );
+            }
+            println!(
+                "bootstrap operator token: {}",
+                if roster.bootstrap_disabled {
+                    "disabled"
+                } else {
+                    "enabled"
+                }
+            );
+        }
+        OperatorCmd::Add {
+            name,
+            role,
+            expires_in,
+        } => {
+            let role: Role = role.parse().map_err(|m: String| anyhow!("--role: {m}"))?;
+            let lifetime = expires_in
+                .as_deref()
+                .map(parse_duration)
+                .transpose()
+                .map_err(|m| anyhow!("--expires-in: {m}"))?;
+            let store = open_store(settings)?;
+            let by = acting()?;
+            let (op, token) = new_account(
+                &name,
+                role,
+                random_hex(4)?,
+                &random_hex(32)?,
+                by.at,
+                lifetime,
+            )
+            .map_err(|m| anyhow!(m))?;
+            let entry = by.entry("operator-add", format!("{} as {role}", op.who()));
+            store.apply_control(&ControlChange::AddOperator(op.clone()), entry)?;
+            eprintln!(
+                "added {} ({role}); its credential follows, shown only now",
+                escaped(&op.who())
+            );
+            println!("{token}");
+        }
+        OperatorCmd::Remove { id } => {
+            let store = open_served_store(settings)?;
+            let by = acting()?;
+            let entry = by.entry("operator-remove", format!("operator account {id}"));
+            store.apply_control(
+                &ControlChange::RemoveOperator {
+                    id: id.clone(),
+                    at: by.at,
+                },
+                entry,
+            )?;
+            println!("removed operator account {}", escaped(&id));
+        }
+        OperatorCmd::DisableBootstrap => {
+            let store = open_served_store(settings)?;
+            let by = acting()?;
+            let entry = by.entry("bootstrap-disable", "the bootstrap operator token".into());
+            store.apply_control(&ControlChange::DisableBootstrap { at: by.at }, entry)?;
+            println!("the bootstrap operator token is disabled; operator accounts remain");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

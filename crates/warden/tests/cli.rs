@@ -202,6 +202,77 @@ fn policy_test_passes_on_the_example_and_reports_a_wrong_expectation() {
 }
 
 #[test]
+fn operator_add_list_remove_and_disable_bootstrap() {
+    let dir = init();
+    let d = dir.path();
+    let out = warden_ok(d, &["operator", "add", "rita", "--role", "reviewer"]);
+    assert_eq!(out.stdout.lines().count(), 1, "{out}");
+    let token = out.stdout.trim().to_owned();
+    let parts: Vec<&str> = token.split('.').collect();
+    assert_eq!(parts.len(), 3, "{token}");
+    assert_eq!(parts[0], "wdo1");
+    let (rita_id, secret) = (parts[1].to_owned(), parts[2].to_owned());
+
+    let out = warden(d, &["operator", "add", "rita", "--role", "auditor"]);
+    assert_eq!(out.code, 2, "a second live `rita`\n{out}");
+    assert!(out.stderr.contains("exists already"), "{out}");
+    let out = warden(d, &["operator", "add", "root", "--role", "superuser"]);
+    assert_eq!(out.code, 2, "{out}");
+    assert!(out.stderr.contains("admin, reviewer or auditor"), "{out}");
+    // No admin account yet: disabling the bootstrap token would leave the API without one.
+    let out = warden(d, &["operator", "disable-bootstrap"]);
+    assert_eq!(out.code, 2, "{out}");
+    assert!(out.stderr.contains("no admin account"), "{out}");
+
+    warden_ok(
+        d,
+        &[
+            "operator",
+            "add",
+            "ada",
+            "--role",
+            "admin",
+            "--expires-in",
+            "30d",
+        ],
+    );
+    let out = warden_ok(d, &["operator", "list"]);
+    assert!(
+        !out.stdout.contains(&secret),
+        "the list shows a secret\n{out}"
+    );
+    let rows: Vec<Vec<&str>> = out
+        .stdout
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert!(
+        rows.contains(&vec![rita_id.as_str(), "rita", "reviewer", "active"]),
+        "{out}"
+    );
+    assert!(
+        out.stdout.contains("bootstrap operator token: enabled"),
+        "{out}"
+    );
+
+    warden_ok(d, &["operator", "remove", &rita_id]);
+    let out = warden(d, &["operator", "remove", &rita_id]);
+    assert_eq!(out.code, 2, "removed twice\n{out}");
+    warden_ok(d, &["operator", "disable-bootstrap"]);
+    let out = warden_ok(d, &["operator", "list"]);
+    assert!(out.stdout.contains(&format!("{rita_id} ")), "{out}");
+    assert!(out.stdout.contains("removed"), "{out}");
+    assert!(
+        out.stdout.contains("bootstrap operator token: disabled"),
+        "{out}"
+    );
+    // Every change is in the audit, under the CLI's name, and the chain verifies.
+    let out = warden_ok(d, &["audit", "verify"]);
+    assert!(!out.stdout.is_empty(), "{out}");
+}
+
+#[test]
 fn agent_register_list_show_and_refusals() {
     let dir = init();
     let d = dir.path();

@@ -4,6 +4,13 @@
 /// Writes the named `Store` methods of a wrapper with an `inner` store as plain calls to
 /// it, so the wrapper spells out only the methods it changes.
 macro_rules! pass_to_inner {
+    (@one operators) => {
+        fn operators(
+            &self,
+        ) -> Result<warden_core::store::OperatorRoster, warden_core::store::StoreError> {
+            self.inner.operators()
+        }
+    };
     (@one state_version) => {
         fn state_version(&self) -> Result<u64, warden_core::store::StoreError> {
             self.inner.state_version()

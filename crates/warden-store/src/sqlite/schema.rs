@@ -87,7 +87,23 @@ const V2_ROTATION: &str = "
 ALTER TABLE credentials ADD COLUMN replaced_by TEXT;
 ";
 
-const MIGRATIONS: &[&str] = &[V1, V2_ROTATION];
+/// Operator accounts with roles (their secrets only as SHA-256), and the switch that
+/// disables the bootstrap operator token. One name per account not removed.
+const V3_OPERATORS: &str = "
+CREATE TABLE operators (
+    id            TEXT PRIMARY KEY NOT NULL,
+    name          TEXT NOT NULL,
+    role          TEXT NOT NULL,
+    secret_hash   TEXT NOT NULL,
+    created_at_ns INTEGER NOT NULL,
+    expires_at_ns INTEGER,
+    removed_at_ns INTEGER
+) STRICT;
+CREATE UNIQUE INDEX operators_live_name ON operators (name) WHERE removed_at_ns IS NULL;
+INSERT INTO state (k, v) VALUES ('bootstrap_disabled', 0);
+";
+
+const MIGRATIONS: &[&str] = &[V1, V2_ROTATION, V3_OPERATORS];
 
 /// The schema version this code writes and reads.
 pub(crate) const LATEST: i64 = MIGRATIONS.len() as i64;
