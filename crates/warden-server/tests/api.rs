@@ -654,6 +654,50 @@ fn sample_path(path: &str) -> String {
     out
 }
 
+/// The access of every admin route, written out once more by hand: the privilege test
+/// below proves the gate enforces whatever the table says, and this pins what it says, so
+/// a route added or loosened by mistake (an agent-management route open to reviewers, an
+/// audit route to nobody) fails here and has to be decided on purpose.
+#[test]
+fn every_admin_routes_access_is_the_one_decided() {
+    use warden_core::operator::Access::{Admin, Audit, Stop};
+    let expected = [
+        ("GET", "/admin/v1/agents", Admin),
+        ("POST", "/admin/v1/agents", Admin),
+        ("GET", "/admin/v1/agents/{id}", Admin),
+        ("POST", "/admin/v1/agents/{id}/tokens", Admin),
+        ("POST", "/admin/v1/agents/{id}/revoke", Admin),
+        ("POST", "/admin/v1/agents/{id}/rotate", Admin),
+        ("POST", "/admin/v1/agents/{id}/suspend", Admin),
+        ("POST", "/admin/v1/agents/{id}/resume", Admin),
+        ("POST", "/admin/v1/agents/{id}/retire", Admin),
+        ("GET", "/admin/v1/kills", Stop),
+        ("POST", "/admin/v1/kills", Stop),
+        ("POST", "/admin/v1/revive", Admin),
+        ("GET", "/admin/v1/policy", Admin),
+        ("POST", "/admin/v1/policy/reload", Admin),
+        ("GET", "/admin/v1/audit", Audit),
+        ("GET", "/admin/v1/audit/verify", Audit),
+        ("GET", "/admin/v1/operators", Admin),
+        ("POST", "/admin/v1/operators", Admin),
+        ("POST", "/admin/v1/operators/{id}/remove", Admin),
+        ("POST", "/admin/v1/bootstrap/disable", Admin),
+    ];
+    let mut table: Vec<(String, &str, warden_core::operator::Access)> =
+        warden_server::admin::table()
+            .iter()
+            .map(|r| (r.method.to_string(), r.path, r.access))
+            .collect();
+    let mut expected: Vec<(String, &str, warden_core::operator::Access)> = expected
+        .iter()
+        .map(|(m, p, a)| (m.to_string(), *p, *a))
+        .collect();
+    let key = |r: &(String, &str, warden_core::operator::Access)| (r.1.to_owned(), r.0.clone());
+    table.sort_by_key(key);
+    expected.sort_by_key(key);
+    assert_eq!(table, expected);
+}
+
 /// Privilege separation, from the route table itself: every admin route, with every kind
 /// of credential, is refused or admitted exactly as its access says. Refused requests
 /// leave nothing behind, so an agent cannot change its scopes, tier, policies, kill
