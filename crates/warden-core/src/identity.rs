@@ -740,6 +740,64 @@ pub fn register_agent(
         .map(|_| ())
 }
 
+/// Brings the store's record of an agent up to what the config file declares, with an
+/// audit entry (`agent-config`) naming what changed: a config edit that gives an agent
+/// more scopes or a higher tier is an operator's act like any other, and the audit must
+/// show it. An agent that already matches is left alone and nothing is written; its
+/// status and credentials are never touched. Returns whether anything changed.
+pub fn declare_agent(
+    store: &dyn crate::store::Store,
+    agent: &Agent,
+    by: &Acting,
+) -> Result<bool, crate::store::StoreError> {
+    let current = store.get_agent(&agent.id)?;
+    let Some(change) = declared_change(current.as_ref(), agent) else {
+        return Ok(false);
+    };
+    let entry = by.entry("agent-config", format!("agent `{}`: {change}", agent.id));
+    store.apply_control(&ControlChange::DeclareAgent(agent.clone()), entry)?;
+    Ok(true)
+}
+
+/// What declaring `to` changes in `from`, for the audit entry; `None` if nothing.
+fn declared_change(from: Option<&Agent>, to: &Agent) -> Option<String> {
+    let list = |set: &mut dyn Iterator<Item = &String>| {
+        set.map(String::as_str).collect::<Vec<_>>().join(", ")
+    };
+    let Some(from) = from else {
+        return Some(format!(
+            "declared (owner `{}`, tier {}, scopes [{}], rotation {}s)",
+            to.owner,
+            to.tier,
+            list(&mut to.scopes.iter()),
+            to.rotation_ns / NANOS_PER_SEC
+        ));
+    };
+    let mut changes = Vec::new();
+    if from.owner != to.owner {
+        changes.push(format!("owner `{}` -> `{}`", from.owner, to.owner));
+    }
+    if from.tier != to.tier {
+        changes.push(format!("tier {} -> {}", from.tier, to.tier));
+    }
+    let added = list(&mut to.scopes.difference(&from.scopes));
+    let removed = list(&mut from.scopes.difference(&to.scopes));
+    if !added.is_empty() {
+        changes.push(format!("scopes added [{added}]"));
+    }
+    if !removed.is_empty() {
+        changes.push(format!("scopes removed [{removed}]"));
+    }
+    if from.rotation_ns != to.rotation_ns {
+        changes.push(format!(
+            "rotation {}s -> {}s",
+            from.rotation_ns / NANOS_PER_SEC,
+            to.rotation_ns / NANOS_PER_SEC
+        ));
+    }
+    (!changes.is_empty()).then(|| changes.join("; "))
+}
+
 /// Revokes one credential of an agent (`jti`), or, without one, the agent itself and so
 /// every credential it holds, with the audit entry of `by`. Returns what was revoked, for
 /// the operator. A credential must belong to the agent named: an operator revoking

@@ -76,6 +76,9 @@ pub struct StateSnapshot {
 pub enum ControlChange {
     /// Registers a new agent; `Conflict` if the id is taken.
     RegisterAgent(Agent),
+    /// An agent as the config file declares it: inserted if new, otherwise its owner,
+    /// tier, scopes and rotation are set to these (its status and credentials stay).
+    DeclareAgent(Agent),
     /// Records a credential issued to an agent; `Conflict` if the agent does not exist or
     /// is not active, or the jti is taken.
     IssueCredential(Credential),
@@ -157,8 +160,9 @@ pub trait Store: Send + Sync {
     fn snapshot(&self, now: Nanos) -> Result<StateSnapshot, StoreError>;
 
     /// Inserts an agent or updates its owner, tier, scopes and rotation; leaves its status.
-    /// For the agents a config declares, which the config file itself records; changes an
-    /// operator makes go through [`Store::apply_control`].
+    /// Writes no audit entry: for tests and tools seeding a store. A node and the CLI
+    /// bring the config's agents in through `identity::declare_agent`, which records
+    /// every change ([`ControlChange::DeclareAgent`]).
     fn upsert_agent(&self, agent: &Agent) -> Result<(), StoreError>;
     fn get_agent(&self, id: &str) -> Result<Option<Agent>, StoreError>;
     fn list_agents(&self) -> Result<Vec<Agent>, StoreError>;

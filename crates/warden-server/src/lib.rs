@@ -41,7 +41,7 @@ use warden_core::clock::{Clock, SystemClock};
 use warden_core::config::Settings;
 use warden_core::identity::{self, PublicKey, SigningKeyPair, Verifier};
 use warden_core::policy::PolicyError;
-use warden_core::store::{Store, StoreError};
+use warden_core::store::{Acting, Store, StoreError};
 use warden_core::Pipeline;
 use warden_store::SqliteStore;
 
@@ -149,8 +149,16 @@ impl App {
             None => upstream::UpstreamClients::none(),
         };
         let bundle = policy_files::load(&settings).map_err(ServeError::Policy)?;
+        // The config's agents, each change recorded as the config's doing.
         for agent in &settings.agents {
-            store.upsert_agent(agent)?;
+            let by = Acting {
+                who: "config".to_owned(),
+                at: clock.now_ns(),
+                entry_id: ids::random_hex(16).map_err(|e| {
+                    ServeError::Io(std::io::Error::other(format!("no randomness: {e}")))
+                })?,
+            };
+            identity::declare_agent(store.as_ref(), agent, &by)?;
         }
         let verifier = Verifier::with_keys(
             settings.issuer.clone(),

@@ -2787,7 +2787,8 @@ async fn agent_lifecycle_through_the_admin_api() {
         .tail_audit(200)
         .unwrap()
         .into_iter()
-        .filter(|r| r.entry.kind == EntryKind::Control)
+        // The node's start records the config's agents as the config's doing.
+        .filter(|r| r.entry.kind == EntryKind::Control && r.entry.action != "agent-config")
         .map(|r| (r.entry.action.clone(), r.entry.reason.clone()))
         .collect();
     let count = |a: &str| actions.iter().filter(|(x, _)| x == a).count();
@@ -2799,4 +2800,81 @@ async fn agent_lifecycle_through_the_admin_api() {
         actions.iter().all(|(_, who)| who.starts_with("operator:")),
         "{actions:?}"
     );
+}
+
+/// The config's agents come in with an audit entry for every change: declared on first
+/// start, nothing on a start with the same config, and a config edit that raises an
+/// agent's tier or adds scopes names exactly that, as the config's doing. The agent's
+/// status is the operators', and a config edit leaves it.
+#[tokio::test]
+async fn a_config_edit_to_an_agent_is_recorded_and_leaves_its_status() {
+    let node = Node::start().await;
+    let config_entries = |store: &Arc<dyn Store>| -> Vec<String> {
+        store
+            .read_audit(0, 10_000)
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.entry.action == "agent-config")
+            .map(|r| {
+                assert_eq!(r.entry.reason, "config");
+                r.entry.rationale.unwrap_or_default()
+            })
+            .collect()
+    };
+    let store = node.app().store.clone();
+    let first = config_entries(&store);
+    assert_eq!(first.len(), node.app().settings.agents.len(), "{first:?}");
+    assert!(
+        first
+            .iter()
+            .any(|d| d.starts_with("agent `claims-processor-v3`: declared (owner")),
+        "{first:?}"
+    );
+    let (st, _) = node
+        .admin(
+            reqwest::Method::POST,
+            "/admin/v1/agents/claims-processor-v3/suspend",
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+
+    let start_again = |edit: fn(&mut Settings)| {
+        let mut s = settings(&node.path());
+        edit(&mut s);
+        let store = Arc::new(SqliteStore::open(&s.store_path).unwrap());
+        App::build_with_store(s, store, Arc::new(SystemClock)).unwrap()
+    };
+    start_again(|_| {});
+    assert_eq!(
+        config_entries(&store).len(),
+        first.len(),
+        "the same config writes nothing"
+    );
+
+    start_again(|s| {
+        let a = s
+            .agents
+            .iter_mut()
+            .find(|a| a.id == "claims-processor-v3")
+            .unwrap();
+        a.tier = 3;
+        a.scopes.insert("payments:send".into());
+    });
+    let all = config_entries(&store);
+    assert_eq!(all.len(), first.len() + 1, "{all:?}");
+    let last = all.last().unwrap();
+    assert!(
+        last.starts_with("agent `claims-processor-v3`: tier 2 -> 3; scopes added [payments:send]"),
+        "{last}"
+    );
+    let agent = store.get_agent("claims-processor-v3").unwrap().unwrap();
+    assert_eq!(agent.tier, 3);
+    assert!(agent.scopes.contains("payments:send"));
+    assert_eq!(
+        agent.status,
+        AgentStatus::Suspended,
+        "the config does not resume it"
+    );
+    node.stop().await;
 }

@@ -340,16 +340,12 @@ fn load_settings(path: &Path) -> Result<Settings> {
 fn open_store(settings: &Settings) -> Result<SqliteStore> {
     let store = SqliteStore::open(&settings.store_path)?;
     for a in &settings.agents {
-        let current = store.get_agent(&a.id)?;
-        let same = current.as_ref().is_some_and(|c| {
-            c.owner == a.owner
-                && c.tier == a.tier
-                && c.scopes == a.scopes
-                && c.rotation_ns == a.rotation_ns
-        });
-        if !same {
-            store.upsert_agent(a)?;
-        }
+        // Recorded as the config's doing, as a node records it.
+        let by = Acting {
+            who: "config".into(),
+            ..acting()?
+        };
+        warden_core::identity::declare_agent(&store, a, &by)?;
     }
     Ok(store)
 }

@@ -972,6 +972,9 @@ async fn quickstart_end_to_end_then_the_audit_trail_verifies_and_catches_a_chang
     assert_eq!(
         control,
         [
+            // the config's two agents, recorded as the config declares them
+            "agent-config",
+            "agent-config",
             "credential-issue",
             "kill",
             "revive",
