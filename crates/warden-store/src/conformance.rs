@@ -38,6 +38,7 @@ pub fn run_all(open: &dyn Fn() -> Box<dyn Store>) {
     one_outcome_per_call(&*store);
     audit_append_and_read(&*store);
     operators(&*store);
+    declared_agents(&*store);
     drop(store);
     let reopened = open();
     assert_eq!(
@@ -1061,4 +1062,39 @@ pub fn operators(store: &dyn Store) {
     )));
     // Five changes went through, each with exactly its entry.
     assert_eq!(head(store).0, seq0 + 5);
+}
+
+/// A config-declared agent is inserted when new and updated (owner, tier, scopes,
+/// rotation) when not, never its status; with its entry, and a new state version.
+pub fn declared_agents(store: &dyn Store) {
+    let mut a = sample_agent("declared-1");
+    let v0 = store.state_version().expect("version");
+    control(store, ControlChange::DeclareAgent(a.clone())).expect("declare new");
+    assert_eq!(store.get_agent("declared-1").expect("get"), Some(a.clone()));
+    assert!(store.state_version().expect("version") > v0);
+    control(
+        store,
+        ControlChange::SetAgentStatus {
+            agent_id: a.id.clone(),
+            status: AgentStatus::Suspended,
+            at: NOW,
+        },
+    )
+    .expect("suspend");
+    a.tier = 3;
+    a.owner = "other-team".to_owned();
+    a.scopes.insert("payments:send".to_owned());
+    let before = store.tail_audit(1).expect("tail")[0].seq;
+    control(store, ControlChange::DeclareAgent(a.clone())).expect("declare again");
+    let stored = store.get_agent("declared-1").expect("get").expect("agent");
+    assert_eq!(
+        (stored.tier, &stored.owner, &stored.scopes),
+        (3, &a.owner, &a.scopes)
+    );
+    assert_eq!(
+        stored.status,
+        AgentStatus::Suspended,
+        "the status is the operators'"
+    );
+    assert_eq!(store.tail_audit(1).expect("tail")[0].seq, before + 1);
 }
