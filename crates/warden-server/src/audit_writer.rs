@@ -83,26 +83,22 @@ impl AuditWriter {
             .spawn(move || {
                 let mut batch = Vec::with_capacity(max_batch);
                 while let Some(first) = rt.block_on(rx.recv()) {
+                    let mut urgent = !first.linger;
                     batch.push(first);
-                    take_queued(&mut rx, &mut batch, max_batch);
-                    if batch.iter().all(|j| j.linger) {
-                        let until = tokio::time::Instant::now() + linger;
-                        while batch.len() < max_batch {
-                            // The timer is made inside `block_on`: it needs the runtime.
-                            let next = rt.block_on(async {
-                                tokio::time::timeout_at(until, rx.recv()).await
-                            });
-                            match next {
-                                Ok(Some(job)) => {
-                                    batch.push(job);
-                                    take_queued(&mut rx, &mut batch, max_batch);
-                                    if batch.iter().any(|j| !j.linger) {
-                                        break;
-                                    }
-                                }
-                                // Closed (the batch is still written) or the bound passed.
-                                Ok(None) | Err(_) => break,
+                    urgent |= take_queued(&mut rx, &mut batch, max_batch);
+                    let until = tokio::time::Instant::now() + linger;
+                    while !urgent && batch.len() < max_batch {
+                        // The timer is made inside `block_on`: it needs the runtime.
+                        let next =
+                            rt.block_on(async { tokio::time::timeout_at(until, rx.recv()).await });
+                        match next {
+                            Ok(Some(job)) => {
+                                urgent = !job.linger;
+                                batch.push(job);
+                                urgent |= take_queued(&mut rx, &mut batch, max_batch);
                             }
+                            // Closed (the batch is still written) or the bound passed.
+                            Ok(None) | Err(_) => break,
                         }
                     }
                     let (entries, replies): (Vec<Entry>, Vec<Reply>) =
@@ -151,14 +147,19 @@ impl AuditWriter {
     }
 }
 
-/// Moves what is queued now into `batch`, up to `max`.
-fn take_queued(rx: &mut mpsc::Receiver<Job>, batch: &mut Vec<Job>, max: usize) {
+/// Moves what is queued now into `batch`, up to `max`; whether any of it may not linger.
+fn take_queued(rx: &mut mpsc::Receiver<Job>, batch: &mut Vec<Job>, max: usize) -> bool {
+    let mut urgent = false;
     while batch.len() < max {
         match rx.try_recv() {
-            Ok(job) => batch.push(job),
+            Ok(job) => {
+                urgent |= !job.linger;
+                batch.push(job);
+            }
             Err(_) => break,
         }
     }
+    urgent
 }
 
 /// Appends one batch; one answer per entry, in order.

@@ -50,7 +50,7 @@ use warden_mcp::stdio::{MAX_CLIENT_MESSAGE, MAX_SERVER_MESSAGE};
 use warden_mcp::tools::{tool_call_of, ToolMap};
 
 use crate::api::{bearer, Peer};
-use crate::error::close_connection;
+use crate::error::{close_connection, declares_body};
 use crate::gate::EmbeddedGate;
 use crate::ids::random_hex;
 use crate::rebinding::RebindingGuard;
@@ -331,7 +331,12 @@ async fn serve(
 ) -> Response {
     // First, before the route or the credential: a rebound browser page learns nothing.
     if let Err(why) = gw.rebinding.check(&headers) {
-        return GatewayError::ForeignHost(why).into_response();
+        let mut refused = GatewayError::ForeignHost(why).into_response();
+        // Its body is never read, so the connection cannot carry another request.
+        if declares_body(&headers) {
+            close_connection(&mut refused);
+        }
+        return refused;
     }
     let Some(up) = gw.upstreams.get(&name) else {
         return GatewayError::UnknownServer(name).into_response();

@@ -1560,39 +1560,40 @@ impl Store for HoldingStore {
 /// loopback address answers the loopback names; `[server] allowed_hosts` names others.
 #[tokio::test]
 async fn a_rebound_host_or_a_foreign_origin_is_refused_before_anything_else() {
-    let (fake, url) = start_fake().await;
-    let node = Node::start(&url, "5s").await;
-    let token = node.token().await;
-    let before = node.audit().len();
-    let port = node.base.rsplit(':').next().unwrap().to_owned();
-    let post = |host: String, origin: Option<String>| {
+    /// An initialize from `node` with this `Host` and, if any, `Origin`.
+    async fn post(node: &Node, token: &str, host: &str, origin: Option<&str>) -> reqwest::Response {
         let mut req = node
             .http
             .post(node.mcp_url())
             .header("host", host)
             .header("accept", ACCEPT)
-            .bearer_auth(&token)
+            .bearer_auth(token)
             .json(&initialize(1));
         if let Some(o) = origin {
             req = req.header("origin", o);
         }
-        req.send()
-    };
+        req.send().await.unwrap()
+    }
+    let (fake, url) = start_fake().await;
+    let node = Node::start(&url, "5s").await;
+    let token = node.token().await;
+    let before = node.audit().len();
+    let port = node.base.rsplit(':').next().unwrap().to_owned();
+    let (evil, own) = (
+        format!("evil.example.com:{port}"),
+        format!("127.0.0.1:{port}"),
+    );
 
     for (host, origin) in [
-        ("evil.example.com".to_owned(), None),
-        (
-            format!("evil.example.com:{port}"),
-            Some("http://evil.example.com".to_owned()),
-        ),
-        (
-            format!("127.0.0.1:{port}"),
-            Some("http://evil.example.com".to_owned()),
-        ),
-        (format!("127.0.0.1:{port}"), Some("null".to_owned())),
+        ("evil.example.com", None),
+        (evil.as_str(), Some("http://evil.example.com")),
+        (own.as_str(), Some("http://evil.example.com")),
+        (own.as_str(), Some("null")),
     ] {
-        let r = post(host.clone(), origin.clone()).await.unwrap();
+        let r = post(&node, &token, host, origin).await;
         assert_eq!(r.status(), StatusCode::FORBIDDEN, "{host} {origin:?}");
+        // The body was never read, so the connection ends with the answer.
+        assert_eq!(r.headers()["connection"], "close", "{host} {origin:?}");
         let body: Value = r.json().await.unwrap();
         assert_eq!(body["error"], "FORBIDDEN", "{body}");
         assert!(
@@ -1607,14 +1608,13 @@ async fn a_rebound_host_or_a_foreign_origin_is_refused_before_anything_else() {
     assert_eq!(node.audit().len(), before, "nor the audit");
 
     // The node's own names, from a client or from a page the node itself serves.
+    let own_origin = format!("http://localhost:{port}");
+    let localhost = format!("localhost:{port}");
     for (host, origin) in [
-        (format!("127.0.0.1:{port}"), None),
-        (
-            format!("localhost:{port}"),
-            Some(format!("http://localhost:{port}")),
-        ),
+        (own.as_str(), None),
+        (localhost.as_str(), Some(own_origin.as_str())),
     ] {
-        let r = post(host.clone(), origin).await.unwrap();
+        let r = post(&node, &token, host, origin).await;
         assert_eq!(r.status(), StatusCode::OK, "{host}");
     }
 
@@ -1628,29 +1628,23 @@ async fn a_rebound_host_or_a_foreign_origin_is_refused_before_anything_else() {
     })
     .await;
     let token = named.token().await;
-    let status = |host: &'static str, origin: Option<&'static str>| {
-        let mut req = named
-            .http
-            .post(named.mcp_url())
-            .header("host", host)
-            .header("accept", ACCEPT)
-            .bearer_auth(&token)
-            .json(&initialize(1));
-        if let Some(o) = origin {
-            req = req.header("origin", o);
-        }
-        async move { req.send().await.unwrap().status() }
-    };
-    assert_eq!(status("mcp.example.com", None).await, StatusCode::OK);
-    assert_eq!(
-        status("mcp.example.com", Some("https://console.example.com")).await,
-        StatusCode::OK
-    );
-    assert_eq!(
-        status("mcp.example.com", Some("https://other.example.com")).await,
-        StatusCode::FORBIDDEN
-    );
-    assert_eq!(status("127.0.0.1", None).await, StatusCode::FORBIDDEN);
+    for (host, origin, status) in [
+        ("mcp.example.com", None, StatusCode::OK),
+        (
+            "mcp.example.com",
+            Some("https://console.example.com"),
+            StatusCode::OK,
+        ),
+        (
+            "mcp.example.com",
+            Some("https://other.example.com"),
+            StatusCode::FORBIDDEN,
+        ),
+        ("127.0.0.1", None, StatusCode::FORBIDDEN),
+    ] {
+        let r = post(&named, &token, host, origin).await;
+        assert_eq!(r.status(), status, "{host} {origin:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -406,52 +406,45 @@ impl SqliteStore {
         }
     }
 
-    /// Applies an operator's change in the caller's write transaction, or refuses it with
-    /// `Conflict`/`NotFound` (the transaction then rolls back, entry and all).
-    /// Inserts `agent` or updates its owner, tier, scopes and rotation; leaves its status.
-    fn upsert_in(&self, tx: &Transaction<'_>, agent: &Agent) -> Result<(), StoreError> {
-        // `updated_at` is bookkeeping for operators, never read by a decision, so the wall
-        // clock is good enough.
-        let now = SystemClock.now_ns();
-        tx.prepare_cached(
-            "INSERT INTO agents (id, owner, tier, scopes, rotation_ns, status, updated_at) \
+    /// Writes `agent`'s row: a new one, or with `update`, over an existing agent's owner,
+    /// tier, scopes and rotation (its status stays the operators').
+    fn write_agent(
+        &self,
+        tx: &Transaction<'_>,
+        agent: &Agent,
+        update: bool,
+    ) -> rusqlite::Result<usize> {
+        const INSERT: &str = "INSERT INTO agents \
+             (id, owner, tier, scopes, rotation_ns, status, updated_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
+        const UPSERT: &str = "INSERT INTO agents \
+             (id, owner, tier, scopes, rotation_ns, status, updated_at) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
              ON CONFLICT (id) DO UPDATE SET owner = excluded.owner, tier = excluded.tier, \
-             scopes = excluded.scopes, rotation_ns = excluded.rotation_ns, updated_at = excluded.updated_at",
-        )
-        .at(&self.path)?
-        .execute(params![
-            agent.id,
-            agent.owner,
-            agent.tier,
-            codec::json_list(&agent.scopes),
-            u64_to_sql(agent.rotation_ns),
-            agent.status.as_str(),
-            u64_to_sql(now),
-        ])
-        .at(&self.path)?;
-        Ok(())
+             scopes = excluded.scopes, rotation_ns = excluded.rotation_ns, updated_at = excluded.updated_at";
+        // `updated_at` is bookkeeping for operators, never read by a decision, so the wall
+        // clock is good enough.
+        tx.prepare_cached(if update { UPSERT } else { INSERT })?
+            .execute(params![
+                agent.id,
+                agent.owner,
+                agent.tier,
+                codec::json_list(&agent.scopes),
+                u64_to_sql(agent.rotation_ns),
+                agent.status.as_str(),
+                u64_to_sql(SystemClock.now_ns()),
+            ])
     }
 
+    /// Applies an operator's change in the caller's write transaction, or refuses it with
+    /// `Conflict`/`NotFound` (the transaction then rolls back, entry and all).
     fn apply_change(&self, tx: &Transaction<'_>, change: &ControlChange) -> Result<(), StoreError> {
         match change {
-            ControlChange::DeclareAgent(agent) => self.upsert_in(tx, agent),
+            ControlChange::DeclareAgent(agent) => {
+                self.write_agent(tx, agent, true).map(|_| ()).at(&self.path)
+            }
             ControlChange::RegisterAgent(agent) => {
-                let inserted = tx
-                    .prepare_cached(
-                        "INSERT INTO agents (id, owner, tier, scopes, rotation_ns, status, updated_at) \
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    )
-                    .at(&self.path)?
-                    .execute(params![
-                        agent.id,
-                        agent.owner,
-                        agent.tier,
-                        codec::json_list(&agent.scopes),
-                        u64_to_sql(agent.rotation_ns),
-                        agent.status.as_str(),
-                        u64_to_sql(SystemClock.now_ns()),
-                    ]);
+                let inserted = self.write_agent(tx, agent, false);
                 match inserted {
                     Ok(_) => Ok(()),
                     Err(rusqlite::Error::SqliteFailure(f, _))
@@ -885,7 +878,7 @@ impl Store for SqliteStore {
 
     fn upsert_agent(&self, agent: &Agent) -> Result<(), StoreError> {
         self.write(|tx| {
-            self.upsert_in(tx, agent)?;
+            self.write_agent(tx, agent, true).at(&self.path)?;
             self.bump_version(tx)
         })
     }

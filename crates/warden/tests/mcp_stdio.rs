@@ -589,21 +589,33 @@ fn stdin_and_stdout_work_as_pipes_or_files_and_are_left_as_found() {
     );
     assert_eq!(lines[1], "nonblocking [False, False]");
 
+    // The embedded proxy on these stdin and stdout, logging which way it reads them.
+    let proxy = |stdin: Stdio, stdout: Stdio| {
+        Command::new(WARDEN)
+            .arg("--config")
+            .arg(s.config())
+            .args(["mcp-proxy", "--embedded", "--name", "everything", "--"])
+            .args(["node", "-e", server])
+            .env("WARDEN_TOKEN", &token)
+            .env("WARDEN_LOG", "debug")
+            .current_dir(s.path())
+            .stdin(stdin)
+            .stdout(stdout)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+
     // Files: the same request read from one, the answer written to another.
     std::fs::write(s.path().join("in.jsonl"), ping).unwrap();
-    let p = Command::new(WARDEN)
-        .arg("--config")
-        .arg(s.config())
-        .args(["mcp-proxy", "--embedded", "--name", "everything", "--"])
-        .args(["node", "-e", server])
-        .env("WARDEN_TOKEN", &token)
-        .current_dir(s.path())
-        .env("WARDEN_LOG", "debug")
-        .stdin(std::fs::File::open(s.path().join("in.jsonl")).unwrap())
-        .stdout(std::fs::File::create(s.path().join("out.jsonl")).unwrap())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let p = proxy(
+        std::fs::File::open(s.path().join("in.jsonl"))
+            .unwrap()
+            .into(),
+        std::fs::File::create(s.path().join("out.jsonl"))
+            .unwrap()
+            .into(),
+    );
     let out = wait_with_deadline(p, Duration::from_secs(20));
     assert!(out.status.success(), "{out:?}");
     let log = String::from_utf8_lossy(&out.stderr);
@@ -618,19 +630,10 @@ fn stdin_and_stdout_work_as_pipes_or_files_and_are_left_as_found() {
 
     // A Unix socket pair, as Node's child_process gives its children for stdin and stdout.
     let (mut ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
-    let p = Command::new(WARDEN)
-        .arg("--config")
-        .arg(s.config())
-        .args(["mcp-proxy", "--embedded", "--name", "everything", "--"])
-        .args(["node", "-e", server])
-        .env("WARDEN_TOKEN", &token)
-        .current_dir(s.path())
-        .env("WARDEN_LOG", "debug")
-        .stdin(std::os::fd::OwnedFd::from(theirs.try_clone().unwrap()))
-        .stdout(std::os::fd::OwnedFd::from(theirs))
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let p = proxy(
+        std::os::fd::OwnedFd::from(theirs.try_clone().unwrap()).into(),
+        std::os::fd::OwnedFd::from(theirs).into(),
+    );
     ours.write_all(ping.as_bytes()).unwrap();
     ours.shutdown(std::net::Shutdown::Write).unwrap();
     let out = wait_with_deadline(p, Duration::from_secs(20));
