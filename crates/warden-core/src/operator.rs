@@ -149,8 +149,8 @@ pub fn new_account(
 ) -> Result<(Operator, String), String> {
     validate_name(name)?;
     validate_id(&id)?;
-    if secret.len() < 32 {
-        return Err("an operator secret needs at least 32 characters".into());
+    if !is_secret(secret) {
+        return Err("an operator secret is 64 lowercase hex digits (32 random bytes)".into());
     }
     let token = format_token(&id, secret);
     let op = Operator {
@@ -178,12 +178,19 @@ pub fn parse_token(token: &str) -> Option<(&str, &str)> {
     let mut parts = token.split('.');
     match (parts.next(), parts.next(), parts.next(), parts.next()) {
         (Some(TOKEN_PREFIX), Some(id), Some(secret), None)
-            if validate_id(id).is_ok() && !secret.is_empty() =>
+            // Only what `new_account` can issue: anything else is refused before the
+            // store is read, so a peer without a credential cannot make the gate read it.
+            if validate_id(id).is_ok() && is_secret(secret) =>
         {
             Some((id, secret))
         }
         _ => None,
     }
+}
+
+/// The shape of an operator secret: 64 lowercase hex digits.
+fn is_secret(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// Lowercase hex SHA-256 of a secret: what the store keeps.
@@ -272,9 +279,15 @@ mod tests {
 
     #[test]
     fn tokens_parse_only_in_their_exact_shape() {
-        let t = format_token("0a1b2c3d", "abc");
-        assert_eq!(parse_token(&t), Some(("0a1b2c3d", "abc")));
+        let secret = "0f".repeat(32);
+        let t = format_token("0a1b2c3d", &secret);
+        assert_eq!(parse_token(&t), Some(("0a1b2c3d", secret.as_str())));
+        let upper = format!("wdo1.0a1b2c3d.{}", "0F".repeat(32));
+        let short = format!("wdo1.0a1b2c3d.{}", "0f".repeat(31));
         for bad in [
+            upper.as_str(),
+            short.as_str(),
+            "wdo1.0a1b2c3d.abc",
             "wdo1.0a1b2c3d.",
             "wdo1.0A1B2C3D.abc",
             "wdo1.0a1b2c3.abc",

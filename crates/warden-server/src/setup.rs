@@ -181,8 +181,9 @@ fn write_public_keys(
     now: Nanos,
 ) -> Result<(), SetupError> {
     let path = public_key_path(key_file);
-    let existing = fs::read_to_string(&path)
-        .ok()
+    // An unreadable key set is rewritten from the private key alone; one that others may
+    // write is refused, never laundered into a file of proper mode.
+    let existing = read_public_keys(&path)?
         .and_then(|t| public_keys_from_file(&t).ok())
         .unwrap_or_default();
     let current = PublicKey::current(key.verifying_key());
@@ -263,20 +264,26 @@ pub fn rotate_key(
 /// the private key.
 pub fn load_public_keys(key_file: &Path) -> Result<Vec<PublicKey>, SetupError> {
     let path = public_key_path(key_file);
-    // Whoever may replace this file may swap in a key of their own and mint tokens the
-    // embedded proxy accepts: refuse one that group or others may write.
-    let text = read_guarded(&path, 0o022, || {
+    let text = read_public_keys(&path)?
+        .ok_or_else(|| SetupError::NoPublicKey(path.display().to_string()))?;
+    public_keys_from_file(&text).map_err(|e| file_err(&path, e.to_string()))
+}
+
+/// The public key file's text, if it exists. Whoever may replace this file may swap in a
+/// key of their own and mint tokens every verifier accepts: one that group or others may
+/// write is refused, both when it is loaded and when a node rewrites it (which would
+/// otherwise carry a planted key over into a file of proper mode).
+fn read_public_keys(path: &Path) -> Result<Option<String>, SetupError> {
+    read_guarded(path, 0o022, || {
         file_err(
-            &path,
+            path,
             format!(
                 "group or others may write the public key, and so swap in their own; \
                  run `chmod 644 {}`",
                 path.display()
             ),
         )
-    })?
-    .ok_or_else(|| SetupError::NoPublicKey(path.display().to_string()))?;
-    public_keys_from_file(&text).map_err(|e| file_err(&path, e.to_string()))
+    })
 }
 
 pub fn new_operator_token() -> Result<String, SetupError> {
@@ -312,6 +319,39 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
     use super::*;
+
+    /// A key planted in a public key file others may write is neither loaded nor carried
+    /// over when the node rewrites the file.
+    #[cfg(unix)]
+    #[test]
+    fn a_writable_public_key_file_is_refused_not_rewritten() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("warden.key");
+        load_or_create_key(&key_file).unwrap();
+        let pub_path = public_key_path(&key_file);
+        let planted = generate_key().unwrap();
+        let mut text = fs::read_to_string(&pub_path).unwrap();
+        text.push_str(&format!(
+            "ed25519-public:{} until=4000000000\n",
+            hex::encode(planted.verifying_key().to_bytes())
+        ));
+        fs::write(&pub_path, &text).unwrap();
+        fs::set_permissions(&pub_path, fs::Permissions::from_mode(0o666)).unwrap();
+        assert!(
+            load_or_create_key(&key_file).is_err(),
+            "the rewrite refuses it"
+        );
+        assert!(load_public_keys(&key_file).is_err(), "and so does loading");
+        assert_eq!(
+            fs::read_to_string(&pub_path).unwrap(),
+            text,
+            "nothing laundered"
+        );
+        // Once its owner fixes the mode, the file is trusted as the owner left it.
+        fs::set_permissions(&pub_path, fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(load_public_keys(&key_file).unwrap().len(), 2);
+    }
 
     fn settings(dir: &Path, env_token: Option<&str>) -> Settings {
         let text = "[identity]\nissuer = \"t\"\n[policy]\nschema = \"s\"\npolicies = \"p\"\n";
